@@ -1,0 +1,135 @@
+"""Grouping tensor pairs once, and the fused (multi-tensor) and for-loop EMA kernels.
+
+Every kernel has the same signature, `kernel(ema_tensors, model_tensors, weight)`, and
+updates `ema_tensors` in place: floating tensors move toward the model by `weight`
+(`ema.lerp_(model, weight)` is `ema + weight * (model - ema)`, i.e.
+`decay * ema + (1 - decay) * model` with `weight = 1 - decay`), other tensors are copied.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Kernel = Callable[[list[Tensor], list[Tensor], float], None]
+
+
+def lerp_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
+    """One multi-tensor launch per chunk of tensors (same device and dtype on both sides)."""
+    torch._foreach_lerp_(ema_tensors, model_tensors, weight)
+
+
+def lerp_loop(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
+    """One `lerp_` per tensor: the reference implementation of `lerp_fused`."""
+    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+        ema_tensor.lerp_(model_tensor, weight)
+
+
+def lerp_converting(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
+    """Per-tensor lerp when the EMA lives on another device or in another dtype than the model.
+
+    The conversion allocates one tensor at a time, so the peak extra memory is the
+    largest tracked tensor, never the whole model.
+    """
+    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+        ema_tensor.lerp_(model_tensor.to(device=ema_tensor.device, dtype=ema_tensor.dtype), weight)
+
+
+def copy_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
+    """Copy integer/bool buffers (`num_batches_tracked`): a count is never averaged."""
+    torch._foreach_copy_(ema_tensors, model_tensors)
+
+
+def copy_loop(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
+    """Per-tensor copy (also converts device and dtype)."""
+    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+        ema_tensor.copy_(model_tensor)
+
+
+def is_averaged(tensor: Tensor) -> bool:
+    """Floating and complex tensors are averaged; integer and bool tensors are copied."""
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+@functools.cache
+def fused_step_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the multi-tensor kernels run for this device and dtype (probed once)."""
+    try:
+        ema_probe = torch.zeros(2, device=device, dtype=dtype)
+        model_probe = torch.ones(2, device=device, dtype=dtype)
+        if is_averaged(ema_probe):
+            torch._foreach_lerp_([ema_probe], [model_probe], 0.5)
+        else:
+            torch._foreach_copy_([ema_probe], [model_probe])
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+@functools.cache
+def loop_step_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether plain `lerp_` runs for this device and dtype (float8 types, for one, do not)."""
+    try:
+        torch.zeros(2, device=device, dtype=dtype).lerp_(torch.ones(2, device=device, dtype=dtype), 0.5)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+@dataclass
+class TensorGroup:
+    """Tensors that one kernel call updates together, grouped once when the EMA is built."""
+
+    kernel: Kernel
+    ema_tensors: list[Tensor]
+    model_tensors: list[Tensor]
+    model_device: torch.device
+    model_dtype: torch.dtype
+
+    def model_layout_changed(self) -> bool:
+        """True when the model's tensors were moved or cast since grouping (e.g. `model.to()`)."""
+        first = self.model_tensors[0]
+        return first.device != self.model_device or first.dtype != self.model_dtype
+
+
+def group_tensor_pairs(
+    ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], foreach: bool | None
+) -> list[TensorGroup]:
+    """Group (EMA, model) pairs by device and dtype and pick each group's kernel.
+
+    `foreach=None` picks the fused kernel wherever it runs, `True` insists on it for
+    every group whose EMA and model tensors share device and dtype (raising where it
+    cannot run), `False` uses the per-tensor loop.
+    """
+    buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors, strict=True):
+        key = (ema_tensor.device, ema_tensor.dtype, model_tensor.device, model_tensor.dtype)
+        ema_list, model_list = buckets.setdefault(key, ([], []))
+        ema_list.append(ema_tensor)
+        model_list.append(model_tensor)
+
+    groups = []
+    for (ema_device, ema_dtype, model_device, model_dtype), (ema_list, model_list) in buckets.items():
+        averaged = is_averaged(ema_list[0])
+        if averaged and not loop_step_supported(ema_device, ema_dtype):
+            raise ValueError(f"Cannot average tensors of dtype {ema_dtype} on {ema_device}: lerp_ is not implemented")
+        if (ema_device, ema_dtype) != (model_device, model_dtype):
+            kernel = lerp_converting if averaged else copy_loop
+        else:
+            fused_ok = fused_step_supported(ema_device, ema_dtype)
+            if foreach and not fused_ok:
+                raise ValueError(
+                    f"Invalid foreach: True, but the fused multi-tensor step does not run for {ema_dtype} "
+                    f"tensors on {ema_device}; use foreach=None (automatic) or False (for-loop)"
+                )
+            use_fused = fused_ok if foreach is None else foreach
+            if averaged:
+                kernel = lerp_fused if use_fused else lerp_loop
+            else:
+                kernel = copy_fused if use_fused else copy_loop
+        groups.append(TensorGroup(kernel, ema_list, model_list, model_device, model_dtype))
+    return groups

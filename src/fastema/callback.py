@@ -1,0 +1,243 @@
+"""EMACallback and EMASchedule: fastai training events translated into `ModelEMA` calls."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from numbers import Integral, Real
+
+from fastai.callback.core import Callback
+from fastai.learner import Recorder
+from fastcore.basics import store_attr
+
+from ._checks import DeviceLike, check_decay, check_device, check_flag, check_foreach
+from .engine import ModelEMA
+from .schedules import make_annealer, scheduled_decay
+
+try:  # fastai's default annealer; imported here so that the engine never needs fastai
+    from fastai.callback.schedule import SchedCos
+except ImportError:  # pragma: no cover - fastai always ships it
+    SchedCos = None
+
+__all__ = ["EMACallback", "EMASchedule"]
+
+
+def _check_position(value: object, name: str, *, is_finish: bool) -> int | float:
+    """A point in training: a float fraction of all steps, or an int epoch index."""
+    float_range = "(0, 1]" if is_finish else "[0, 1)"
+    int_floor = 1 if is_finish else 0
+    accepted = f"a float fraction of training in {float_range} or an int epoch index >= {int_floor}"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"Invalid {name}: {value!r}; expected {accepted}")
+    if isinstance(value, Integral):
+        if value < int_floor:
+            raise ValueError(f"Invalid {name}: {value}; expected {accepted}")
+        return int(value)
+    value = float(value)
+    if not (0.0 < value <= 1.0 if is_finish else 0.0 <= value < 1.0):
+        raise ValueError(f"Invalid {name}: {value}; expected {accepted}")
+    return value
+
+
+def _position_to_step(value: int | float, name: str, n_epoch: int, n_iter: int) -> int:
+    """Global training-step index of a position (an int is an epoch, converted *before* any schedule math)."""
+    if isinstance(value, int):
+        if value > n_epoch:
+            raise ValueError(f"Invalid {name}: epoch {value}, but this fit has only {n_epoch} epochs")
+        return value * n_iter
+    return round(value * n_epoch * n_iter)
+
+
+class EMACallback(Callback):
+    "Exponential moving average of the model's weights, updated after every optimizer step"
+
+    # After TrainEvalCallback (-10) has moved the model to its device, and after the loggers
+    # (Recorder.order + 1) so that `ema_decay` lands on the step they just logged.
+    order = Recorder.order + 2
+    log_decay = False
+
+    def __init__(
+        self,
+        decay: float = 0.9998,  # EMA decay: each update keeps `decay` of the EMA, moves `1-decay` toward the model
+        start: int | float = 0,  # when the EMA starts: float = fraction of training steps, int = epoch index
+        ema_device: DeviceLike = None,  # where the EMA weights live; None = beside the model's weights
+        validate_ema: bool = True,  # validate with the EMA weights (swapped into the model in place)
+        replace_weights: bool = False,  # after fit, copy the EMA into the model instead of setting `learn.model_ema`
+        foreach: bool | None = None,  # fused multi-tensor step (True), for-loop (False), fastest supported (None)
+        resume: bool = False,  # continue from the EMA in `learn.model_ema` left by an earlier fit
+        all_parameters: bool = False,  # also average parameters without `requires_grad`
+        all_buffers: bool = False,  # also average non-persistent buffers
+        skip_ema: bool = True,  # no update when a callback cancelled the step or batch (no optimizer step happened)
+    ):
+        self.decay = check_decay(decay, "decay")
+        self.start = _check_position(start, "start", is_finish=False)
+        self._init_common(ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema)
+
+    def _init_common(self, ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema):
+        check_device(ema_device, "ema_device")
+        for name, flag in dict(
+            validate_ema=validate_ema, replace_weights=replace_weights, resume=resume,
+            all_parameters=all_parameters, all_buffers=all_buffers, skip_ema=skip_ema,
+        ).items():
+            check_flag(flag, name)
+        check_foreach(foreach)
+        store_attr("ema_device,validate_ema,replace_weights,foreach,resume,all_parameters,all_buffers,skip_ema")
+        self.engine: ModelEMA | None = None  # the `ModelEMA` doing the averaging, built in `before_fit`
+        self._active = self._started = False
+        self._step_cancelled = self._updated = False
+        self._validation_depth = 0
+        self._ema_swap: ExitStack | None = None
+
+    def _decay_at(self, step: int) -> float:
+        return self.decay
+
+    def _compute_steps(self, n_epoch: int, n_iter: int) -> None:
+        if isinstance(self.start, int) and self.start >= n_epoch:
+            raise ValueError(f"Invalid start: epoch {self.start}, but this fit has only {n_epoch} epochs (0-based)")
+        self._start_step = _position_to_step(self.start, "start", n_epoch, n_iter)
+        if self._start_step >= n_epoch * n_iter:
+            raise ValueError(f"Invalid start: {self.start} falls after the last of this fit's {n_epoch * n_iter} steps")
+
+    def before_fit(self):
+        # lr_find and get_preds run their own fits/validations: leave the EMA alone.
+        self._active = not hasattr(self.learn, "lr_finder") and not hasattr(self.learn, "gather_preds")
+        if not self._active:
+            return
+        self._restore_model_weights()  # an interrupted validation of an earlier fit may have left them swapped
+        self._compute_steps(self.n_epoch, len(self.dls.train))
+        self.engine = ModelEMA(
+            self.learn.model, self._decay_at(self._start_step), all_parameters=self.all_parameters,
+            all_buffers=self.all_buffers, foreach=self.foreach, device=self.ema_device,
+        )
+        self._started = False
+        if self.resume:
+            previous = getattr(self.learn, "model_ema", None)
+            if previous is None:
+                raise ValueError("Invalid resume: True, but learn.model_ema holds no EMA from an earlier fit")
+            try:
+                self.engine.copy_from(previous)
+            except ValueError as error:
+                raise ValueError(f"Invalid resume: learn.model_ema does not match the model ({error})") from error
+            self._started = True
+        self._step_cancelled = self._updated = False
+        self._validation_depth = 0
+
+    def before_batch(self):
+        if not (self._active and self.training) or self._started:
+            return
+        if self.epoch * self.n_iter + self.iter >= self._start_step:
+            self.engine.reset()
+            self._started = True
+
+    def after_cancel_step(self):
+        # MixedPrecision cancels the step when the grad scaler finds inf/NaN; fastai still calls after_step.
+        self._step_cancelled = True
+
+    def after_step(self):
+        if self._started and not (self.skip_ema and self._step_cancelled):
+            self._update()
+
+    def after_cancel_batch(self):
+        # GradientAccumulation cancels accumulation batches before the optimizer step (no after_step).
+        if self._active and self.training and self._started and not self.skip_ema and not self._updated:
+            self._update()
+
+    def _update(self):
+        # The global step comes from epoch and iter, which stay right when resuming with start_epoch.
+        self.decay = self._decay_at(self.epoch * self.n_iter + self.iter)
+        self.engine.update(self.decay)
+        self._updated = True
+
+    def after_batch(self):
+        if not (self._active and self.training):
+            return
+        if self._updated and self.log_decay:
+            self._log_decay()
+        self._step_cancelled = self._updated = False
+
+    def _log_decay(self):
+        tensorboard = getattr(self.learn, "tensor_board", None)
+        if tensorboard is not None and getattr(tensorboard, "run", False):
+            tensorboard.writer.add_scalar("ema_decay", self.decay, self.train_iter)
+        wandb_callback = getattr(self.learn, "wandb", None)
+        if wandb_callback is not None and getattr(wandb_callback, "run", False):
+            import wandb
+
+            wandb.log({"ema_decay": self.decay}, step=wandb_callback._wandb_step)
+
+    def before_validate(self):
+        if not (self._active and self._started and self.validate_ema):
+            return
+        self._validation_depth += 1
+        if self._validation_depth == 1:
+            self._ema_swap = ExitStack()
+            self._ema_swap.enter_context(self.engine.use_ema_weights())
+
+    def after_validate(self):
+        if self._validation_depth == 0:
+            return
+        self._validation_depth -= 1
+        if self._validation_depth == 0:
+            self._restore_model_weights()
+
+    def _restore_model_weights(self):
+        if self._ema_swap is not None:
+            swap, self._ema_swap = self._ema_swap, None
+            swap.close()
+        self._validation_depth = 0
+
+    def after_fit(self):
+        if not self._active:
+            return
+        self._restore_model_weights()
+        self._active = False
+        if not self._started:
+            return
+        if self.replace_weights:
+            self.engine.copy_to()
+        else:
+            self.learn.model_ema = self.engine.module
+
+
+class EMASchedule(EMACallback):
+    "EMACallback whose decay warms up from `start_decay` to `final_decay` between `start` and `finish`"
+
+    log_decay = True
+
+    def __init__(
+        self,
+        start_decay: float = 0.9,  # decay when the EMA starts
+        final_decay: float = 0.9998,  # decay from `finish` on
+        start: int | float = 0,  # when the EMA starts: float = fraction of training steps, int = epoch index
+        finish: int | float = 0.3,  # when `final_decay` is reached: float = fraction of training steps, int = epoch
+        schedule=SchedCos,  # fastai annealer, called as `schedule(start_decay, final_decay)(pct)`
+        ema_device: DeviceLike = None,  # where the EMA weights live; None = beside the model's weights
+        validate_ema: bool = True,  # validate with the EMA weights (swapped into the model in place)
+        replace_weights: bool = False,  # after fit, copy the EMA into the model instead of setting `learn.model_ema`
+        foreach: bool | None = None,  # fused multi-tensor step (True), for-loop (False), fastest supported (None)
+        resume: bool = False,  # continue from the EMA in `learn.model_ema` left by an earlier fit
+        all_parameters: bool = False,  # also average parameters without `requires_grad`
+        all_buffers: bool = False,  # also average non-persistent buffers
+        skip_ema: bool = True,  # no update when a callback cancelled the step or batch (no optimizer step happened)
+    ):
+        self.start_decay = check_decay(start_decay, "start_decay")
+        self.final_decay = check_decay(final_decay, "final_decay")
+        self.start = _check_position(start, "start", is_finish=False)
+        self.finish = _check_position(finish, "finish", is_finish=True)
+        if type(self.start) is type(self.finish) and self.finish <= self.start:
+            raise ValueError(f"Invalid finish: {self.finish}; it must come after start={self.start}")
+        self.schedule = schedule
+        self._annealer = make_annealer(schedule, self.start_decay, self.final_decay)
+        self.decay = self.start_decay  # the current decay, updated at every EMA step
+        self._init_common(ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema)
+
+    def _compute_steps(self, n_epoch: int, n_iter: int) -> None:
+        super()._compute_steps(n_epoch, n_iter)
+        self._finish_step = _position_to_step(self.finish, "finish", n_epoch, n_iter)
+        if self._finish_step <= self._start_step:
+            raise ValueError(
+                f"Invalid finish: {self.finish} is step {self._finish_step} of this fit, not after "
+                f"start={self.start} (step {self._start_step})"
+            )
+
+    def _decay_at(self, step: int) -> float:
+        return scheduled_decay(self._annealer, self.final_decay, step, self._start_step, self._finish_step)

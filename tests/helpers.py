@@ -1,0 +1,52 @@
+"""Small models, data and fastai Learners shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ToyNet(nn.Module):
+    """BatchNorm (running stats, num_batches_tracked), a frozen layer and a changing non-persistent buffer."""
+
+    def __init__(self, n_in: int = 8, n_hidden: int = 16, n_out: int = 3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(n_in, n_hidden), nn.BatchNorm1d(n_hidden), nn.ReLU())
+        self.frozen = nn.Linear(n_hidden, n_hidden)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(n_hidden, n_out)
+        self.register_buffer("calls", torch.zeros(1), persistent=False)
+
+    def forward(self, x):
+        if self.training:
+            self.calls.add_(1.0)  # a non-persistent buffer that changes while training
+        return self.head(self.body(x) + 0.1 * self.frozen(self.body(x)))
+
+
+def toy_data(n: int = 64, n_in: int = 8, n_out: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, n_in, generator=generator)
+    y = (x[:, :n_out].argmax(dim=1)).long()
+    return x, y
+
+
+def make_dls(n_train: int = 64, n_valid: int = 32, bs: int = 8):
+    from fastai.data.core import DataLoaders
+
+    x, y = toy_data(n_train + n_valid)
+    train = list(zip(x[:n_train], y[:n_train]))
+    valid = list(zip(x[n_train:], y[n_train:]))
+    return DataLoaders.from_dsets(train, valid, bs=bs, shuffle=False, device=torch.device("cpu"))
+
+
+def make_learner(cbs=None, n_train: int = 64, bs: int = 8, lr: float = 0.05, seed: int = 0, **kwargs):
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import accuracy
+    from fastai.optimizer import SGD
+
+    torch.manual_seed(seed)
+    return Learner(
+        make_dls(n_train=n_train, bs=bs), ToyNet(), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
+        opt_func=SGD, lr=lr, cbs=cbs, **kwargs,
+    )
