@@ -1,0 +1,389 @@
+"""EMACallback and EMASchedule on real fastai Learners, checked against the float64 reference."""
+
+import math
+from functools import partial
+
+import pytest
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.schedule import SchedCos, SchedExp, SchedLin, SchedPoly
+from fastai.callback.training import GradientAccumulation
+from fastai.learner import load_learner
+
+from fastema import EMACallback, EMASchedule
+from helpers import make_learner
+from reference import ReferenceEMA, expected_tracked
+
+N_ITER = 8  # 64 training samples, batch size 8
+
+
+class StepRecorder(Callback):
+    """Wraps the optimizer's step (tests only) to record every step that really happened.
+
+    Runs before the EMA callback, so the EMA's starting point can be snapshotted independently.
+    """
+
+    order = -5
+
+    def __init__(self, start_step=0, decay_of_step=None):
+        self.start_step, self.decay_of_step = start_step, decay_of_step
+        self.steps, self.batches, self.reference = [], 0, None
+
+    def before_fit(self):
+        self.steps, self.batches, self.reference = [], 0, None
+        original_step = self.learn.opt.step
+
+        def counting_step(*args, **kwargs):
+            original_step(*args, **kwargs)
+            step = self.epoch * self.n_iter + self.iter
+            self.steps.append(step)
+            if self.reference is not None:
+                tracked = expected_tracked(self.learn.model)
+                self.reference.update(tracked, self.decay_of_step(step))
+
+        self.learn.opt.step = counting_step
+
+    def before_batch(self):
+        if not self.training:
+            return
+        self.batches += 1
+        if self.epoch * self.n_iter + self.iter == self.start_step and self.decay_of_step is not None:
+            self.reference = ReferenceEMA(expected_tracked(self.learn.model))
+
+    def after_fit(self):
+        del self.learn.opt.step
+
+
+def assert_matches_reference(ema_module, reference, rtol=1e-5):
+    state = dict(ema_module.state_dict())
+    for name, expected in reference.state.items():
+        if expected.is_floating_point():
+            torch.testing.assert_close(state[name].double(), expected, rtol=rtol, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(state[name], expected), name
+
+
+@pytest.mark.parametrize("start,start_step", [(0, 0), (1, N_ITER), (0.25, 8)])
+def test_ema_matches_reference_and_counts_steps(start, start_step):
+    recorder = StepRecorder(start_step, decay_of_step=lambda step: 0.9)
+    ema = EMACallback(decay=0.9, start=start)
+    learn = make_learner(cbs=[recorder, ema])
+    learn.fit(4)  # 32 steps
+    real_steps = [s for s in recorder.steps if s >= start_step]
+    assert len(recorder.steps) == 32
+    assert ema.engine.num_updates == len(real_steps) == recorder.reference.num_updates
+    assert_matches_reference(learn.model_ema, recorder.reference)
+    assert learn.ema is ema
+
+
+def test_gradient_accumulation_updates_once_per_optimizer_step():
+    recorder = StepRecorder(0, decay_of_step=lambda step: 0.8)
+    ema = EMACallback(decay=0.8)
+    learn = make_learner(cbs=[recorder, ema, GradientAccumulation(n_acc=24)])  # a step every 3 batches
+    learn.fit(3)
+    assert recorder.batches == 24
+    assert len(recorder.steps) == 8
+    assert ema.engine.num_updates == len(recorder.steps)
+    assert_matches_reference(learn.model_ema, recorder.reference)
+
+
+def test_without_skip_ema_every_batch_updates():
+    recorder = StepRecorder()
+    ema = EMACallback(decay=0.8, skip_ema=False)
+    learn = make_learner(cbs=[recorder, ema, GradientAccumulation(n_acc=24)])
+    learn.fit(3)
+    assert len(recorder.steps) == 8
+    assert ema.engine.num_updates == recorder.batches == 24
+
+
+class OverflowEveryThirdBatch(Callback):
+    """On a CPU machine MixedPrecision disables its CUDA GradScaler: swap in a real CPU GradScaler,
+    and force an overflow (an inf gradient) on every third batch so the scaler skips those steps."""
+
+    order = MixedPrecision.order + 1
+
+    def before_fit(self):
+        self.learn.scaler = torch.amp.GradScaler("cpu")
+        self.forced = 0
+
+    def after_backward(self):
+        if self.iter % 3 == 0:
+            self.learn.model.head.weight.grad[0, 0] = float("inf")
+            self.forced += 1
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available or torch_xla is imported:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*GradScaler is enabled, but CUDA is not available:UserWarning")
+@pytest.mark.parametrize("skip_ema", [True, False])
+def test_mixed_precision_skipped_steps(skip_ema):
+    recorder = StepRecorder(0, decay_of_step=lambda step: 0.9)
+    ema = EMACallback(decay=0.9, skip_ema=skip_ema)
+    overflow = OverflowEveryThirdBatch()
+    learn = make_learner(cbs=[recorder, ema, MixedPrecision(), overflow])
+    learn.fit(3)
+    assert recorder.batches == 24 and overflow.forced == 9
+    assert len(recorder.steps) == 24 - 9, "the grad scaler skips exactly the overflowing steps"
+    if skip_ema:
+        assert ema.engine.num_updates == len(recorder.steps)
+        assert_matches_reference(learn.model_ema, recorder.reference)
+    else:
+        assert ema.engine.num_updates == recorder.batches
+
+
+def cosine(start, end, pct):
+    return start + (1 + math.cos(math.pi * (1 - pct))) * (end - start) / 2
+
+
+SCHEDULES = {
+    "cos": (SchedCos, cosine),
+    "lin": (SchedLin, lambda s, e, p: s + p * (e - s)),
+    "exp": (SchedExp, lambda s, e, p: s * (e / s) ** p),
+    "poly": (partial(SchedPoly, power=0.5), lambda s, e, p: s + (e - s) * p**0.5),
+    "custom": (lambda s, e: (lambda p: s + (e - s) * p * p), lambda s, e, p: s + (e - s) * p * p),
+}
+
+
+class DecaySpy(Callback):
+    order = EMACallback.order + 1
+
+    def before_fit(self):
+        self.decays = []
+
+    def after_step(self):
+        self.decays.append((self.epoch * self.n_iter + self.iter, self.learn.ema_schedule.decay))
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("start,finish,start_step,finish_step", [(0, 0.5, 0, 16), (1, 3, 8, 24), (0.25, 2, 8, 16)])
+def test_schedule_decay_sequence_matches_formula(name, start, finish, start_step, finish_step):
+    schedule, formula = SCHEDULES[name]
+    start_decay, final_decay = 0.5, 0.99
+
+    def expected_decay(step):
+        pct = (step - start_step) / (finish_step - start_step)
+        return final_decay if pct >= 1 else formula(start_decay, final_decay, pct)
+
+    spy, recorder = DecaySpy(), StepRecorder(start_step, decay_of_step=expected_decay)
+    callback = EMASchedule(start_decay, final_decay, start=start, finish=finish, schedule=schedule)
+    learn = make_learner(cbs=[recorder, callback, spy])
+    learn.fit(4)
+    updates = [(step, decay) for step, decay in spy.decays if step >= start_step]
+    assert [step for step, _ in updates] == list(range(start_step, 32))
+    for step, decay in updates:
+        assert decay == pytest.approx(expected_decay(step), abs=1e-12), step
+    assert callback.engine.num_updates == len(updates)
+    assert_matches_reference(learn.model_ema, recorder.reference)
+
+
+class WeightsAroundValidation(Callback):
+    """Snapshots the model before the EMA swaps weights in, and after it swaps them back."""
+
+    def __init__(self, order):
+        self.order = order
+        self.snapshots = []
+
+    def before_validate(self):
+        self.snapshots.append({k: v.clone() for k, v in self.learn.model.state_dict().items()})
+
+    def after_validate(self):
+        self.snapshots.append({k: v.clone() for k, v in self.learn.model.state_dict().items()})
+
+
+def evaluate(model, dls):
+    model.eval()
+    losses, correct, total = [], 0, 0
+    with torch.no_grad():
+        for x, y in dls.valid:
+            out = model(x)
+            losses.append(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += (out.argmax(1) == y).sum().item()
+            total += len(y)
+    return (sum(losses) / total).item(), correct / total
+
+
+def test_validation_uses_ema_and_restores_model_bit_identical():
+    before, after = WeightsAroundValidation(order=0), WeightsAroundValidation(order=EMACallback.order + 1)
+    ema = EMACallback(decay=0.9)
+    learn = make_learner(cbs=[ema, before, after])
+    learn.fit(2)
+    # before.snapshots[2k] is the model before validation k; after.snapshots[2k+1] is it after restoring.
+    for k in range(2):
+        pre, post = before.snapshots[2 * k], after.snapshots[2 * k + 1]
+        for name in pre:
+            assert torch.equal(pre[name], post[name]), name
+        during = after.snapshots[2 * k]  # inside validation: the model holds the EMA weights
+        assert not torch.equal(during["head.weight"], pre["head.weight"])
+    valid_loss, accuracy = learn.recorder.values[-1][1], learn.recorder.values[-1][2]
+    ema_loss, ema_accuracy = evaluate(learn.model_ema, learn.dls)
+    assert valid_loss == pytest.approx(ema_loss, rel=1e-5)
+    assert accuracy == pytest.approx(ema_accuracy)
+    raw_loss, _ = evaluate(learn.model, learn.dls)
+    assert raw_loss != pytest.approx(ema_loss, rel=1e-5)
+
+
+def test_validate_ema_false_uses_model_weights():
+    learn = make_learner(cbs=[EMACallback(decay=0.9, validate_ema=False)])
+    learn.fit(1)
+    assert learn.recorder.values[-1][1] == pytest.approx(evaluate(learn.model, learn.dls)[0], rel=1e-5)
+
+
+def test_replace_weights_copies_ema_into_model():
+    ema = EMACallback(decay=0.9, replace_weights=True)
+    learn = make_learner(cbs=[ema])
+    learn.fit(1)
+    assert not hasattr(learn, "model_ema")
+    for name, value in ema.engine.state_dict()["tensors"].items():
+        assert torch.equal(learn.model.state_dict()[name], value), name
+
+
+def test_get_preds_after_fit_uses_model_weights():
+    learn = make_learner(cbs=[EMACallback(decay=0.9)])
+    learn.fit(1)
+    preds, _ = learn.get_preds()
+    learn.model.eval()
+    with torch.no_grad():
+        expected = torch.softmax(torch.cat([learn.model(x) for x, _ in learn.dls.valid]), dim=1)
+    torch.testing.assert_close(preds, expected)
+
+
+def test_second_fit_behaves_like_the_first():
+    ema = EMACallback(decay=0.9, start=1)
+    learn = make_learner(cbs=[ema])
+    learn.fit(2)
+    first_ema = learn.model_ema
+    assert ema.engine.num_updates == N_ITER
+    learn.fit(3)
+    assert ema.start == 1
+    assert ema.engine.num_updates == 2 * N_ITER
+    assert learn.model_ema is not first_ema
+
+
+def test_resume_continues_from_model_ema():
+    learn = make_learner()
+    learn.fit(1, cbs=[EMACallback(decay=0.9)])
+    previous = {k: v.clone() for k, v in learn.model_ema.state_dict().items()}
+    recorder = StepRecorder()
+    resumed = EMACallback(decay=0.9, resume=True)
+    learn.fit(1, cbs=[recorder, resumed])
+    # Re-run the reference from the previous EMA: the first update must start from it, not from the model.
+    assert resumed.engine.num_updates == N_ITER
+    assert not torch.equal(learn.model_ema.state_dict()["head.weight"], learn.model.state_dict()["head.weight"])
+    assert not torch.equal(learn.model_ema.state_dict()["head.weight"], previous["head.weight"])
+
+
+def test_resume_without_or_with_mismatched_model_ema_raises():
+    learn = make_learner(cbs=[EMACallback(resume=True)])
+    with pytest.raises(ValueError, match="resume"):
+        learn.fit(1)
+    learn = make_learner(cbs=[EMACallback(resume=True)])
+    learn.model_ema = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="resume"):
+        learn.fit(1)
+
+
+def test_resume_result_matches_reference():
+    recorder = StepRecorder(0, decay_of_step=lambda step: 0.9)
+    learn = make_learner()
+    learn.fit(1, cbs=[recorder, EMACallback(decay=0.9)])
+    reference = recorder.reference
+    steps_before = len(recorder.steps)
+
+    class Continue(StepRecorder):
+        def before_fit(self):
+            super().before_fit()
+            self.reference = reference
+
+    continuing = Continue(start_step=-1, decay_of_step=lambda step: 0.9)
+    learn.fit(1, cbs=[continuing, EMACallback(decay=0.9, resume=True)])
+    assert steps_before == N_ITER and reference.num_updates == 2 * N_ITER
+    assert_matches_reference(learn.model_ema, reference)
+
+
+def test_lr_find_neither_creates_nor_updates_an_ema():
+    ema = EMACallback(decay=0.9)
+    learn = make_learner(cbs=[ema])
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    learn.lr_find(num_it=10, show_plot=False)
+    assert ema.engine is None and not hasattr(learn, "model_ema")
+    for name, value in before.items():
+        assert torch.equal(learn.model.state_dict()[name], value), name
+
+
+def test_fit_cbs_fit_one_cycle_and_foreach_loop():
+    ema = EMACallback(decay=0.9, foreach=False)
+    learn = make_learner()
+    learn.fit_one_cycle(2, cbs=[ema])
+    assert ema.engine.num_updates == 2 * N_ITER and hasattr(learn, "model_ema")
+    assert not hasattr(learn, "ema")  # removed with the fit's temporary callbacks
+
+
+def test_fine_tune_starts_a_fresh_ema_for_the_unfrozen_fit():
+    from fastai.torch_core import params
+
+    ema = EMACallback(decay=0.9)
+    learn = make_learner(cbs=[ema], splitter=lambda m: [params(m.body) + params(m.frozen), params(m.head)])
+    learn.fine_tune(1, freeze_epochs=1)
+    assert ema.engine.num_updates == N_ITER  # the second (unfrozen) fit's steps
+    assert "body.0.weight" in ema.engine.tensor_names
+    assert learn.model_ema is ema.engine.module
+
+
+@pytest.mark.filterwarnings("ignore:load_learner` uses Python's insecure pickle:UserWarning")
+def test_export_and_load_learner_round_trip(tmp_path):
+    learn = make_learner(cbs=[EMASchedule(0.5, 0.9)], path=tmp_path)
+    learn.fit(1)
+    learn.export("export.pkl")
+    loaded = load_learner(tmp_path / "export.pkl")
+    for name, value in learn.model_ema.state_dict().items():
+        assert torch.equal(loaded.model_ema.state_dict()[name], value), name
+    assert isinstance(loaded.ema_schedule, EMASchedule)
+    for name, value in learn.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+
+
+BAD_ARGUMENTS = [
+    (EMACallback, dict(decay=1.01), ValueError, "decay"),
+    (EMACallback, dict(decay=-0.1), ValueError, "decay"),
+    (EMACallback, dict(decay=None), TypeError, "decay"),
+    (EMACallback, dict(start=1.0), ValueError, "start"),
+    (EMACallback, dict(start=-1), ValueError, "start"),
+    (EMACallback, dict(start="1"), TypeError, "start"),
+    (EMACallback, dict(start=True), TypeError, "start"),
+    (EMACallback, dict(ema_device="nonsense"), ValueError, "ema_device"),
+    (EMACallback, dict(foreach=1), TypeError, "foreach"),
+    (EMACallback, dict(validate_ema="yes"), TypeError, "validate_ema"),
+    (EMASchedule, dict(start_decay=2.0), ValueError, "start_decay"),
+    (EMASchedule, dict(final_decay=-1.0), ValueError, "final_decay"),
+    (EMASchedule, dict(start=0.5, finish=0.4), ValueError, "finish"),
+    (EMASchedule, dict(start=2, finish=2), ValueError, "finish"),
+    (EMASchedule, dict(finish=0.0), ValueError, "finish"),
+    (EMASchedule, dict(finish=1.5), ValueError, "finish"),
+    (EMASchedule, dict(schedule="cos"), TypeError, "schedule"),
+    (EMASchedule, dict(schedule=lambda s, e: 3), TypeError, "schedule"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,error,name", BAD_ARGUMENTS)
+def test_bad_arguments_raise_at_construction(cls, kwargs, error, name):
+    with pytest.raises(error, match=name):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "callback,name",
+    [(EMACallback(start=5), "start"), (EMASchedule(start=0, finish=6), "finish"), (EMASchedule(start=0.5, finish=1), "finish")],
+)
+def test_positions_outside_the_fit_raise_before_training(callback, name):
+    learn = make_learner(cbs=[callback])
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(ValueError, match=name):
+        learn.fit(2)
+    for key, value in before.items():
+        assert torch.equal(learn.model.state_dict()[key], value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_unavailable_ema_device_raises():
+    with pytest.raises(ValueError, match="ema_device"):
+        EMACallback(ema_device="cuda")
