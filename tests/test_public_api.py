@@ -1,0 +1,36 @@
+"""The public surface is explicit and stable."""
+
+import inspect
+
+import fastema
+
+
+def test_all_lists_the_public_api():
+    assert sorted(fastema.__all__) == ["EMACallback", "EMASchedule", "ModelEMA", "__version__"]
+    for name in fastema.__all__:
+        assert getattr(fastema, name) is not None
+
+
+def test_callback_signatures_match_the_contract():
+    ema = inspect.signature(fastema.EMACallback).parameters
+    assert [(n, p.default) for n, p in ema.items()] == [
+        ("decay", 0.9998), ("start", 0), ("ema_device", None), ("validate_ema", True),
+        ("replace_weights", False), ("foreach", None), ("resume", False), ("all_parameters", False),
+        ("all_buffers", False), ("skip_ema", True),
+    ]
+    from fastai.callback.schedule import SchedCos
+
+    schedule = inspect.signature(fastema.EMASchedule).parameters
+    assert [(n, p.default) for n, p in schedule.items()] == [
+        ("start_decay", 0.9), ("final_decay", 0.9998), ("start", 0), ("finish", 0.3), ("schedule", SchedCos),
+        ("ema_device", None), ("validate_ema", True), ("replace_weights", False), ("foreach", None),
+        ("resume", False), ("all_parameters", False), ("all_buffers", False), ("skip_ema", True),
+    ]
+
+
+def test_engine_does_not_import_fastai():
+    import subprocess
+    import sys
+
+    code = "import sys, fastema; fastema.ModelEMA; assert 'fastai' not in sys.modules, 'engine imported fastai'"
+    subprocess.run([sys.executable, "-c", code], check=True)
