@@ -9,7 +9,6 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade --quiet pip
 
 $(VENV)/.torch-installed: | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH_PINS)

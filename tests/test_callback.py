@@ -31,6 +31,8 @@ class StepRecorder(Callback):
         self.steps, self.batches, self.reference = [], 0, None
 
     def before_fit(self):
+        if self.learn.lock.locked():  # a learn.validate() inside the fit fires before_fit too
+            return
         self.steps, self.batches, self.reference = [], 0, None
         original_step = self.learn.opt.step
 
@@ -52,7 +54,8 @@ class StepRecorder(Callback):
             self.reference = ReferenceEMA(expected_tracked(self.learn.model))
 
     def after_fit(self):
-        del self.learn.opt.step
+        if not self.learn.lock.locked():
+            del self.learn.opt.step
 
 
 def assert_matches_reference(ema_module, reference, rtol=1e-5):
@@ -387,3 +390,68 @@ def test_positions_outside_the_fit_raise_before_training(callback, name):
 def test_unavailable_ema_device_raises():
     with pytest.raises(ValueError, match="ema_device"):
         EMACallback(ema_device="cuda")
+
+
+class ValidateDuringFit(Callback):
+    order = EMACallback.order + 1
+
+    def __init__(self):  # not before_fit: learn.validate() fires before_fit too
+        self.results, self.inside = [], False
+
+    def after_epoch(self):
+        if self.inside:  # learn.validate() fires after_epoch itself on the way out
+            return
+        self.inside = True
+        try:
+            self.results.append(self.learn.validate())
+        finally:
+            self.inside = False
+
+
+def test_learn_validate_during_fit_uses_ema():
+    ema, probe = EMACallback(decay=0.9), ValidateDuringFit()
+    learn = make_learner(cbs=[ema, probe])
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    learn.fit(1)
+    valid_loss = probe.results[-1][0]
+    assert valid_loss == pytest.approx(evaluate(learn.model_ema, learn.dls)[0], rel=1e-5)
+    assert valid_loss != pytest.approx(evaluate(learn.model, learn.dls)[0], rel=1e-5)
+    assert any(not torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
+    assert ema.engine.num_updates == N_ITER  # the nested validate's fit events did not restart the EMA
+
+
+def test_learn_validate_during_fit_keeps_the_ema_running():
+    recorder = StepRecorder(0, decay_of_step=lambda step: 0.9)
+    ema = EMACallback(decay=0.9)
+    probe = ValidateDuringFit()
+    learn = make_learner(cbs=[recorder, ema, probe])
+    learn.fit(3)
+    learn.remove_cbs([probe, recorder])
+    assert ema.engine.num_updates == 3 * N_ITER
+    assert_matches_reference(learn.model_ema, recorder.reference)
+    engine = ema.engine
+    learn.validate()  # after fit: the model's own weights, and the EMA is left alone
+    assert ema.engine is engine
+
+
+class Interrupted(Exception):
+    """Stands in for Ctrl-C: any exception other than fastai's cancels skips `after_fit`."""
+
+
+class FailDuringValidation(Callback):
+    def after_batch(self):
+        if not self.training:
+            self.snapshot = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
+            raise Interrupted("stopped during validation")
+
+
+def test_interrupted_validation_can_be_restored_exactly():
+    ema = EMACallback(decay=0.9)
+    learn = make_learner(cbs=[ema, WeightsAroundValidation(order=0)])
+    with pytest.raises(Interrupted):
+        learn.fit(1, cbs=[FailDuringValidation()])
+    own_weights = learn.cbs.filter(lambda cb: isinstance(cb, WeightsAroundValidation))[0].snapshots[0]
+    assert not torch.equal(learn.model.head.weight, own_weights["head.weight"])  # EMA weights still in
+    learn.ema.restore_model_weights()
+    for name, value in own_weights.items():
+        assert torch.equal(learn.model.state_dict()[name], value), name

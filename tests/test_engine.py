@@ -269,3 +269,46 @@ def test_bad_arguments():
 def test_unavailable_device_raises():
     with pytest.raises(ValueError, match="device"):
         ModelEMA(ToyNet(), device="cuda")
+
+
+def test_update_never_synchronises_with_the_host(monkeypatch):
+    ema = ModelEMA(ToyNet(), 0.9)
+    ema.update()  # warm: grouping and probing happen at construction, not here
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("update() synchronised with the host")
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    ema.update()
+    ema.update(0.5)
+    monkeypatch.undo()
+    assert ema.num_updates == 3
+
+
+@pytest.mark.cuda
+def test_cuda_fused_update_matches_reference_without_sync():
+    torch.manual_seed(0)
+    model = ToyNet().cuda()
+    ema = ModelEMA(model, 0.9)
+    assert {g.kernel for g in ema._groups} == {_foreach.lerp_fused, _foreach.copy_fused}
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(tracked)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator).cuda())
+        model(torch.randn(4, 8, generator=generator).cuda())
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ema.update()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        reference.update(tracked, 0.9)
+    for name, value in ema.state_dict()["tensors"].items():
+        expected = reference.state[name]
+        if expected.is_floating_point():
+            torch.testing.assert_close(value.double().cpu(), expected, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(value.cpu(), expected), name

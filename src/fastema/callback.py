@@ -84,7 +84,7 @@ class EMACallback(Callback):
         self.engine: ModelEMA | None = None  # the `ModelEMA` doing the averaging, built in `before_fit`
         self._active = self._started = False
         self._step_cancelled = self._updated = False
-        self._validation_depth = 0
+        self._validation_depth = self._ignored_fit_events = 0
         self._ema_swap: ExitStack | None = None
 
     def _decay_at(self, step: int) -> float:
@@ -97,12 +97,21 @@ class EMACallback(Callback):
         if self._start_step >= n_epoch * n_iter:
             raise ValueError(f"Invalid start: {self.start} falls after the last of this fit's {n_epoch * n_iter} steps")
 
+    def _in_validation_context(self) -> bool:
+        # `learn.validate()`/`get_preds()` fire before_fit/after_fit themselves, inside fastai's
+        # validation context, which holds `learn.lock`; a real fit never does.
+        lock = getattr(self.learn, "lock", None)
+        return lock is not None and lock.locked()
+
     def before_fit(self):
-        # lr_find and get_preds run their own fits/validations: leave the EMA alone.
+        if self._in_validation_context():
+            self._ignored_fit_events += 1
+            return
+        # lr_find runs its own fit: leave the EMA alone.
         self._active = not hasattr(self.learn, "lr_finder") and not hasattr(self.learn, "gather_preds")
         if not self._active:
             return
-        self._restore_model_weights()  # an interrupted validation of an earlier fit may have left them swapped
+        self.restore_model_weights()  # an interrupted validation of an earlier fit may have left them swapped
         self._compute_steps(self.n_epoch, len(self.dls.train))
         self.engine = ModelEMA(
             self.learn.model, self._decay_at(self._start_step), all_parameters=self.all_parameters,
@@ -177,18 +186,22 @@ class EMACallback(Callback):
             return
         self._validation_depth -= 1
         if self._validation_depth == 0:
-            self._restore_model_weights()
+            self.restore_model_weights()
 
-    def _restore_model_weights(self):
+    def restore_model_weights(self):
+        "Put the model's own weights back if an interrupted validation (e.g. Ctrl-C) left the EMA's in it"
         if self._ema_swap is not None:
             swap, self._ema_swap = self._ema_swap, None
             swap.close()
         self._validation_depth = 0
 
     def after_fit(self):
+        if self._ignored_fit_events:
+            self._ignored_fit_events -= 1
+            return
         if not self._active:
             return
-        self._restore_model_weights()
+        self.restore_model_weights()
         self._active = False
         if not self._started:
             return
