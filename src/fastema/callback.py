@@ -108,7 +108,7 @@ class EMACallback(Callback):
             self._ignored_fit_events += 1
             return
         # lr_find runs its own fit: leave the EMA alone.
-        self._active = not hasattr(self.learn, "lr_finder") and not hasattr(self.learn, "gather_preds")
+        self._active = not hasattr(self.learn, "lr_finder")
         if not self._active:
             return
         self.restore_model_weights()  # an interrupted validation of an earlier fit may have left them swapped
