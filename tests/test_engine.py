@@ -312,3 +312,22 @@ def test_cuda_fused_update_matches_reference_without_sync():
             torch.testing.assert_close(value.double().cpu(), expected, rtol=1e-5, atol=1e-6, msg=name)
         else:
             assert torch.equal(value.cpu(), expected), name
+
+
+@pytest.mark.parametrize("flatten_model", [False, True])
+def test_follows_ema_module_converted_by_the_user(flatten_model):
+    torch.manual_seed(0)
+    model = ToyNet()
+    model(torch.randn(4, 8))
+    ema = ModelEMA(model, 0.5, flatten_model=flatten_model)
+    start = {name: snapshot(t) for name, t in ema.state_dict()["tensors"].items()}
+    ema.module.double()  # new storage for every floating tensor, new objects for the buffers
+    model(torch.randn(4, 8))
+    ema.update()
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(tracked)
+    reference.state = start
+    reference.update(tracked, 0.5)
+    module_tensors = dict(itertools.chain(ema.module.named_parameters(), ema.module.named_buffers()))
+    for name, expected in reference.state.items():
+        torch.testing.assert_close(snapshot(module_tensors[name]), expected, rtol=1e-6, atol=1e-7, msg=name)

@@ -1,4 +1,4 @@
-"""The `fastema` command line: `fastema demo` (and, later, more subcommands)."""
+"""The `fastema` command line: `fastema demo` and `fastema bench`."""
 
 from __future__ import annotations
 
@@ -13,11 +13,35 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--lr", type=float, default=0.03)
     demo.add_argument("--output", default="demo_output/fastema-demo.png", help="where to write the PNG plot")
     demo.add_argument("--seed", type=int, default=0)
+    bench = commands.add_parser("bench", help="time fastema's EMA step against the for-loop, fused steps and the floor")
+    bench.add_argument("--models", help="comma-separated subset of: " + ", ".join(_model_names()))
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bench.add_argument("--channels-last", action="store_true", help="convert the models to channels-last first")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of markdown tables")
+    bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of every method relative to the floor")
+    bench.add_argument("--budget", type=float, default=0.3, help="seconds of timing per method and model")
+    bench.add_argument("--train-batch", type=int, default=2, help="batch size of the training step; 0 skips it")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
 
         run_demo(epochs=args.epochs, lr=args.lr, output=args.output, seed=args.seed)
+    elif args.command == "bench":
+        from .bench import run_bench
+
+        run_bench(
+            models=args.models.split(",") if args.models else None, device=args.device, dtype=args.dtype,
+            channels_last=args.channels_last, as_json=args.json, plot=args.plot, budget_s=args.budget,
+            train_batch=args.train_batch or None,
+        )
+
+
+def _model_names() -> list[str]:
+    return [
+        "xresnet50", "xse_resnext50", "xresnet101", "convnext_tiny", "vit_small_patch16_224", "deberta_base",
+        "mobilenetv3_small_100", "efficientnet_b0",
+    ]
 
 
 if __name__ == "__main__":

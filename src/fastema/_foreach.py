@@ -80,6 +80,31 @@ def loop_step_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+class LayoutSentinels:
+    """A few tensors whose storage address reveals a `.to(...)` since they were recorded.
+
+    `Module._apply` (behind `.to()`, `.cuda()`, `.half()`, ...) gives new storage to every
+    tensor it converts; what it converts is decided per device, dtype and, for a
+    memory-format change, rank. So the first tensor of each (device, dtype, rank) is enough
+    to notice, at one `data_ptr()` each per step instead of one per tensor.
+    """
+
+    def __init__(self, *tensor_lists: Sequence[Tensor]) -> None:
+        first: dict[tuple, Tensor] = {}
+        for index, tensors in enumerate(tensor_lists):  # e.g. the model's and the EMA's, watched separately
+            for tensor in tensors:
+                first.setdefault((index, tensor.device, tensor.dtype, tensor.dim()), tensor)
+        self.tensors = list(first.values())
+        self.addresses = [tensor.data_ptr() for tensor in self.tensors]
+
+    def moved(self) -> bool:
+        """True when a sentinel's storage was replaced since construction."""
+        for tensor, address in zip(self.tensors, self.addresses):
+            if tensor.data_ptr() != address:
+                return True
+        return False
+
+
 @dataclass
 class TensorGroup:
     """Tensors that one kernel call updates together, grouped once when the EMA is built."""
@@ -87,13 +112,10 @@ class TensorGroup:
     kernel: Kernel
     ema_tensors: list[Tensor]
     model_tensors: list[Tensor]
-    model_device: torch.device
-    model_dtype: torch.dtype
 
-    def model_layout_changed(self) -> bool:
-        """True when the model's tensors were moved or cast since grouping (e.g. `model.to()`)."""
-        first = self.model_tensors[0]
-        return first.device != self.model_device or first.dtype != self.model_dtype
+    def step(self, weight: float) -> None:
+        """Move this group's EMA tensors toward the model by `weight` (= 1 - decay)."""
+        self.kernel(self.ema_tensors, self.model_tensors, weight)
 
 
 def group_tensor_pairs(
@@ -131,5 +153,5 @@ def group_tensor_pairs(
                 kernel = lerp_fused if use_fused else lerp_loop
             else:
                 kernel = copy_fused if use_fused else copy_loop
-        groups.append(TensorGroup(kernel, ema_list, model_list, model_device, model_dtype))
+        groups.append(TensorGroup(kernel, ema_list, model_list))
     return groups

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import DeviceLike, check_decay, check_device, check_flag, check_foreach
-from ._foreach import TensorGroup, group_tensor_pairs
+from ._flat import FlatGroup, split_packable
+from ._foreach import LayoutSentinels, TensorGroup, group_tensor_pairs
 from .distributed import unwrap_model
 
 STATE_FORMAT = "fastema.ModelEMA"
@@ -56,6 +57,14 @@ class ModelEMA:
 
     `ema.module` is the averaged copy of the model (eval mode, no gradients); untracked
     tensors in it keep the values they had at construction.
+
+    `flatten_model=True` packs the tracked floating tensors of the model, and of the EMA,
+    into one contiguous buffer per (device, dtype), each tensor becoming a view with its own
+    shape and strides; an update is then a single `lerp_`, the fastest step on models with
+    many small tensors. The tensor objects stay the same (optimizers and DDP are unaffected),
+    but their storage is shared: safetensors refuses to save shared storage, and saving one
+    tensor with `torch.save` writes the whole buffer. `model.to(...)` unpacks the model; the
+    next update notices and packs it again where it now lives.
     """
 
     def __init__(
@@ -67,6 +76,7 @@ class ModelEMA:
         all_buffers: bool = False,  # also average non-persistent buffers
         foreach: bool | None = None,  # fused multi-tensor step (True), for-loop (False), fastest (None)
         device: DeviceLike = None,  # where the EMA lives; None = beside each model tensor
+        flatten_model: bool = False,  # pack model and EMA tensors into flat buffers: one lerp_ per update
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -75,6 +85,9 @@ class ModelEMA:
         self.all_buffers = check_flag(all_buffers, "all_buffers")
         self.foreach = check_foreach(foreach)
         self.device = check_device(device, "device")
+        self.flatten_model = check_flag(flatten_model, "flatten_model")
+        if self.flatten_model and self.foreach is False:
+            raise ValueError("Invalid flatten_model: True needs the fused step; use foreach=None or True, not False")
         self.model = unwrap_model(model)
         self.module = self._copy_of_model()
         self.num_updates = 0
@@ -98,9 +111,23 @@ class ModelEMA:
         self.tensor_names = list(model_tensors)
         self._ema_tensors = [ema_by_name[name] for name in self.tensor_names]
         self._model_tensors = list(model_tensors.values())
-        self._groups: list[TensorGroup] = (
-            group_tensor_pairs(self._ema_tensors, self._model_tensors, self.foreach) if self.tensor_names else []
-        )
+        self._groups: list[TensorGroup | FlatGroup] = []
+        rest_ema, rest_model = self._ema_tensors, self._model_tensors
+        if self.flatten_model:
+            self._groups, rest_ema, rest_model = split_packable(
+                rest_ema, rest_model, named_model_tensors(self.model).values()
+            )
+        if rest_model:
+            self._groups += group_tensor_pairs(rest_ema, rest_model, self.foreach)
+        # Recorded after packing, which gives tensors new addresses.
+        self._sentinels = LayoutSentinels(self._model_tensors, self._ema_tensors)
+
+    def refresh(self) -> None:
+        """Re-read the model's tensors after replacing some by hand (`p.data = ...`, `load_state_dict(assign=True)`).
+
+        Moving or converting the whole model (`model.to(...)`) is noticed without this.
+        """
+        self._follow_model()
 
     def _follow_model(self) -> None:
         """The model was moved or cast after construction: move the EMA along (if it follows) and regroup."""
@@ -118,7 +145,6 @@ class ModelEMA:
                         owner._buffers[leaf] = ema_tensor.to(model_tensor.device)
         self._build_groups()
 
-    @torch.no_grad()
     def update(self, decay: float | None = None) -> None:
         """Move the EMA toward the model; call after each optimizer step.
 
@@ -130,12 +156,18 @@ class ModelEMA:
             decay = check_decay(decay, "decay")
         if self._backups is not None:
             raise RuntimeError("update() called inside use_ema_weights(): the model holds the EMA weights")
-        # One look per group (not per tensor) catches `model.to(...)` after construction.
-        if any(group.model_layout_changed() for group in self._groups):
+        # A few `data_ptr()` looks (not one per tensor) catch `model.to(...)` or `ema.module.to(...)`.
+        if self._sentinels.moved():
             self._follow_model()
         weight = 1.0 - decay
-        for group in self._groups:
-            group.kernel(group.ema_tensors, group.model_tensors, weight)
+        # What `torch.no_grad()` does, without its Python context-manager cost (a few microseconds).
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            for group in self._groups:
+                group.step(weight)
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
         self.num_updates += 1
         self.last_decay = decay
 
@@ -277,5 +309,5 @@ class ModelEMA:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(decay={self.decay}, tensors={len(self.tensor_names)}, "
-            f"num_updates={self.num_updates}, device={self.device})"
+            f"num_updates={self.num_updates}, device={self.device}, flatten_model={self.flatten_model})"
         )

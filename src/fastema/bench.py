@@ -1,0 +1,383 @@
+"""`fastema bench`: time one EMA step of fastema against the usual ways of writing it, and the floor.
+
+For each model, in the same run and on the same tensors, the median time of one EMA step:
+
+- `for-loop`: `ema.mul_(d).add_(model, alpha=1-d)` per tensor, the textbook step;
+- `mul+add`: the seed's fused step, `_foreach_mul_` then `_foreach_add_`, tensors re-grouped every step;
+- `foreach_lerp`: `torch._foreach_lerp_` over lists grouped once (timm `ModelEmaV3`);
+- `fastema`: `ModelEMA.update()` with its defaults;
+- `fastema flat`: `ModelEMA(flatten_model=True).update()` (model and EMA packed into flat buffers);
+- `floor`: one `lerp_` over a contiguous buffer with as many elements of the same dtype.
+
+It also reports the memory a step allocates and the share of a training step the EMA costs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .engine import ModelEMA
+
+METHODS = ["for-loop", "mul+add", "foreach_lerp", "fastema", "fastema flat", "floor"]
+DECAY = 0.9998
+
+
+def _fastai_model(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from fastai.vision.models import xresnet
+
+        return getattr(xresnet, name)()
+
+    return build
+
+
+def _timm_model(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+
+    return build
+
+
+def _deberta_base() -> nn.Module:
+    from transformers import DebertaConfig, DebertaModel
+
+    return DebertaModel(DebertaConfig())  # DebertaConfig's defaults are microsoft/deberta-base; no download
+
+
+# name -> (builder, kind of input); the seed's table first, then two small-tensor models.
+MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "xresnet50": (_fastai_model("xresnet50"), "image"),
+    "xse_resnext50": (_fastai_model("xse_resnext50"), "image"),
+    "xresnet101": (_fastai_model("xresnet101"), "image"),
+    "convnext_tiny": (_timm_model("convnext_tiny"), "image"),
+    "vit_small_patch16_224": (_timm_model("vit_small_patch16_224"), "image"),
+    "deberta_base": (_deberta_base, "tokens"),
+    "mobilenetv3_small_100": (_timm_model("mobilenetv3_small_100"), "image"),
+    "efficientnet_b0": (_timm_model("efficientnet_b0"), "image"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelResult:
+    """One model's row: milliseconds per step for each method, and what the step costs besides time."""
+
+    model: str
+    tensors: int
+    elements: int
+    ms: dict[str, float]
+    extra_memory_bytes: dict[str, int]
+    train_step_ms: float | None
+    ratios: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ours, flat, floor = self.ms["fastema"], self.ms["fastema flat"], self.ms["floor"]
+        self.ratios = {
+            "speedup vs for-loop": self.ms["for-loop"] / ours,
+            "speedup vs mul+add": self.ms["mul+add"] / ours,
+            "speedup vs foreach_lerp": self.ms["foreach_lerp"] / ours,
+            "fastema / floor": ours / floor,
+            "fastema flat / floor": flat / floor,
+            "flat speedup vs mul+add": self.ms["mul+add"] / flat,
+        }
+        if self.train_step_ms is not None:
+            self.ratios["EMA share of train step"] = ours / (self.train_step_ms + ours)
+
+
+def for_loop_step(ema_tensors: list[Tensor], model_tensors: list[Tensor], decay: float) -> None:
+    """The textbook per-tensor step (integer buffers copied)."""
+    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+        if ema_tensor.is_floating_point():
+            ema_tensor.mul_(decay).add_(model_tensor, alpha=1 - decay)
+        else:
+            ema_tensor.copy_(model_tensor)
+
+
+def tensors_by_name(module: nn.Module) -> dict[str, Tensor]:
+    """Parameters and buffers of `module` by state-dict name."""
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    return tensors
+
+
+def mul_add_step(ema_module: nn.Module, model: nn.Module, decay: float) -> None:
+    """The seed's fused step: re-group floating tensors every step, then `_foreach_mul_` + `_foreach_add_`."""
+    ema_floats, model_floats, ema_ints, model_ints = [], [], [], []
+    ema_by_name = tensors_by_name(ema_module)
+    model_tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    model_tensors.update(model.named_buffers())
+    for name, model_tensor in model_tensors.items():
+        ema_tensor = ema_by_name[name]
+        if model_tensor.is_floating_point():
+            ema_floats.append(ema_tensor)
+            model_floats.append(model_tensor)
+        else:
+            ema_ints.append(ema_tensor)
+            model_ints.append(model_tensor)
+    torch._foreach_mul_(ema_floats, decay)
+    torch._foreach_add_(ema_floats, model_floats, alpha=1 - decay)
+    torch._foreach_copy_(ema_ints, model_ints)
+
+
+def foreach_lerp_step(ema_floats: list[Tensor], model_floats: list[Tensor], ema_ints, model_ints, decay) -> None:
+    """timm `ModelEmaV3`'s step: lists grouped once, `_foreach_lerp_` for floats, copy for the rest."""
+    torch._foreach_lerp_(ema_floats, model_floats, 1 - decay)
+    if ema_ints:
+        torch._foreach_copy_(ema_ints, model_ints)
+
+
+class Timer:
+    """Median milliseconds of a callable; CUDA work is timed with events, synchronising only outside."""
+
+    def __init__(self, device: torch.device, budget_s: float, min_repeats: int, max_repeats: int) -> None:
+        self.device = device
+        self.budget_s = budget_s
+        self.min_repeats = min_repeats
+        self.max_repeats = max_repeats
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def median_ms(self, step: Callable[[], None]) -> float:
+        self._synchronize()
+        began = time.perf_counter()
+        for _ in range(3):  # warm-up: caches, lazy initialisation, allocator
+            step()
+        self._synchronize()
+        per_call = max((time.perf_counter() - began) / 3, 1e-7)
+        repeats = int(min(self.max_repeats, max(self.min_repeats, self.budget_s / per_call)))
+        if self.device.type == "cuda":
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+            for start, end in events:
+                start.record()
+                step()
+                end.record()
+            self._synchronize()
+            times = [start.elapsed_time(end) for start, end in events]
+        else:
+            times = []
+            for _ in range(repeats):
+                began = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - began) * 1e3)
+        return statistics.median(times)
+
+
+def extra_memory_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Memory one step allocates beyond what exists before it.
+
+    CUDA: peak of `torch.cuda.max_memory_allocated` during the step minus the allocation before.
+    CPU: the sum of every allocation the PyTorch profiler records during the step (an upper
+    bound of the peak; tracemalloc cannot see tensor storage).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    return sum(event.self_cpu_memory_usage for event in profiler.key_averages() if event.self_cpu_memory_usage > 0)
+
+
+def example_input(kind: str, batch_size: int, device: torch.device) -> dict[str, Tensor] | Tensor:
+    generator = torch.Generator().manual_seed(0)
+    if kind == "tokens":
+        return torch.randint(0, 1000, (batch_size, 128), generator=generator).to(device)
+    return torch.randn(batch_size, 3, 224, 224, generator=generator).to(device)
+
+
+def train_step_ms(model: nn.Module, kind: str, batch_size: int, timer: Timer, dtype: torch.dtype) -> float:
+    """Forward, backward and an SGD step on a copy of the model (what the EMA step is compared with)."""
+    model = copy.deepcopy(model).train()
+    inputs = example_input(kind, batch_size, timer.device)
+    if kind == "image":
+        inputs = inputs.to(dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+    def step() -> None:
+        output = model(inputs)
+        output = output.last_hidden_state if hasattr(output, "last_hidden_state") else output
+        output.float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    quick = Timer(timer.device, budget_s=0.0, min_repeats=3, max_repeats=3)
+    return quick.median_ms(step)
+
+
+def bench_model(
+    name: str, model: nn.Module, kind: str, device: torch.device, dtype: torch.dtype,
+    channels_last: bool, timer: Timer, train_batch: int | None,
+) -> ModelResult:
+    """Every method on the same model, in one run."""
+    model = model.to(device=device, dtype=dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ours = ModelEMA(model, DECAY)
+    flat_model = copy.deepcopy(model)  # packing changes the model's storage, so it gets its own copy
+    flat = ModelEMA(flat_model, DECAY, flatten_model=True)
+    loop_ema = copy.deepcopy(ours.module)
+    mul_add_ema = copy.deepcopy(ours.module)
+    lerp_ema = copy.deepcopy(ours.module)
+
+    names = ours.tensor_names
+    model_tensors = [tensors_by_name(model)[name] for name in names]
+    loop_tensors = [tensors_by_name(loop_ema)[name] for name in names]
+    lerp_by_name = tensors_by_name(lerp_ema)
+    float_pairs = [(lerp_by_name[n], t) for n, t in zip(names, model_tensors) if t.is_floating_point()]
+    int_pairs = [(lerp_by_name[n], t) for n, t in zip(names, model_tensors) if not t.is_floating_point()]
+    lerp_floats, lerp_model_floats = map(list, zip(*float_pairs))
+    lerp_ints, lerp_model_ints = (list(x) for x in zip(*int_pairs)) if int_pairs else ([], [])
+    elements = sum(tensor.numel() for _, tensor in float_pairs)
+    floor_ema = torch.zeros(elements, device=device, dtype=dtype)
+    floor_model = torch.ones(elements, device=device, dtype=dtype)
+
+    steps: dict[str, Callable[[], None]] = {
+        "for-loop": lambda: for_loop_step(loop_tensors, model_tensors, DECAY),
+        "mul+add": lambda: mul_add_step(mul_add_ema, model, DECAY),
+        "foreach_lerp": lambda: foreach_lerp_step(lerp_floats, lerp_model_floats, lerp_ints, lerp_model_ints, DECAY),
+        "fastema": ours.update,
+        "fastema flat": flat.update,
+        "floor": lambda: floor_ema.lerp_(floor_model, 1 - DECAY),
+    }
+    with torch.no_grad():
+        ms = {method: timer.median_ms(steps[method]) for method in METHODS}
+        memory = {method: extra_memory_bytes(steps[method], device) for method in METHODS}
+    train_ms = None if train_batch is None else train_step_ms(model, kind, train_batch, timer, dtype)
+    return ModelResult(name, len(model_tensors), elements, ms, memory, train_ms)
+
+
+def machine_description(device: torch.device, dtype_name: str, channels_last: bool) -> dict[str, str]:
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = _cpu_name() + f", {torch.get_num_threads()} torch threads"
+    return {
+        "device": str(device),
+        "hardware": hardware,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "dtype": dtype_name,
+        "channels_last": str(channels_last),
+        "command": "fastema bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "fastema bench",
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def markdown_report(machine: dict[str, str], results: list[ModelResult]) -> str:
+    """The tables that `docs/benchmarks.md` holds."""
+    lines = [", ".join(f"{key}: {value}" for key, value in machine.items()), ""]
+    lines.append("Median ms per EMA step:")
+    lines.append("")
+    lines.append("| model | tensors | elements (M) | " + " | ".join(METHODS) + " |")
+    lines.append("|---|---:|---:|" + "---:|" * len(METHODS))
+    for result in results:
+        times = " | ".join(f"{result.ms[method]:.3f}" for method in METHODS)
+        lines.append(f"| {result.model} | {result.tensors} | {result.elements / 1e6:.1f} | {times} |")
+    lines += ["", "Ratios (same run):", ""]
+    ratio_names = list(results[0].ratios) if results else []
+    lines.append("| model | " + " | ".join(ratio_names) + " | extra memory (fastema, flat) |")
+    lines.append("|---|" + "---:|" * (len(ratio_names) + 1))
+    for result in results:
+        cells = []
+        for ratio in ratio_names:
+            value = result.ratios[ratio]
+            cells.append(f"{100 * value:.2f}%" if ratio.startswith("EMA share") else f"{value:.2f}x")
+        memory = f"{result.extra_memory_bytes['fastema']} B, {result.extra_memory_bytes['fastema flat']} B"
+        lines.append(f"| {result.model} | " + " | ".join(cells) + f" | {memory} |")
+    return "\n".join(lines)
+
+
+def plot_results(path: str, machine: dict[str, str], results: list[ModelResult]) -> None:
+    """Horizontal bars: each method's time per step relative to the floor (1.0 = one flat lerp_)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [method for method in METHODS if method != "floor"]
+    fig, ax = plt.subplots(figsize=(9, 1.1 + 0.75 * len(results)))
+    height = 0.8 / len(methods)
+    for index, method in enumerate(methods):
+        positions = [row - 0.4 + height * (index + 0.5) for row in range(len(results))]
+        ax.barh(positions, [r.ms[method] / r.ms["floor"] for r in results], height=height, label=method)
+    ax.axvline(1.0, color="black", linewidth=1, linestyle="--", label="floor (one flat lerp_)")
+    ax.set_yticks(range(len(results)), [r.model for r in results])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("time per EMA step / floor (lower is better, log scale)")
+    ax.set_title(f"EMA step on {machine['hardware']} ({machine['dtype']}, torch {machine['torch']})", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_bench(
+    models: list[str] | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    channels_last: bool = False,
+    as_json: bool = False,
+    plot: str | None = None,
+    budget_s: float = 0.3,
+    train_batch: int | None = 2,
+    custom_models: dict[str, tuple[Callable[[], nn.Module], str]] | None = None,
+) -> list[ModelResult]:
+    """Run the benchmark and print a markdown report (or JSON); `custom_models` adds models by name."""
+    catalogue = dict(MODELS, **(custom_models or {}))
+    names = models or list(MODELS)
+    unknown = [name for name in names if name not in catalogue]
+    if unknown:
+        raise ValueError(f"Invalid models: {unknown}; expected names from {list(catalogue)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"Invalid dtype: {dtype!r}; expected one of {list(DTYPES)}")
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("Invalid device: 'cuda', but CUDA is not available on this machine")
+    timer = Timer(torch_device, budget_s=budget_s, min_repeats=10, max_repeats=1000)
+    machine = machine_description(torch_device, dtype, channels_last)
+    results = []
+    for name in names:
+        builder, kind = catalogue[name]
+        torch.manual_seed(0)
+        results.append(
+            bench_model(name, builder(), kind, torch_device, DTYPES[dtype], channels_last, timer, train_batch)
+        )
+        if not as_json:
+            print(f"measured {name}", file=sys.stderr, flush=True)
+    if as_json:
+        print(json.dumps({"machine": machine, "results": [asdict(result) for result in results]}, indent=2))
+    else:
+        print(markdown_report(machine, results))
+    if plot:
+        plot_results(plot, machine, results)
+    return results

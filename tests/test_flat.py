@@ -1,0 +1,241 @@
+"""flatten_model=True: the packed layout against the float64 reference, and the model still a normal model."""
+
+import copy
+import io
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from fastema import ModelEMA
+from fastema import _flat
+from helpers import ToyNet
+from reference import ReferenceEMA, expected_tracked, snapshot
+
+
+class ConvNet(nn.Module):
+    """Conv + BatchNorm2d + Linear: 4-d weights that channels-last gives non-contiguous strides."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)).relu().mean((2, 3)))
+
+
+def storages(tensors):
+    return {t.untyped_storage().data_ptr() for t in tensors if t.is_floating_point()}
+
+
+def all_tensors(module):
+    return dict(itertools.chain(module.named_parameters(), module.named_buffers()))
+
+
+def assert_matches_reference(ema, reference, rtol=1e-6, atol=1e-10):
+    ema_tensors = all_tensors(ema.module)
+    for name, expected in reference.state.items():
+        actual = ema_tensors[name]
+        if expected.is_floating_point():
+            torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=name)
+        else:
+            assert torch.equal(actual, expected), name
+
+
+def sgd_steps(model, optimizer, ema, reference, tracked, n_steps, decay, make_input, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(n_steps):
+        x = make_input(generator)
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update(decay)
+        reference.update(tracked, decay)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_packed_step_matches_reference_with_an_optimizer_built_before_packing(channels_last):
+    torch.manual_seed(0)
+    model = ConvNet().double()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    make_input = lambda g: torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    model(make_input(torch.Generator())).sum().backward()
+    optimizer.step()  # optimizer state exists before the parameters are packed
+
+    parameters_before = list(model.parameters())
+    values_before = {name: t.clone() for name, t in model.state_dict().items()}
+    strides_before = {name: t.stride() for name, t in model.state_dict().items()}
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(tracked)
+    ema = ModelEMA(model, 0.9, flatten_model=True)
+
+    # Same objects, values and strides; every floating tensor now lives in one buffer (and the EMA in another).
+    assert all(p is q for p, q in zip(model.parameters(), parameters_before))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, values_before[name]) and value.stride() == strides_before[name], name
+    assert len(storages(tracked.values())) == 1
+    assert len(storages(all_tensors(ema.module).values())) == 1
+    # Two packed groups and nothing else: the floats (one lerp_) and BatchNorm's count (one copy_).
+    assert all(isinstance(g, _flat.FlatGroup) for g in ema._groups)
+    assert sorted(g.averaged for g in ema._groups) == [False, True]
+
+    sgd_steps(model, optimizer, ema, reference, tracked, 100, 0.9, make_input)
+    assert ema.num_updates == reference.num_updates == 100
+    assert_matches_reference(ema, reference)
+    assert not torch.allclose(ema.module.conv.weight, model.conv.weight)  # the EMA lags the model
+    assert ema.module.norm.num_batches_tracked.item() == model.norm.num_batches_tracked.item() == 101
+
+
+@pytest.mark.parametrize("all_parameters,all_buffers", list(itertools.product([False, True], [False, True])))
+def test_packed_toynet_matches_reference_with_untracked_tensors_left_alone(all_parameters, all_buffers):
+    torch.manual_seed(0)
+    model = ToyNet().double()
+    frozen_before = model.frozen.weight.data_ptr()
+    tracked = expected_tracked(model, all_parameters, all_buffers)
+    reference = ReferenceEMA(tracked)
+    ema = ModelEMA(model, 0.95, all_parameters=all_parameters, all_buffers=all_buffers, flatten_model=True)
+    assert (model.frozen.weight.data_ptr() != frozen_before) == all_parameters  # only tracked tensors move
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    sgd_steps(model, optimizer, ema, reference, tracked, 60, 0.95, lambda g: torch.randn(8, 8, generator=g).double())
+    assert_matches_reference(ema, reference)
+
+
+def test_model_output_is_unchanged_by_packing():
+    torch.manual_seed(0)
+    model = ConvNet().to(memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 3, 5, 5)
+    before = model(x)
+    ModelEMA(model, flatten_model=True)
+    assert torch.equal(model(x), before)
+
+
+def test_views_survive_load_state_dict_on_the_ema_and_on_its_module():
+    torch.manual_seed(0)
+    model = ConvNet().double()
+    ema = ModelEMA(model, 0.5, flatten_model=True)
+    saved = copy.deepcopy(ema.state_dict())
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    ema.update()
+    ema.load_state_dict(saved)
+    ema.module.load_state_dict(ema.module.state_dict())
+    assert len(storages(all_tensors(ema.module).values())) == 1  # still packed
+
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA({name: saved["tensors"][name] for name in tracked})
+    ema.update()
+    reference.update(tracked, 0.5)
+    assert_matches_reference(ema, reference)
+
+
+@pytest.mark.parametrize("conversion", ["double", "channels_last"])
+def test_model_to_after_construction_is_followed_and_repacked(conversion):
+    torch.manual_seed(0)
+    model = ConvNet()
+    ema = ModelEMA(model, 0.5, flatten_model=True)
+    if conversion == "double":
+        model.double()
+    else:
+        model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model.conv.weight.fill_(1.0)
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(dict(ema.state_dict()["tensors"]))
+    ema.update()
+    reference.update(tracked, 0.5)
+    assert_matches_reference(ema, reference, rtol=1e-6, atol=1e-6)
+    if conversion == "channels_last":  # repacked where the model now lives
+        assert len(storages(tracked.values())) == 1
+        assert ema.module.conv.weight.stride() == model.conv.weight.stride()
+
+
+def test_refresh_after_replacing_a_parameter_by_hand():
+    model = ConvNet()
+    ema = ModelEMA(model, 0.5, flatten_model=True)
+    start = snapshot(ema.module.head.bias)
+    model.head.bias = nn.Parameter(torch.full((4,), 2.0))  # a new object the EMA cannot know about
+    ema.refresh()
+    ema.update()
+    torch.testing.assert_close(snapshot(ema.module.head.bias), 0.5 * start + 1.0)
+
+
+def test_overlapping_tensors_are_not_packed_and_keep_their_aliasing():
+    model = nn.Module()
+    base = torch.randn(10)
+    model.first = nn.Parameter(base[:6])
+    model.second = nn.Parameter(base[4:])  # shares two elements with `first`
+    model.separate = nn.Parameter(torch.randn(3))
+    ema = ModelEMA(model, 0.5, flatten_model=True)
+    assert model.first.data_ptr() == base.data_ptr() and model.second.data_ptr() == base[4:].data_ptr()
+    with torch.no_grad():
+        model.first.add_(1.0)  # also moves the shared elements of `second`
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(dict(ema.state_dict()["tensors"]))
+    ema.update()
+    reference.update(tracked, 0.5)
+    assert_matches_reference(ema, reference)
+
+
+def test_packed_ema_module_is_a_normal_module():
+    torch.manual_seed(0)
+    model = ConvNet()
+    ema = ModelEMA(model, 0.5, flatten_model=True)
+    with torch.no_grad():
+        model.conv.weight.add_(1.0)
+    ema.update()
+    buffer = io.BytesIO()
+    torch.save(ema.module.state_dict(), buffer)
+    buffer.seek(0)
+    plain = ConvNet().eval()
+    plain.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(plain(x), ema.module(x))
+    assert torch.equal(copy.deepcopy(ema.module)(x), ema.module(x))
+
+
+def test_packed_update_never_synchronises_with_the_host(monkeypatch):
+    ema = ModelEMA(ConvNet(), 0.9, flatten_model=True)
+    ema.update()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("update() synchronised with the host")
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    ema.update()
+    monkeypatch.undo()
+    assert ema.num_updates == 2
+
+
+def test_flatten_model_arguments():
+    with pytest.raises(ValueError, match="flatten_model"):
+        ModelEMA(ConvNet(), flatten_model=True, foreach=False)
+    with pytest.raises(TypeError, match="flatten_model"):
+        ModelEMA(ConvNet(), flatten_model="yes")
+
+
+@pytest.mark.cuda
+def test_cuda_packed_update_matches_reference_without_sync():
+    torch.manual_seed(0)
+    model = ConvNet().cuda()
+    ema = ModelEMA(model, 0.9, flatten_model=True)
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(tracked)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(10):
+        model(torch.randn(4, 3, 5, 5, device="cuda")).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ema.update()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        reference.update(tracked, 0.9)
+    assert_matches_reference(ema, reference, rtol=1e-5, atol=1e-6)
