@@ -80,6 +80,17 @@ def test_ema_matches_reference_and_counts_steps(start, start_step):
     assert learn.ema is ema
 
 
+def test_flatten_model_in_a_learner_matches_reference_and_validates_with_the_ema():
+    recorder = StepRecorder(8, decay_of_step=lambda step: 0.9)
+    ema = EMACallback(decay=0.9, start=0.25, flatten_model=True)
+    learn = make_learner(cbs=[recorder, ema])
+    learn.fit(4)
+    assert ema.engine.num_updates == 24 == recorder.reference.num_updates
+    assert len({p.untyped_storage().data_ptr() for p in learn.model.parameters() if p.requires_grad}) == 1
+    assert_matches_reference(learn.model_ema, recorder.reference)
+    assert learn.recorder.values[-1][1] == pytest.approx(evaluate(learn.model_ema, learn.dls)[0], rel=1e-5)
+
+
 def test_gradient_accumulation_updates_once_per_optimizer_step():
     recorder = StepRecorder(0, decay_of_step=lambda step: 0.8)
     ema = EMACallback(decay=0.8)
@@ -356,6 +367,8 @@ BAD_ARGUMENTS = [
     (EMACallback, dict(ema_device="nonsense"), ValueError, "ema_device"),
     (EMACallback, dict(foreach=1), TypeError, "foreach"),
     (EMACallback, dict(validate_ema="yes"), TypeError, "validate_ema"),
+    (EMACallback, dict(flatten_model=1), TypeError, "flatten_model"),
+    (EMASchedule, dict(flatten_model=True, foreach=False), ValueError, "flatten_model"),
     (EMASchedule, dict(start_decay=2.0), ValueError, "start_decay"),
     (EMASchedule, dict(final_decay=-1.0), ValueError, "final_decay"),
     (EMASchedule, dict(start=0.5, finish=0.4), ValueError, "finish"),

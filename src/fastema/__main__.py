@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--channels-last", action="store_true", help="convert the models to channels-last first")
     bench.add_argument("--json", action="store_true", help="print JSON instead of markdown tables")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of every method relative to the floor")
-    bench.add_argument("--budget", type=float, default=0.3, help="seconds of timing per method and model")
+    bench.add_argument("--budget", type=float, default=0.5, help="seconds of timing per method and model")
     bench.add_argument("--train-batch", type=int, default=2, help="batch size of the training step; 0 skips it")
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -128,7 +128,8 @@ def mul_add_step(ema_module: nn.Module, model: nn.Module, decay: float) -> None:
             model_ints.append(model_tensor)
     torch._foreach_mul_(ema_floats, decay)
     torch._foreach_add_(ema_floats, model_floats, alpha=1 - decay)
-    torch._foreach_copy_(ema_ints, model_ints)
+    if ema_ints:
+        torch._foreach_copy_(ema_ints, model_ints)
 
 
 def foreach_lerp_step(ema_floats: list[Tensor], model_floats: list[Tensor], ema_ints, model_ints, decay) -> None:
@@ -139,26 +140,22 @@ def foreach_lerp_step(ema_floats: list[Tensor], model_floats: list[Tensor], ema_
 
 
 class Timer:
-    """Median milliseconds of a callable; CUDA work is timed with events, synchronising only outside."""
+    """Median milliseconds per call; CUDA work is timed with events, synchronising only outside them.
 
-    def __init__(self, device: torch.device, budget_s: float, min_repeats: int, max_repeats: int) -> None:
+    Methods are timed in interleaved rounds, so a slow spell of the machine hits them all alike.
+    """
+
+    def __init__(self, device: torch.device, budget_s: float, rounds: int = 5, min_repeats: int = 2) -> None:
         self.device = device
         self.budget_s = budget_s
+        self.rounds = rounds
         self.min_repeats = min_repeats
-        self.max_repeats = max_repeats
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def median_ms(self, step: Callable[[], None]) -> float:
-        self._synchronize()
-        began = time.perf_counter()
-        for _ in range(3):  # warm-up: caches, lazy initialisation, allocator
-            step()
-        self._synchronize()
-        per_call = max((time.perf_counter() - began) / 3, 1e-7)
-        repeats = int(min(self.max_repeats, max(self.min_repeats, self.budget_s / per_call)))
+    def _samples_ms(self, step: Callable[[], None], repeats: int) -> list[float]:
         if self.device.type == "cuda":
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
             for start, end in events:
@@ -166,14 +163,30 @@ class Timer:
                 step()
                 end.record()
             self._synchronize()
-            times = [start.elapsed_time(end) for start, end in events]
-        else:
-            times = []
-            for _ in range(repeats):
-                began = time.perf_counter()
+            return [start.elapsed_time(end) for start, end in events]
+        samples = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            step()
+            samples.append((time.perf_counter() - began) * 1e3)
+        return samples
+
+    def compare(self, steps: dict[str, Callable[[], None]]) -> dict[str, float]:
+        """Median ms per call of each step, measured in interleaved rounds after a warm-up."""
+        repeats = {}
+        for name, step in steps.items():
+            self._synchronize()
+            began = time.perf_counter()
+            for _ in range(3):  # warm-up: caches, lazy initialisation, allocator
                 step()
-                times.append((time.perf_counter() - began) * 1e3)
-        return statistics.median(times)
+            self._synchronize()
+            per_call = max((time.perf_counter() - began) / 3, 1e-7)
+            repeats[name] = max(self.min_repeats, int(self.budget_s / self.rounds / per_call))
+        samples: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(self.rounds):
+            for name, step in steps.items():
+                samples[name] += self._samples_ms(step, repeats[name])
+        return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def extra_memory_bytes(step: Callable[[], None], device: torch.device) -> int:
@@ -219,8 +232,8 @@ def train_step_ms(model: nn.Module, kind: str, batch_size: int, timer: Timer, dt
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    quick = Timer(timer.device, budget_s=0.0, min_repeats=3, max_repeats=3)
-    return quick.median_ms(step)
+    quick = Timer(timer.device, budget_s=0.0, rounds=1, min_repeats=3)
+    return quick.compare({"train": step})["train"]
 
 
 def bench_model(
@@ -259,7 +272,7 @@ def bench_model(
         "floor": lambda: floor_ema.lerp_(floor_model, 1 - DECAY),
     }
     with torch.no_grad():
-        ms = {method: timer.median_ms(steps[method]) for method in METHODS}
+        ms = timer.compare(steps)
         memory = {method: extra_memory_bytes(steps[method], device) for method in METHODS}
     train_ms = None if train_batch is None else train_step_ms(model, kind, train_batch, timer, dtype)
     return ModelResult(name, len(model_tensors), elements, ms, memory, train_ms)
@@ -348,7 +361,7 @@ def run_bench(
     channels_last: bool = False,
     as_json: bool = False,
     plot: str | None = None,
-    budget_s: float = 0.3,
+    budget_s: float = 0.5,
     train_batch: int | None = 2,
     custom_models: dict[str, tuple[Callable[[], nn.Module], str]] | None = None,
 ) -> list[ModelResult]:
@@ -363,7 +376,7 @@ def run_bench(
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("Invalid device: 'cuda', but CUDA is not available on this machine")
-    timer = Timer(torch_device, budget_s=budget_s, min_repeats=10, max_repeats=1000)
+    timer = Timer(torch_device, budget_s=budget_s)
     machine = machine_description(torch_device, dtype, channels_last)
     results = []
     for name in names:

@@ -67,20 +67,30 @@ class EMACallback(Callback):
         all_parameters: bool = False,  # also average parameters without `requires_grad`
         all_buffers: bool = False,  # also average non-persistent buffers
         skip_ema: bool = True,  # no update when a callback cancelled the step or batch (no optimizer step happened)
+        flatten_model: bool = False,  # pack model and EMA into flat buffers: one lerp_ per step (see ModelEMA)
     ):
         self.decay = check_decay(decay, "decay")
         self.start = _check_position(start, "start", is_finish=False)
-        self._init_common(ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema)
+        self._init_common(
+            ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema, flatten_model
+        )
 
-    def _init_common(self, ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema):
+    def _init_common(
+        self, ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema,
+        flatten_model,
+    ):
         check_device(ema_device, "ema_device")
         for name, flag in dict(
             validate_ema=validate_ema, replace_weights=replace_weights, resume=resume,
-            all_parameters=all_parameters, all_buffers=all_buffers, skip_ema=skip_ema,
+            all_parameters=all_parameters, all_buffers=all_buffers, skip_ema=skip_ema, flatten_model=flatten_model,
         ).items():
             check_flag(flag, name)
         check_foreach(foreach)
-        store_attr("ema_device,validate_ema,replace_weights,foreach,resume,all_parameters,all_buffers,skip_ema")
+        if flatten_model and foreach is False:
+            raise ValueError("Invalid flatten_model: True needs the fused step; use foreach=None or True, not False")
+        store_attr(
+            "ema_device,validate_ema,replace_weights,foreach,resume,all_parameters,all_buffers,skip_ema,flatten_model"
+        )
         self.engine: ModelEMA | None = None  # the `ModelEMA` doing the averaging, built in `before_fit`
         self._active = self._started = False
         self._step_cancelled = self._updated = False
@@ -116,6 +126,7 @@ class EMACallback(Callback):
         self.engine = ModelEMA(
             self.learn.model, self._decay_at(self._start_step), all_parameters=self.all_parameters,
             all_buffers=self.all_buffers, foreach=self.foreach, device=self.ema_device,
+            flatten_model=self.flatten_model,
         )
         self._started = False
         if self.resume:
@@ -231,6 +242,7 @@ class EMASchedule(EMACallback):
         all_parameters: bool = False,  # also average parameters without `requires_grad`
         all_buffers: bool = False,  # also average non-persistent buffers
         skip_ema: bool = True,  # no update when a callback cancelled the step or batch (no optimizer step happened)
+        flatten_model: bool = False,  # pack model and EMA into flat buffers: one lerp_ per step (see ModelEMA)
     ):
         self.start_decay = check_decay(start_decay, "start_decay")
         self.final_decay = check_decay(final_decay, "final_decay")
@@ -241,7 +253,9 @@ class EMASchedule(EMACallback):
         self.schedule = schedule
         self._annealer = make_annealer(schedule, self.start_decay, self.final_decay)
         self.decay = self.start_decay  # the current decay, updated at every EMA step
-        self._init_common(ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema)
+        self._init_common(
+            ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema, flatten_model
+        )
 
     def _compute_steps(self, n_epoch: int, n_iter: int) -> None:
         super()._compute_steps(n_epoch, n_iter)
