@@ -10,6 +10,7 @@ from fastai.learner import Recorder
 from fastcore.basics import store_attr
 
 from ._checks import DeviceLike, check_decay, check_device, check_flag, check_foreach
+from . import learner_checkpoint
 from .engine import ModelEMA
 from .schedules import make_annealer, scheduled_decay
 
@@ -19,6 +20,9 @@ except ImportError:  # pragma: no cover - fastai always ships it
     SchedCos = None
 
 __all__ = ["EMACallback", "EMASchedule"]
+
+CHECKPOINT_FORMAT = "fastema.EMACallback"
+CHECKPOINT_VERSION = 1
 
 
 def _check_position(value: object, name: str, *, is_finish: bool) -> int | float:
@@ -45,6 +49,14 @@ def _position_to_step(value: int | float, name: str, n_epoch: int, n_iter: int) 
             raise ValueError(f"Invalid {name}: epoch {value}, but this fit has only {n_epoch} epochs")
         return value * n_iter
     return round(value * n_epoch * n_iter)
+
+
+def _resumed_epoch(learn) -> int:
+    """The `start_epoch` of the running fit: fastai implements it with a `SkipToEpoch` callback."""
+    for callback in learn.cbs:
+        if type(callback).__name__ == "SkipToEpoch":
+            return int(getattr(callback, "_skip_to", 0))
+    return 0
 
 
 class EMACallback(Callback):
@@ -96,6 +108,7 @@ class EMACallback(Callback):
         self._step_cancelled = self._updated = False
         self._validation_depth = self._ignored_fit_events = 0
         self._ema_swap: ExitStack | None = None
+        self._loaded: dict | None = None  # where a checkpoint restored by `learn.load` stood
 
     def _decay_at(self, step: int) -> float:
         return self.decay
@@ -123,13 +136,14 @@ class EMACallback(Callback):
             return
         self.restore_model_weights()  # an interrupted validation of an earlier fit may have left them swapped
         self._compute_steps(self.n_epoch, len(self.dls.train))
-        self.engine = ModelEMA(
-            self.learn.model, self._decay_at(self._start_step), all_parameters=self.all_parameters,
-            all_buffers=self.all_buffers, foreach=self.foreach, device=self.ema_device,
-            flatten_model=self.flatten_model,
-        )
+        loaded_engine, loaded, self._loaded = self.engine, self._loaded, None
+        self.engine = self._new_engine(self._decay_at(self._start_step))
         self._started = False
-        if self.resume:
+        if loaded is not None and _resumed_epoch(self.learn) > 0:
+            # `learn.load(...)` then `fit(..., start_epoch=k)`: continue exactly where the checkpoint stood.
+            self.engine.load_state_dict(loaded_engine.state_dict())
+            self._started = loaded["started"]
+        elif self.resume:
             previous = getattr(self.learn, "model_ema", None)
             if previous is None:
                 raise ValueError("Invalid resume: True, but learn.model_ema holds no EMA from an earlier fit")
@@ -140,6 +154,44 @@ class EMACallback(Callback):
             self._started = True
         self._step_cancelled = self._updated = False
         self._validation_depth = 0
+
+    def _new_engine(self, decay: float) -> ModelEMA:
+        return ModelEMA(
+            self.learn.model, decay, all_parameters=self.all_parameters, all_buffers=self.all_buffers,
+            foreach=self.foreach, device=self.ema_device, flatten_model=self.flatten_model,
+        )
+
+    def ema_checkpoint(self) -> dict | None:
+        "What `learn.save` writes beside the model: the EMA state and where this callback stood (None before any EMA)"
+        if self.engine is None:
+            return None
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "engine": self.engine.state_dict(),
+            "started": self._started, "decay": self.decay,
+        }
+
+    def check_ema_checkpoint(self, state: object, path) -> None:
+        "Raise a ValueError naming `path` unless `state` fits this Learner's model; changes nothing"
+        if (
+            not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT
+            or state.get("version") != CHECKPOINT_VERSION or not isinstance(state.get("started"), bool)
+        ):
+            raise ValueError(f"Invalid EMA checkpoint {path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file")
+        try:
+            self._new_engine(self.decay).load_state_dict(state["engine"])
+        except ValueError as error:
+            raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
+
+    def restore_ema_checkpoint(self, state: dict) -> None:
+        "Install a checked checkpoint: `learn.model_ema` is its EMA; `fit(..., start_epoch=k)` continues it"
+        self.engine = self._new_engine(self.decay)
+        self.engine.load_state_dict(state["engine"])
+        self._loaded = {"started": state["started"]}
+        self.learn.model_ema = self.engine.module
+        self._restore_current_decay(state["decay"])
+
+    def _restore_current_decay(self, decay: float) -> None:
+        pass  # EMACallback's `decay` is its configuration: the one given to this callback wins
 
     def before_batch(self):
         if not (self._active and self.training) or self._started:
@@ -266,5 +318,11 @@ class EMASchedule(EMACallback):
                 f"start={self.start} (step {self._start_step})"
             )
 
+    def _restore_current_decay(self, decay: float) -> None:
+        self.decay = check_decay(decay, "decay")  # the decay of the latest update before the checkpoint
+
     def _decay_at(self, step: int) -> float:
         return scheduled_decay(self._annealer, self.final_decay, step, self._start_step, self._finish_step)
+
+
+learner_checkpoint.install()

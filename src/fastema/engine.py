@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from contextlib import contextmanager
 
 import torch
@@ -11,6 +13,7 @@ from torch import Tensor, nn
 
 from ._checks import DeviceLike, check_decay, check_device, check_flag, check_foreach
 from ._flat import FlatGroup, split_packable
+from .checkpoint import atomic_save, read_checkpoint
 from ._foreach import LayoutSentinels, TensorGroup, group_tensor_pairs
 from .distributed import unwrap_model
 
@@ -305,6 +308,18 @@ class ModelEMA:
             ema_tensor.copy_(tensors[name])
         self.num_updates = num_updates
         self.last_decay = last_decay
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `state_dict()` to `path` atomically (a kill mid-write leaves the previous file intact)."""
+        return atomic_save(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore from a file written by `save()`, made on any device; a bad file changes nothing."""
+        state = read_checkpoint(path)
+        try:
+            self.load_state_dict(state)
+        except ValueError as error:
+            raise ValueError(f"Invalid checkpoint {path}: {error}") from error
 
     def __repr__(self) -> str:
         return (

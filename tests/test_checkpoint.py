@@ -1,0 +1,342 @@
+"""Checkpoints: atomic files, clear errors that change nothing, and exact resumption mid-schedule."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.tracker import SaveModelCallback
+from fastai.callback.training import GradientAccumulation
+from fastai.learner import load_model
+
+from fastema import EMACallback, EMASchedule, ModelEMA
+from helpers import ToyNet, make_learner
+from reference import ReferenceEMA, expected_tracked
+
+
+def trained_ema(steps=5, decay=0.7, seed=0):
+    torch.manual_seed(seed)
+    model = ToyNet()
+    ema = ModelEMA(model, decay)
+    for step in range(steps):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(4, 8))
+        ema.update(decay - 0.01 * step)
+    return model, ema
+
+
+def ema_tensors(ema):
+    return {name: t.clone() for name, t in ema.state_dict()["tensors"].items()}
+
+
+def assert_same_tensors(actual, expected):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+# --- ModelEMA files ---------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    _, ema = trained_ema()
+    path = ema.save(tmp_path / "ema.pt")
+    _, other = trained_ema(steps=2, seed=1)
+    other.load(path)
+    assert_same_tensors(ema_tensors(other), ema_tensors(ema))
+    assert other.num_updates == 5 and other.last_decay == ema.last_decay
+    assert not list(tmp_path.glob("*.tmp"))  # no temporary left behind
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_file_raises_naming_it_and_changes_nothing(tmp_path, damage):
+    _, ema = trained_ema()
+    path = ema.save(tmp_path / "ema.pt")
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a checkpoint" * 10, "empty": b""}[damage])
+    _, other = trained_ema(steps=2, seed=1)
+    before = ema_tensors(other)
+    with pytest.raises(RuntimeError, match=f"Cannot read checkpoint {path}"):
+        other.load(path)
+    assert_same_tensors(ema_tensors(other), before)
+    assert other.num_updates == 2
+
+
+def test_mismatched_checkpoint_lists_every_problem_and_changes_nothing(tmp_path):
+    _, ema = trained_ema()
+    state = ema.state_dict()
+    state["tensors"] = dict(state["tensors"])
+    state["tensors"]["head.weight"] = torch.zeros(5, 5)
+    state["tensors"]["body.0.bias"] = state["tensors"]["body.0.bias"].double()
+    del state["tensors"]["head.bias"]
+    state["tensors"]["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    before = ema_tensors(ema)
+    with pytest.raises(ValueError) as info:
+        ema.load(path)
+    message = str(info.value)
+    for expected in (str(path), "head.weight", "(5, 5)", "body.0.bias", "float64", "head.bias", "extra.weight"):
+        assert expected in message
+    assert_same_tensors(ema_tensors(ema), before)
+
+
+def test_missing_file_raises_file_not_found(tmp_path):
+    _, ema = trained_ema()
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        ema.load(tmp_path / "nothing.pt")
+
+
+def test_load_rejects_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "fastema.ModelEMA", "payload": os.system}, path)  # weights_only refuses functions
+    _, ema = trained_ema()
+    with pytest.raises(RuntimeError, match="weights-only"):
+        ema.load(path)
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from fastema import ModelEMA, checkpoint
+    from helpers import ToyNet
+
+    torch.manual_seed(0)
+    ema = ModelEMA(ToyNet(), 0.5)
+    ema.save({path!r})                     # the previous, complete checkpoint
+    with torch.no_grad():
+        for tensor in ema.state_dict()["tensors"].values():
+            tensor.add_(1)
+    real_save = torch.save
+
+    def slow_save(obj, stream, **kwargs):  # write half, then hang: the parent kills us mid-write
+        real_save(obj, stream, **kwargs)
+        stream.truncate(stream.tell() // 2)
+        stream.flush()
+        print("writing", flush=True)
+        time.sleep(60)
+
+    checkpoint.torch.save = slow_save
+    ema.save({path!r})
+    """
+)
+
+
+def test_killed_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    path = tmp_path / "ema.pt"
+    script = KILLED_WRITER.format(tests=str(Path(__file__).parent), path=str(path))
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "writing"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+        process.stdout.close()
+    assert process.returncode == -signal.SIGKILL
+    assert list(tmp_path.glob(".ema.pt.*.tmp"))  # the half-written temporary the kill left
+    torch.manual_seed(0)
+    expected = ModelEMA(ToyNet(), 0.5)  # the same construction as the first, complete save
+    loaded = ModelEMA(ToyNet(), 0.5)
+    loaded.load(path)
+    assert_same_tensors(ema_tensors(loaded), ema_tensors(expected))
+
+
+@pytest.mark.cuda
+def test_checkpoint_made_on_cuda_loads_on_cpu(tmp_path):
+    torch.manual_seed(0)
+    model = ToyNet().cuda()
+    ema = ModelEMA(model, 0.5)
+    with torch.no_grad():
+        model.head.weight.add_(1)
+    ema.update()
+    ema.save(tmp_path / "ema.pt")
+    cpu = ModelEMA(ToyNet(), 0.5)
+    cpu.load(tmp_path / "ema.pt")
+    assert_same_tensors(ema_tensors(cpu), {k: v.cpu() for k, v in ema_tensors(ema).items()})
+
+
+def test_checkpoint_made_with_another_ema_device_loads(tmp_path):
+    _, ema = trained_ema()
+    offloaded = ModelEMA(ToyNet(), 0.7, device="cpu")  # explicit ema_device at save, None at load
+    offloaded.load_state_dict(ema.state_dict())
+    offloaded.save(tmp_path / "ema.pt")
+    beside = ModelEMA(ToyNet(), 0.7)
+    beside.load(tmp_path / "ema.pt")
+    assert_same_tensors(ema_tensors(beside), ema_tensors(ema))
+
+
+# --- fastai: learn.save / learn.load and SaveModelCallback ------------------------------------------
+
+
+def test_learn_save_writes_a_sibling_file_and_load_restores_model_ema(tmp_path):
+    learn = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path)
+    learn.fit(2)
+    saved_ema = {k: v.clone() for k, v in learn.model_ema.state_dict().items()}
+    model_file = learn.save("run")
+    assert model_file == tmp_path / "models" / "run.pth" and (tmp_path / "models" / "run.ema.pth").is_file()
+
+    # The model file is exactly fastai's format: plain fastai (no EMA callback) loads it.
+    plain = make_learner(path=tmp_path, seed=1)
+    plain.create_opt()
+    load_model(model_file, plain.model, plain.opt)
+    for name, value in learn.model.state_dict().items():
+        assert torch.equal(plain.model.state_dict()[name], value), name
+
+    fresh = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path, seed=1)
+    fresh.load("run")
+    assert_same_tensors(dict(fresh.model_ema.state_dict()), saved_ema)
+    assert fresh.ema.engine.num_updates == learn.ema.engine.num_updates == 16
+
+
+def test_learn_load_with_a_damaged_ema_file_changes_nothing(tmp_path):
+    learn = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path)
+    learn.fit(1)
+    learn.save("run")
+    ema_file = tmp_path / "models" / "run.ema.pth"
+    ema_file.write_bytes(ema_file.read_bytes()[:100])
+    fresh = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path, seed=1)
+    model_before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="run.ema.pth"):
+        fresh.load("run")
+    assert_same_tensors(dict(fresh.model.state_dict()), model_before)
+    assert not hasattr(fresh, "model_ema")
+
+
+def test_learn_load_with_an_ema_of_another_model_changes_nothing(tmp_path):
+    learn = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path)
+    learn.fit(1)
+    learn.save("run")
+    torch.save(learn.ema.ema_checkpoint() | {"engine": trained_ema()[1].state_dict() | {"tensors": {}}},
+               tmp_path / "models" / "run.ema.pth")
+    fresh = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path, seed=1)
+    model_before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    with pytest.raises(ValueError, match="run.ema.pth.*missing keys"):
+        fresh.load("run")
+    assert_same_tensors(dict(fresh.model.state_dict()), model_before)
+
+
+def test_save_model_callback_keeps_the_best_ema_model(tmp_path):
+    class EMALossAtEachEpoch(Callback):
+        order = SaveModelCallback.order - 1
+
+        def after_epoch(self):
+            self.snapshots = getattr(self, "snapshots", [])
+            self.snapshots.append({k: v.clone() for k, v in self.learn.ema.engine.module.state_dict().items()})
+
+    spy = EMALossAtEachEpoch()
+    saver = SaveModelCallback(monitor="valid_loss", fname="best")
+    learn = make_learner(cbs=[EMACallback(decay=0.8), spy, saver], path=tmp_path, lr=0.5)
+    learn.fit(5)
+    # validate_ema=True: the monitored valid_loss is the EMA's, so "best" is the best EMA model.
+    losses = [row[1] for row in learn.recorder.values]
+    best_epoch = min(range(5), key=losses.__getitem__)
+    assert_same_tensors(dict(learn.model_ema.state_dict()), spy.snapshots[best_epoch])
+
+
+class StopAfterEpoch(Callback):
+    order = SaveModelCallback.order + 1  # after the epoch's checkpoint was written
+
+    def __init__(self, epoch):
+        self.stop_epoch = epoch
+
+    def after_epoch(self):
+        if self.epoch == self.stop_epoch:
+            raise CancelFitException
+
+
+class UpdateLog(Callback):
+    """(global step, decay, update count) after every EMA update."""
+
+    order = EMACallback.order + 1
+
+    def __init__(self):
+        self.rows = []
+
+    def after_batch(self):
+        callback = self.learn.ema if hasattr(self.learn, "ema") else self.learn.ema_schedule
+        if self.training and callback.engine is not None and callback._started:
+            self.rows.append((self.epoch * self.n_iter + self.iter, callback.decay, callback.engine.num_updates))
+
+
+RESUME_CASES = [
+    # (callback factory, with gradient accumulation, fit method)
+    pytest.param(lambda: EMASchedule(0.5, 0.99, start=1, finish=4), False, "fit", id="int-start-finish-fit"),
+    pytest.param(lambda: EMASchedule(0.5, 0.99, start=0.1, finish=0.6), False, "fit_one_cycle", id="float-one-cycle"),
+    pytest.param(lambda: EMASchedule(0.5, 0.99, start=1, finish=4), True, "fit_one_cycle", id="int-grad-accum"),
+    pytest.param(lambda: EMASchedule(0.5, 0.99, start=0.1, finish=0.6), True, "fit", id="float-grad-accum"),
+]
+
+
+@pytest.mark.parametrize("make_callback,accumulate,method", RESUME_CASES)
+def test_resume_mid_schedule_is_bit_identical(tmp_path, make_callback, accumulate, method):
+    n_epochs, stop_after = 6, 2  # interrupted in the middle of the warm-up (finish = epoch 4 / 60% of steps)
+
+    def learner(extra, seed=0):
+        cbs = [make_callback(), UpdateLog()] + ([GradientAccumulation(n_acc=16)] if accumulate else []) + extra
+        return make_learner(cbs=cbs, path=tmp_path, seed=seed, lr=0.1)
+
+    straight = learner([])
+    getattr(straight, method)(n_epochs)
+
+    first = learner([SaveModelCallback(fname="epoch", every_epoch=True, with_opt=True), StopAfterEpoch(stop_after)])
+    getattr(first, method)(n_epochs)
+    assert first.ema_schedule.decay < 0.99  # the schedule was still in progress
+
+    resumed = learner([], seed=1)  # a fresh process would build everything again; a different seed proves the load
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. "No EMA checkpoint ... beside ..."
+        resumed.load(f"epoch_{stop_after}", with_opt=True)
+    getattr(resumed, method)(n_epochs, start_epoch=stop_after + 1)
+
+    assert_same_tensors(dict(resumed.model_ema.state_dict()), dict(straight.model_ema.state_dict()))
+    assert_same_tensors(dict(resumed.model.state_dict()), dict(straight.model.state_dict()))
+    straight_log, first_log, resumed_log = (x.cbs.filter(lambda cb: isinstance(cb, UpdateLog))[0].rows
+                                            for x in (straight, first, resumed))
+    assert first_log + resumed_log == straight_log  # same steps, decays and update counts
+    start_step = {1: 8, 0.1: 5}[straight.ema_schedule.start]  # epoch 1, or round(0.1 * 48 steps)
+    optimizer_steps = [b for b in range(48) if b >= start_step and (not accumulate or b % 2 == 1)]
+    assert straight_log[-1][2] == straight.ema_schedule.engine.num_updates == len(optimizer_steps)
+
+
+def test_fresh_fit_after_load_starts_a_new_ema_but_start_epoch_continues(tmp_path):
+    learn = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path)
+    learn.fit(2)
+    learn.save("run")
+    fresh = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path, seed=1)
+    fresh.load("run")
+    fresh.fit(1)  # start_epoch=0: a new EMA, as any fit without resume
+    assert fresh.ema.engine.num_updates == 8
+
+
+def test_reference_after_resume(tmp_path):
+    """The continued EMA equals the float64 reference started from the saved EMA."""
+    learn = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path)
+    learn.fit(3, cbs=[StopAfterEpoch(0)])
+    learn.save("run")
+    resumed = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path, seed=1)
+    resumed.load("run")
+    reference = ReferenceEMA(dict(resumed.model_ema.state_dict()))
+
+    class Follow(Callback):
+        order = EMACallback.order + 1
+
+        def after_step(self):
+            reference.update(expected_tracked(self.learn.model), 0.9)
+
+    resumed.fit(3, start_epoch=1, cbs=[Follow()])
+    assert resumed.ema.engine.num_updates == 24 == 8 + reference.num_updates
+    for name, expected in reference.state.items():
+        actual = resumed.model_ema.state_dict()[name]
+        if expected.is_floating_point():
+            torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(actual, expected), name
