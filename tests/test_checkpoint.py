@@ -8,6 +8,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastai.callback.core import Callback, CancelFitException
@@ -233,12 +234,14 @@ def test_save_model_callback_keeps_the_best_ema_model(tmp_path):
             self.snapshots.append({k: v.clone() for k, v in self.learn.ema.engine.module.state_dict().items()})
 
     spy = EMALossAtEachEpoch()
-    saver = SaveModelCallback(monitor="valid_loss", fname="best")
+    # "Best" = highest loss (comp=np.greater): an early epoch, which the last EMA cannot impersonate.
+    saver = SaveModelCallback(monitor="valid_loss", fname="best", comp=np.greater)
     learn = make_learner(cbs=[EMACallback(decay=0.8), spy, saver], path=tmp_path, lr=0.5)
     learn.fit(5)
     # validate_ema=True: the monitored valid_loss is the EMA's, so "best" is the best EMA model.
     losses = [row[1] for row in learn.recorder.values]
-    best_epoch = min(range(5), key=losses.__getitem__)
+    best_epoch = max(range(5), key=losses.__getitem__)
+    assert best_epoch != 4  # so the final EMA would not pass for the best one
     assert_same_tensors(dict(learn.model_ema.state_dict()), spy.snapshots[best_epoch])
 
 
