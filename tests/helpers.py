@@ -66,3 +66,12 @@ def make_learner(cbs=None, n_train: int = 64, bs: int = 8, lr: float = 0.05, see
         make_dls(n_train=n_train, bs=bs), ToyNet(), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
         opt_func=SGD, lr=lr, cbs=cbs, **kwargs,
     )
+
+
+def update_forbidding_cuda_sync(ema, *args):
+    """`ema.update(*args)` under `torch.cuda.set_sync_debug_mode("error")`: any host sync raises."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ema.update(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

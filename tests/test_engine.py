@@ -8,7 +8,7 @@ from torch import nn
 
 from fastema import ModelEMA
 from fastema import _foreach
-from helpers import ToyNet
+from helpers import ToyNet, update_forbidding_cuda_sync
 from reference import ReferenceEMA, expected_tracked, snapshot
 
 FLAG_COMBINATIONS = list(itertools.product([False, True], [False, True]))
@@ -300,11 +300,7 @@ def test_cuda_fused_update_matches_reference_without_sync():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=generator).cuda())
         model(torch.randn(4, 8, generator=generator).cuda())
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            ema.update()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        update_forbidding_cuda_sync(ema)
         reference.update(tracked, 0.9)
     for name, value in ema.state_dict()["tensors"].items():
         expected = reference.state[name]

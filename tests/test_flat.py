@@ -10,7 +10,7 @@ from torch import nn
 
 from fastema import ModelEMA
 from fastema import _flat
-from helpers import ToyNet
+from helpers import ToyNet, update_forbidding_cuda_sync
 from reference import ReferenceEMA, expected_tracked, snapshot
 
 
@@ -232,10 +232,6 @@ def test_cuda_packed_update_matches_reference_without_sync():
         model(torch.randn(4, 3, 5, 5, device="cuda")).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            ema.update()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        update_forbidding_cuda_sync(ema)
         reference.update(tracked, 0.9)
     assert_matches_reference(ema, reference, rtol=1e-5, atol=1e-6)
