@@ -343,3 +343,20 @@ def test_reference_after_resume(tmp_path):
             torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
         else:
             assert torch.equal(actual, expected), name
+
+
+def test_save_during_ema_validation_raises_instead_of_writing_swapped_weights(tmp_path):
+    class SaveWhileValidating(Callback):
+        order = EMACallback.order - 1  # its after_validate runs before the EMA callback swaps back
+
+        def after_validate(self):
+            try:
+                self.learn.save("mid")
+            except RuntimeError as error:
+                self.error = error
+
+    spy = SaveWhileValidating()
+    learn = make_learner(cbs=[EMACallback(decay=0.9), spy], path=tmp_path)
+    learn.fit(1)
+    assert "during EMA validation" in str(spy.error)
+    assert not (tmp_path / "models" / "mid.pth").exists()

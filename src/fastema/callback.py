@@ -165,6 +165,8 @@ class EMACallback(Callback):
         "What `learn.save` writes beside the model: the EMA state and where this callback stood (None before any EMA)"
         if self.engine is None:
             return None
+        if self.engine.ema_weights_in_use:  # mid-validation the model and the EMA hold each other's weights
+            raise RuntimeError("Cannot save during EMA validation: the model holds the EMA weights; save after_validate")
         return {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "engine": self.engine.state_dict(),
             "started": self._started, "decay": self.decay,
