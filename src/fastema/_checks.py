@@ -34,6 +34,14 @@ def check_flag(value: object, name: str) -> bool:
     return value
 
 
+def check_flatten_model(value: object, foreach: bool | None) -> bool:
+    """`flatten_model` packs tensors for the fused step, so it cannot go with the for-loop (`foreach=False`)."""
+    value = check_flag(value, "flatten_model")
+    if value and foreach is False:
+        raise ValueError("Invalid flatten_model: True needs the fused step; use foreach=None or True, not False")
+    return value
+
+
 def check_device(value: object, name: str) -> torch.device | None:
     """Turn a device request into a `torch.device` that exists on this machine, or raise."""
     if value is None:

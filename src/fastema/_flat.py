@@ -72,8 +72,6 @@ class FlatGroup:
 
     def __init__(self, ema_tensors: list[Tensor], model_tensors: list[Tensor]) -> None:
         self.averaged = is_averaged(model_tensors[0])  # integer buffers (BatchNorm counts) are copied
-        self.ema_tensors = ema_tensors
-        self.model_tensors = model_tensors
         self.model_flat = pack(model_tensors, model_tensors)
         # Same order and strides as the model, so element i of both buffers is the same weight.
         self.ema_flat = pack(ema_tensors, model_tensors)

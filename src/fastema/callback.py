@@ -9,9 +9,10 @@ from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastcore.basics import store_attr
 
-from ._checks import DeviceLike, check_decay, check_device, check_flag, check_foreach
 from . import learner_checkpoint
-from .engine import ModelEMA
+from ._checks import DeviceLike, check_decay, check_device, check_flag, check_flatten_model, check_foreach
+from .distributed import unwrap_model
+from .engine import ModelEMA, check_state_dict, tracked_tensors
 from .schedules import make_annealer, scheduled_decay
 
 try:  # fastai's default annealer; imported here so that the engine never needs fastai
@@ -94,12 +95,10 @@ class EMACallback(Callback):
         check_device(ema_device, "ema_device")
         for name, flag in dict(
             validate_ema=validate_ema, replace_weights=replace_weights, resume=resume,
-            all_parameters=all_parameters, all_buffers=all_buffers, skip_ema=skip_ema, flatten_model=flatten_model,
+            all_parameters=all_parameters, all_buffers=all_buffers, skip_ema=skip_ema,
         ).items():
             check_flag(flag, name)
-        check_foreach(foreach)
-        if flatten_model and foreach is False:
-            raise ValueError("Invalid flatten_model: True needs the fused step; use foreach=None or True, not False")
+        check_flatten_model(flatten_model, check_foreach(foreach))
         store_attr(
             "ema_device,validate_ema,replace_weights,foreach,resume,all_parameters,all_buffers,skip_ema,flatten_model"
         )
@@ -179,8 +178,10 @@ class EMACallback(Callback):
             or state.get("version") != CHECKPOINT_VERSION or not isinstance(state.get("started"), bool)
         ):
             raise ValueError(f"Invalid EMA checkpoint {path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file")
+        # The EMA that `restore_ema_checkpoint` builds averages these tensors, in the model's dtype.
+        expected = tracked_tensors(unwrap_model(self.learn.model), self.all_parameters, self.all_buffers)
         try:
-            self._new_engine(self.decay).load_state_dict(state["engine"])
+            check_state_dict(state["engine"], expected, self.decay)
         except ValueError as error:
             raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import DeviceLike, check_decay, check_device, check_flag, check_foreach
+from ._checks import DeviceLike, check_decay, check_device, check_flag, check_flatten_model, check_foreach
 from ._flat import FlatGroup, split_packable
-from .checkpoint import atomic_save, read_checkpoint
 from ._foreach import LayoutSentinels, TensorGroup, group_tensor_pairs
+from .checkpoint import atomic_save, read_checkpoint
 from .distributed import unwrap_model
 
 STATE_FORMAT = "fastema.ModelEMA"
@@ -45,6 +45,44 @@ def tracked_tensors(module: nn.Module, all_parameters: bool, all_buffers: bool) 
             seen.add(id(buffer))
             tensors[f"{module_name}.{buffer_name}" if module_name else buffer_name] = buffer
     return tensors
+
+
+def check_state_dict(
+    state_dict: object, expected: dict[str, Tensor], default_decay: float
+) -> tuple[dict[str, Tensor], int, float]:
+    """Check a `ModelEMA.state_dict()` against the EMA tensors it must fill (names, shapes, dtypes).
+
+    Returns its tensors, update count and latest decay, or raises one ValueError listing every problem.
+    """
+    if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+        raise ValueError("Invalid state_dict: not a fastema.ModelEMA state (missing format marker)")
+    if state_dict.get("version") != STATE_VERSION:
+        raise ValueError(f"Invalid state_dict: version {state_dict.get('version')!r}, expected {STATE_VERSION}")
+    tensors = state_dict.get("tensors")
+    num_updates = state_dict.get("num_updates")
+    if not isinstance(tensors, dict) or not isinstance(num_updates, int) or num_updates < 0:
+        raise ValueError("Invalid state_dict: 'tensors' must be a dict and 'num_updates' a non-negative int")
+    problems = []
+    missing = [name for name in expected if name not in tensors]
+    unexpected = [name for name in tensors if name not in expected]
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    for name, ema_tensor in expected.items():
+        saved = tensors.get(name)
+        if saved is None:
+            continue
+        if not isinstance(saved, Tensor):
+            problems.append(f"{name}: not a tensor")
+        elif saved.shape != ema_tensor.shape:
+            problems.append(f"{name}: shape {tuple(saved.shape)} != {tuple(ema_tensor.shape)}")
+        elif saved.dtype != ema_tensor.dtype:
+            problems.append(f"{name}: dtype {saved.dtype} != {ema_tensor.dtype}")
+    if problems:
+        raise ValueError("Invalid state_dict for this ModelEMA (nothing was loaded): " + "; ".join(problems))
+    last_decay = check_decay(state_dict.get("last_decay", default_decay), "last_decay")
+    return tensors, num_updates, last_decay
 
 
 class ModelEMA:
@@ -88,9 +126,7 @@ class ModelEMA:
         self.all_buffers = check_flag(all_buffers, "all_buffers")
         self.foreach = check_foreach(foreach)
         self.device = check_device(device, "device")
-        self.flatten_model = check_flag(flatten_model, "flatten_model")
-        if self.flatten_model and self.foreach is False:
-            raise ValueError("Invalid flatten_model: True needs the fused step; use foreach=None or True, not False")
+        self.flatten_model = check_flatten_model(flatten_model, self.foreach)
         self.model = unwrap_model(model)
         self.module = self._copy_of_model()
         self.num_updates = 0
@@ -276,34 +312,9 @@ class ModelEMA:
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore from `state_dict()`; everything is checked before anything is written."""
-        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
-            raise ValueError("Invalid state_dict: not a fastema.ModelEMA state (missing format marker)")
-        if state_dict.get("version") != STATE_VERSION:
-            raise ValueError(f"Invalid state_dict: version {state_dict.get('version')!r}, expected {STATE_VERSION}")
-        tensors = state_dict.get("tensors")
-        num_updates = state_dict.get("num_updates")
-        if not isinstance(tensors, dict) or not isinstance(num_updates, int) or num_updates < 0:
-            raise ValueError("Invalid state_dict: 'tensors' must be a dict and 'num_updates' a non-negative int")
-        problems = []
-        missing = [name for name in self.tensor_names if name not in tensors]
-        unexpected = [name for name in tensors if name not in set(self.tensor_names)]
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        for name, ema_tensor in zip(self.tensor_names, self._ema_tensors):
-            saved = tensors.get(name)
-            if saved is None:
-                continue
-            if not isinstance(saved, Tensor):
-                problems.append(f"{name}: not a tensor")
-            elif saved.shape != ema_tensor.shape:
-                problems.append(f"{name}: shape {tuple(saved.shape)} != {tuple(ema_tensor.shape)}")
-            elif saved.dtype != ema_tensor.dtype:
-                problems.append(f"{name}: dtype {saved.dtype} != {ema_tensor.dtype}")
-        if problems:
-            raise ValueError("Invalid state_dict for this ModelEMA (nothing was loaded): " + "; ".join(problems))
-        last_decay = check_decay(state_dict.get("last_decay", self.decay), "last_decay")
+        tensors, num_updates, last_decay = check_state_dict(
+            state_dict, dict(zip(self.tensor_names, self._ema_tensors)), self.decay
+        )
         for name, ema_tensor in zip(self.tensor_names, self._ema_tensors):
             ema_tensor.copy_(tensors[name])
         self.num_updates = num_updates

@@ -15,13 +15,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from fastai.learner import Learner, load_model
-from fastai.torch_core import distrib_barrier, get_model, rank_distrib
+from fastai.learner import Learner
+from fastai.torch_core import get_model, rank_distrib
 from fastcore.xtras import join_path_file
 
 from .checkpoint import atomic_save, read_checkpoint
 
 EMA_SUFFIX = ".ema.pth"
+_fastai_load = Learner.load  # read at import, before `install()` replaces it
 
 
 def ema_checkpoint_path(model_path: str | Path) -> Path:
@@ -72,13 +73,8 @@ def load(self: Learner, file, device=None, **kwargs) -> Learner:
             callback.check_ema_checkpoint(ema_state, ema_path)  # everything checked before the model is touched
         elif callback.engine is not None:  # an EMA in memory that no longer belongs to the loaded model
             warnings.warn(f"No EMA checkpoint {ema_path} beside {path}: the EMA was not loaded", stacklevel=2)
-    if device is None and hasattr(self.dls, "device"):
-        device = self.dls.device
-    if self.opt is None:
-        self.create_opt()
-    distrib_barrier()
     try:
-        load_model(path, self.model, self.opt, device=device, **kwargs)
+        _fastai_load(self, file, device=device, **kwargs)
     except Exception as error:
         error.add_note(f"fastema: while loading the model checkpoint {path}")
         raise
