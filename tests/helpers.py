@@ -30,20 +30,11 @@ def toy_data(n: int = 64, n_in: int = 8, n_out: int = 3, seed: int = 0):
     return x, y
 
 
-class TensorPairs(torch.utils.data.Dataset):
+class TensorPairs(torch.utils.data.TensorDataset):
     """(x, y) pairs; `new_empty` lets fastai's `Learner.export` drop the data."""
 
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, index):
-        return self.x[index], self.y[index]
-
     def new_empty(self):
-        return TensorPairs(self.x[:0], self.y[:0])
+        return TensorPairs(*(tensor[:0] for tensor in self.tensors))
 
 
 def make_dls(n_train: int = 64, n_valid: int = 32, bs: int = 8):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .bench import DTYPES, MODELS  # models are built lazily: this imports neither timm nor transformers
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fastema", description=__doc__)
@@ -14,9 +16,9 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--output", default="demo_output/fastema-demo.png", help="where to write the PNG plot")
     demo.add_argument("--seed", type=int, default=0)
     bench = commands.add_parser("bench", help="time fastema's EMA step against the for-loop, fused steps and the floor")
-    bench.add_argument("--models", help="comma-separated subset of: " + ", ".join(_model_names()))
+    bench.add_argument("--models", help="comma-separated subset of: " + ", ".join(MODELS))
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bench.add_argument("--dtype", default="float32", choices=list(DTYPES))
     bench.add_argument("--channels-last", action="store_true", help="convert the models to channels-last first")
     bench.add_argument("--json", action="store_true", help="print JSON instead of markdown tables")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of every method relative to the floor")
@@ -35,13 +37,6 @@ def main(argv: list[str] | None = None) -> None:
             channels_last=args.channels_last, as_json=args.json, plot=args.plot, budget_s=args.budget,
             train_batch=args.train_batch or None,
         )
-
-
-def _model_names() -> list[str]:
-    return [
-        "xresnet50", "xse_resnext50", "xresnet101", "convnext_tiny", "vit_small_patch16_224", "deberta_base",
-        "mobilenetv3_small_100", "efficientnet_b0",
-    ]
 
 
 if __name__ == "__main__":

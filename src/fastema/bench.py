@@ -252,9 +252,9 @@ def bench_model(
     lerp_ema = copy.deepcopy(ours.module)
 
     names = ours.tensor_names
-    model_tensors = [tensors_by_name(model)[name] for name in names]
-    loop_tensors = [tensors_by_name(loop_ema)[name] for name in names]
-    lerp_by_name = tensors_by_name(lerp_ema)
+    model_by_name, loop_by_name, lerp_by_name = (tensors_by_name(m) for m in (model, loop_ema, lerp_ema))
+    model_tensors = [model_by_name[name] for name in names]
+    loop_tensors = [loop_by_name[name] for name in names]
     float_pairs = [(lerp_by_name[n], t) for n, t in zip(names, model_tensors) if t.is_floating_point()]
     int_pairs = [(lerp_by_name[n], t) for n, t in zip(names, model_tensors) if not t.is_floating_point()]
     lerp_floats, lerp_model_floats = map(list, zip(*float_pairs))

@@ -6,17 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-
-class _Pairs(torch.utils.data.Dataset):
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        return self.images[index], self.labels[index]
+from torch.utils.data import TensorDataset
 
 
 def _digits_dataloaders(batch_size: int, seed: int):
@@ -30,7 +20,7 @@ def _digits_dataloaders(batch_size: int, seed: int):
     n_valid = len(images) // 5
     valid, train = order[:n_valid], order[n_valid:]
     return DataLoaders.from_dsets(
-        _Pairs(images[train], labels[train]), _Pairs(images[valid], labels[valid]),
+        TensorDataset(images[train], labels[train]), TensorDataset(images[valid], labels[valid]),
         bs=batch_size, device=torch.device("cpu"),
     )
 
