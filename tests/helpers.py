@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -66,3 +68,42 @@ def update_forbidding_cuda_sync(ema, *args):
         ema.update(*args)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+class ConvNet(nn.Module):
+    """Conv + BatchNorm2d + Linear: 4-d weights that channels-last gives non-contiguous strides."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)).relu().mean((2, 3)))
+
+
+def all_tensors(module):
+    return dict(itertools.chain(module.named_parameters(), module.named_buffers()))
+
+
+def assert_matches_reference(ema, reference, rtol=1e-6, atol=1e-10):
+    ema_tensors = all_tensors(ema.module)
+    for name, expected in reference.state.items():
+        actual = ema_tensors[name]
+        if expected.is_floating_point():
+            torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=name)
+        else:
+            assert torch.equal(actual, expected), name
+
+
+def sgd_steps(model, optimizer, ema, reference, tracked, n_steps, decay, make_input, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(n_steps):
+        x = make_input(generator)
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update(decay)
+        reference.update(tracked, decay)

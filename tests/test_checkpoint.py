@@ -16,7 +16,7 @@ from fastai.callback.tracker import SaveModelCallback
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import load_model
 
-from fastema import EMACallback, EMASchedule, ModelEMA
+from fastema import EMACallback, EMASchedule, InverseGammaWarmup, ModelEMA
 from helpers import ToyNet, make_learner
 from reference import ReferenceEMA, expected_tracked
 
@@ -276,6 +276,10 @@ RESUME_CASES = [
     pytest.param(lambda: EMASchedule(0.5, 0.99, start=0.1, finish=0.6), False, "fit_one_cycle", id="float-one-cycle"),
     pytest.param(lambda: EMASchedule(0.5, 0.99, start=1, finish=4), True, "fit_one_cycle", id="int-grad-accum"),
     pytest.param(lambda: EMASchedule(0.5, 0.99, start=0.1, finish=0.6), True, "fit", id="float-grad-accum"),
+    pytest.param(
+        lambda: EMASchedule(final_decay=0.99, start=1, schedule=InverseGammaWarmup(power=0.75), update_every=3),
+        False, "fit", id="warmup-update-every",
+    ),
 ]
 
 
@@ -307,7 +311,8 @@ def test_resume_mid_schedule_is_bit_identical(tmp_path, make_callback, accumulat
     assert first_log + resumed_log == straight_log  # same steps, decays and update counts
     start_step = {1: 8, 0.1: 5}[straight.ema_schedule.start]  # epoch 1, or round(0.1 * 48 steps)
     optimizer_steps = [b for b in range(48) if b >= start_step and (not accumulate or b % 2 == 1)]
-    assert straight_log[-1][2] == straight.ema_schedule.engine.num_updates == len(optimizer_steps)
+    update_every = straight.ema_schedule.update_every
+    assert straight_log[-1][2] == straight.ema_schedule.engine.num_updates == len(optimizer_steps) // update_every
 
 
 def test_fresh_fit_after_load_starts_a_new_ema_but_start_epoch_continues(tmp_path):

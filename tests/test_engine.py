@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastema import ModelEMA
-from fastema import _foreach
+from fastema import _foreach, _grouping
 from helpers import ToyNet, update_forbidding_cuda_sync
 from reference import ReferenceEMA, expected_tracked, snapshot
 
@@ -108,7 +108,7 @@ def test_default_picks_fused_step_on_cpu():
 
 
 def test_foreach_true_where_fused_cannot_run_raises(monkeypatch):
-    monkeypatch.setattr(_foreach, "fused_step_supported", lambda device, dtype: False)
+    monkeypatch.setattr(_grouping, "fused_step_supported", lambda device, dtype: False)
     with pytest.raises(ValueError, match="foreach"):
         ModelEMA(ToyNet(), foreach=True)
     ema = ModelEMA(ToyNet(), foreach=None)  # automatic choice falls back to the loop

@@ -6,13 +6,16 @@ import fastema
 
 
 def test_all_lists_the_public_api():
-    assert sorted(fastema.__all__) == ["EMACallback", "EMASchedule", "ModelEMA", "__version__"]
+    assert sorted(fastema.__all__) == [
+        "DecayWarmup", "EMACallback", "EMASchedule", "ExponentialWarmup", "InverseGammaWarmup", "ModelEMA",
+        "__version__",
+    ]
     for name in fastema.__all__:
         assert getattr(fastema, name) is not None
 
 
 # Keyword arguments that fastema adds after the seed's, in this order.
-ADDED_ARGUMENTS = [("flatten_model", False)]
+ADDED_ARGUMENTS = [("flatten_model", False), ("ema_dtype", None), ("update_every", 1)]
 
 
 def test_callback_signatures_match_the_contract():

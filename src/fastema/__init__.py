@@ -1,10 +1,13 @@
 """fastema: an exponential moving average of model weights, fused and exact, with fastai callbacks."""
 
 from .engine import ModelEMA
+from .schedules import DecayWarmup, ExponentialWarmup, InverseGammaWarmup
 
 __version__ = "0.1.0"
 
-__all__ = ["EMACallback", "EMASchedule", "ModelEMA", "__version__"]
+__all__ = [
+    "DecayWarmup", "EMACallback", "EMASchedule", "ExponentialWarmup", "InverseGammaWarmup", "ModelEMA", "__version__",
+]
 
 
 def __getattr__(name: str):

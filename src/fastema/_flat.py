@@ -17,19 +17,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ._foreach import fused_step_supported, is_averaged
-
-
-def is_dense(tensor: Tensor) -> bool:
-    """Whether `tensor` covers a gap-free block of memory (any dimension order, e.g. channels-last)."""
-    expected_stride = 1
-    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda size_stride: size_stride[1]):
-        if size == 1:
-            continue
-        if stride != expected_stride:
-            return False
-        expected_stride *= size
-    return True
+from ._foreach import fused_step_supported, is_averaged, is_dense
+from ._grouping import group_tensor_pairs
 
 
 def _byte_extent(tensor: Tensor) -> tuple[int, int]:
@@ -75,10 +64,16 @@ class FlatGroup:
         self.model_flat = pack(model_tensors, model_tensors)
         # Same order and strides as the model, so element i of both buffers is the same weight.
         self.ema_flat = pack(ema_tensors, model_tensors)
+        same_kind = (self.ema_flat.device, self.ema_flat.dtype) == (self.model_flat.device, self.model_flat.dtype)
+        # A wider EMA dtype or another device: the staged or mirrored step, over the two flat buffers.
+        self.inner = None if same_kind else group_tensor_pairs([self.ema_flat], [self.model_flat], None)
 
     def step(self, weight: float) -> None:
         """Move every EMA tensor of the group toward the model by `weight` (= 1 - decay)."""
-        if self.averaged:
+        if self.inner is not None:
+            for group in self.inner:
+                group.step(weight)
+        elif self.averaged:
             self.ema_flat.lerp_(self.model_flat, weight)
         else:
             self.ema_flat.copy_(self.model_flat)
@@ -89,8 +84,9 @@ def split_packable(
 ) -> tuple[list[FlatGroup], list[Tensor], list[Tensor]]:
     """Pack every pair that can be packed into per-(device, dtype) `FlatGroup`s; return them and the rest.
 
-    Packable: EMA and model on the same device and dtype with a fused step, a non-empty
-    dense model tensor, and no memory overlap with another tensor of the model. Integer
+    Packable: a non-empty dense model tensor with a fused step, of the EMA tensor's shape,
+    with no memory overlap with another tensor of the model (the EMA may live on another
+    device or in a wider dtype; then the flat buffers get the staged or mirrored step). Integer
     buffers are packed too (into their own buffer), so the copy of the counts is one call.
     """
     overlapping = overlapping_tensors(all_model_tensors)
@@ -99,15 +95,15 @@ def split_packable(
     rest_model: list[Tensor] = []
     for ema_tensor, model_tensor in zip(ema_tensors, model_tensors, strict=True):
         packable = (
-            (ema_tensor.device, ema_tensor.dtype) == (model_tensor.device, model_tensor.dtype)
-            and ema_tensor.shape == model_tensor.shape
+            ema_tensor.shape == model_tensor.shape
             and model_tensor.numel() > 0
             and is_dense(model_tensor)
             and id(model_tensor) not in overlapping
             and fused_step_supported(model_tensor.device, model_tensor.dtype)
         )
         if packable:
-            ema_list, model_list = buckets.setdefault((model_tensor.device, model_tensor.dtype), ([], []))
+            key = (model_tensor.device, model_tensor.dtype, ema_tensor.device, ema_tensor.dtype)
+            ema_list, model_list = buckets.setdefault(key, ([], []))
             ema_list.append(ema_tensor)
             model_list.append(model_tensor)
         else:

@@ -29,16 +29,6 @@ def lerp_loop(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: fl
         ema_tensor.lerp_(model_tensor, weight)
 
 
-def lerp_converting(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
-    """Per-tensor lerp when the EMA lives on another device or in another dtype than the model.
-
-    The conversion allocates one tensor at a time, so the peak extra memory is the
-    largest tracked tensor, never the whole model.
-    """
-    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
-        ema_tensor.lerp_(model_tensor.to(device=ema_tensor.device, dtype=ema_tensor.dtype), weight)
-
-
 def copy_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
     """Copy integer/bool buffers (`num_batches_tracked`): a count is never averaged."""
     torch._foreach_copy_(ema_tensors, model_tensors)
@@ -53,6 +43,18 @@ def copy_loop(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: fl
 def is_averaged(tensor: Tensor) -> bool:
     """Floating and complex tensors are averaged; integer and bool tensors are copied."""
     return tensor.is_floating_point() or tensor.is_complex()
+
+
+def is_dense(tensor: Tensor) -> bool:
+    """Whether `tensor` covers a gap-free block of memory (any dimension order, e.g. channels-last)."""
+    expected_stride = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda size_stride: size_stride[1]):
+        if size == 1:
+            continue
+        if stride != expected_stride:
+            return False
+        expected_stride *= size
+    return True
 
 
 @functools.cache
@@ -116,42 +118,3 @@ class TensorGroup:
     def step(self, weight: float) -> None:
         """Move this group's EMA tensors toward the model by `weight` (= 1 - decay)."""
         self.kernel(self.ema_tensors, self.model_tensors, weight)
-
-
-def group_tensor_pairs(
-    ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], foreach: bool | None
-) -> list[TensorGroup]:
-    """Group (EMA, model) pairs by device and dtype and pick each group's kernel.
-
-    `foreach=None` picks the fused kernel wherever it runs, `True` insists on it for
-    every group whose EMA and model tensors share device and dtype (raising where it
-    cannot run), `False` uses the per-tensor loop.
-    """
-    buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
-    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors, strict=True):
-        key = (ema_tensor.device, ema_tensor.dtype, model_tensor.device, model_tensor.dtype)
-        ema_list, model_list = buckets.setdefault(key, ([], []))
-        ema_list.append(ema_tensor)
-        model_list.append(model_tensor)
-
-    groups = []
-    for (ema_device, ema_dtype, model_device, model_dtype), (ema_list, model_list) in buckets.items():
-        averaged = is_averaged(ema_list[0])
-        if averaged and not loop_step_supported(ema_device, ema_dtype):
-            raise ValueError(f"Cannot average tensors of dtype {ema_dtype} on {ema_device}: lerp_ is not implemented")
-        if (ema_device, ema_dtype) != (model_device, model_dtype):
-            kernel = lerp_converting if averaged else copy_loop
-        else:
-            fused_ok = fused_step_supported(ema_device, ema_dtype)
-            if foreach and not fused_ok:
-                raise ValueError(
-                    f"Invalid foreach: True, but the fused multi-tensor step does not run for {ema_dtype} "
-                    f"tensors on {ema_device}; use foreach=None (automatic) or False (for-loop)"
-                )
-            use_fused = fused_ok if foreach is None else foreach
-            if averaged:
-                kernel = lerp_fused if use_fused else lerp_loop
-            else:
-                kernel = copy_fused if use_fused else copy_loop
-        groups.append(TensorGroup(kernel, ema_list, model_list))
-    return groups

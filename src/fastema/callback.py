@@ -5,15 +5,20 @@ from __future__ import annotations
 from contextlib import ExitStack
 from numbers import Integral, Real
 
+import torch
+
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastcore.basics import store_attr
 
 from . import learner_checkpoint
-from ._checks import DeviceLike, check_decay, check_device, check_flag, check_flatten_model, check_foreach
+from ._checks import (
+    DeviceLike, check_decay, check_device, check_ema_dtype, check_flag, check_flatten_model, check_foreach,
+    check_update_every,
+)
 from .distributed import unwrap_model
 from .engine import ModelEMA, check_state_dict, tracked_tensors
-from .schedules import make_annealer, scheduled_decay
+from .schedules import DecayWarmup, make_annealer, scheduled_decay
 
 try:  # fastai's default annealer; imported here so that the engine never needs fastai
     from fastai.callback.schedule import SchedCos
@@ -81,16 +86,19 @@ class EMACallback(Callback):
         all_buffers: bool = False,  # also average non-persistent buffers
         skip_ema: bool = True,  # no update when a callback cancelled the step or batch (no optimizer step happened)
         flatten_model: bool = False,  # pack model and EMA into flat buffers: one lerp_ per step (see ModelEMA)
+        ema_dtype: torch.dtype | None = None,  # dtype of the EMA's floating tensors, e.g. torch.float32 for bf16 models
+        update_every: int = 1,  # update every N-th optimizer step only, with decay**N (see ModelEMA.update)
     ):
         self.decay = check_decay(decay, "decay")
         self.start = _check_position(start, "start", is_finish=False)
         self._init_common(
-            ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema, flatten_model
+            ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema,
+            flatten_model, ema_dtype, update_every,
         )
 
     def _init_common(
         self, ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema,
-        flatten_model,
+        flatten_model, ema_dtype, update_every,
     ):
         check_device(ema_device, "ema_device")
         for name, flag in dict(
@@ -99,8 +107,11 @@ class EMACallback(Callback):
         ).items():
             check_flag(flag, name)
         check_flatten_model(flatten_model, check_foreach(foreach))
+        check_ema_dtype(ema_dtype)
+        check_update_every(update_every)
         store_attr(
-            "ema_device,validate_ema,replace_weights,foreach,resume,all_parameters,all_buffers,skip_ema,flatten_model"
+            "ema_device,validate_ema,replace_weights,foreach,resume,all_parameters,all_buffers,skip_ema,flatten_model,"
+            "ema_dtype,update_every"
         )
         self.engine: ModelEMA | None = None  # the `ModelEMA` doing the averaging, built in `before_fit`
         self._active = self._started = False
@@ -157,7 +168,8 @@ class EMACallback(Callback):
     def _new_engine(self, decay: float) -> ModelEMA:
         return ModelEMA(
             self.learn.model, decay, all_parameters=self.all_parameters, all_buffers=self.all_buffers,
-            foreach=self.foreach, device=self.ema_device, flatten_model=self.flatten_model,
+            foreach=self.foreach, device=self.ema_device, flatten_model=self.flatten_model, ema_dtype=self.ema_dtype,
+            update_every=self.update_every,
         )
 
     def ema_checkpoint(self) -> dict | None:
@@ -178,10 +190,10 @@ class EMACallback(Callback):
             or state.get("version") != CHECKPOINT_VERSION or not isinstance(state.get("started"), bool)
         ):
             raise ValueError(f"Invalid EMA checkpoint {path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file")
-        # The EMA that `restore_ema_checkpoint` builds averages these tensors, in the model's dtype.
+        # The EMA that `restore_ema_checkpoint` builds averages these tensors (in `ema_dtype`, if set).
         expected = tracked_tensors(unwrap_model(self.learn.model), self.all_parameters, self.all_buffers)
         try:
-            check_state_dict(state["engine"], expected, self.decay)
+            check_state_dict(state["engine"], expected, self.decay, self.ema_dtype)
         except ValueError as error:
             raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
 
@@ -202,6 +214,11 @@ class EMACallback(Callback):
         if self.epoch * self.n_iter + self.iter >= self._start_step:
             self.engine.reset()
             self._started = True
+
+    def before_step(self):
+        # An offloaded EMA may still be copying the weights (on a side stream): the optimizer waits for it on the GPU.
+        if self._started:
+            self.engine.before_model_write()
 
     def after_cancel_step(self):
         # MixedPrecision cancels the step when the grad scaler finds inf/NaN; fastai still calls after_step.
@@ -278,7 +295,7 @@ class EMACallback(Callback):
 
 
 class EMASchedule(EMACallback):
-    "EMACallback whose decay warms up from `start_decay` to `final_decay` between `start` and `finish`"
+    "EMACallback whose decay warms up from `start_decay` to `final_decay` between `start` and `finish`, or by a DecayWarmup"
 
     log_decay = True
 
@@ -288,7 +305,7 @@ class EMASchedule(EMACallback):
         final_decay: float = 0.9998,  # decay from `finish` on
         start: int | float = 0,  # when the EMA starts: float = fraction of training steps, int = epoch index
         finish: int | float = 0.3,  # when `final_decay` is reached: float = fraction of training steps, int = epoch
-        schedule=SchedCos,  # fastai annealer, called as `schedule(start_decay, final_decay)(pct)`
+        schedule=SchedCos,  # fastai annealer `schedule(start_decay, final_decay)(pct)`, or a DecayWarmup (see below)
         ema_device: DeviceLike = None,  # where the EMA weights live; None = beside the model's weights
         validate_ema: bool = True,  # validate with the EMA weights (swapped into the model in place)
         replace_weights: bool = False,  # after fit, copy the EMA into the model instead of setting `learn.model_ema`
@@ -298,22 +315,30 @@ class EMASchedule(EMACallback):
         all_buffers: bool = False,  # also average non-persistent buffers
         skip_ema: bool = True,  # no update when a callback cancelled the step or batch (no optimizer step happened)
         flatten_model: bool = False,  # pack model and EMA into flat buffers: one lerp_ per step (see ModelEMA)
+        ema_dtype: torch.dtype | None = None,  # dtype of the EMA's floating tensors, e.g. torch.float32 for bf16 models
+        update_every: int = 1,  # update every N-th optimizer step only, with decay**N (see ModelEMA.update)
     ):
         self.start_decay = check_decay(start_decay, "start_decay")
         self.final_decay = check_decay(final_decay, "final_decay")
         self.start = _check_position(start, "start", is_finish=False)
         self.finish = _check_position(finish, "finish", is_finish=True)
-        if type(self.start) is type(self.finish) and self.finish <= self.start:
-            raise ValueError(f"Invalid finish: {self.finish}; it must come after start={self.start}")
         self.schedule = schedule
-        self._annealer = make_annealer(schedule, self.start_decay, self.final_decay)
+        # A DecayWarmup ramps with the steps since `start` toward final_decay; start_decay and finish do not apply.
+        self._warmup = schedule if isinstance(schedule, DecayWarmup) else None
+        if self._warmup is None:
+            if type(self.start) is type(self.finish) and self.finish <= self.start:
+                raise ValueError(f"Invalid finish: {self.finish}; it must come after start={self.start}")
+            self._annealer = make_annealer(schedule, self.start_decay, self.final_decay)
         self.decay = self.start_decay  # the current decay, updated at every EMA step
         self._init_common(
-            ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema, flatten_model
+            ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema,
+            flatten_model, ema_dtype, update_every,
         )
 
     def _compute_steps(self, n_epoch: int, n_iter: int) -> None:
         super()._compute_steps(n_epoch, n_iter)
+        if self._warmup is not None:
+            return
         self._finish_step = _position_to_step(self.finish, "finish", n_epoch, n_iter)
         if self._finish_step <= self._start_step:
             raise ValueError(
@@ -325,6 +350,8 @@ class EMASchedule(EMACallback):
         self.decay = check_decay(decay, "decay")  # the decay of the latest update before the checkpoint
 
     def _decay_at(self, step: int) -> float:
+        if self._warmup is not None:
+            return self._warmup(step - self._start_step + 1, self.final_decay)
         return scheduled_decay(self._annealer, self.final_decay, step, self._start_step, self._finish_step)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,9 +12,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ._checks import DeviceLike, check_decay, check_device, check_flag, check_flatten_model, check_foreach
+from ._checks import (
+    DeviceLike, check_decay, check_device, check_ema_dtype, check_flag, check_flatten_model, check_foreach,
+    check_update_every,
+)
 from ._flat import FlatGroup, split_packable
-from ._foreach import LayoutSentinels, TensorGroup, group_tensor_pairs
+from ._foreach import LayoutSentinels, is_averaged
+from ._grouping import Group, group_tensor_pairs
+from ._offload import MirrorGroup
+from .schedules import DecayWarmup, check_warmup
 from .checkpoint import atomic_save, read_checkpoint
 from .distributed import unwrap_model
 
@@ -48,11 +55,13 @@ def tracked_tensors(module: nn.Module, all_parameters: bool, all_buffers: bool) 
 
 
 def check_state_dict(
-    state_dict: object, expected: dict[str, Tensor], default_decay: float
-) -> tuple[dict[str, Tensor], int, float]:
+    state_dict: object, expected: dict[str, Tensor], default_decay: float, ema_dtype: torch.dtype | None = None
+) -> tuple[dict[str, Tensor], tuple[int, int], float]:
     """Check a `ModelEMA.state_dict()` against the EMA tensors it must fill (names, shapes, dtypes).
 
-    Returns its tensors, update count and latest decay, or raises one ValueError listing every problem.
+    `ema_dtype` (if given) replaces the dtype of `expected`'s floating tensors. Returns the
+    tensors, (update count, step count) and latest decay, or raises one ValueError listing
+    every problem.
     """
     if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
         raise ValueError("Invalid state_dict: not a fastema.ModelEMA state (missing format marker)")
@@ -60,8 +69,10 @@ def check_state_dict(
         raise ValueError(f"Invalid state_dict: version {state_dict.get('version')!r}, expected {STATE_VERSION}")
     tensors = state_dict.get("tensors")
     num_updates = state_dict.get("num_updates")
-    if not isinstance(tensors, dict) or not isinstance(num_updates, int) or num_updates < 0:
-        raise ValueError("Invalid state_dict: 'tensors' must be a dict and 'num_updates' a non-negative int")
+    num_steps = state_dict.get("num_steps", num_updates)
+    counts_ok = all(isinstance(count, int) and count >= 0 for count in (num_updates, num_steps))
+    if not isinstance(tensors, dict) or not counts_ok:
+        raise ValueError("Invalid state_dict: 'tensors' must be a dict, 'num_updates' and 'num_steps' non-negative ints")
     problems = []
     missing = [name for name in expected if name not in tensors]
     unexpected = [name for name in tensors if name not in expected]
@@ -77,12 +88,14 @@ def check_state_dict(
             problems.append(f"{name}: not a tensor")
         elif saved.shape != ema_tensor.shape:
             problems.append(f"{name}: shape {tuple(saved.shape)} != {tuple(ema_tensor.shape)}")
-        elif saved.dtype != ema_tensor.dtype:
-            problems.append(f"{name}: dtype {saved.dtype} != {ema_tensor.dtype}")
+        else:
+            dtype = ema_dtype if ema_dtype is not None and ema_tensor.is_floating_point() else ema_tensor.dtype
+            if saved.dtype != dtype:
+                problems.append(f"{name}: dtype {saved.dtype} != {dtype}")
     if problems:
         raise ValueError("Invalid state_dict for this ModelEMA (nothing was loaded): " + "; ".join(problems))
     last_decay = check_decay(state_dict.get("last_decay", default_decay), "last_decay")
-    return tensors, num_updates, last_decay
+    return tensors, (num_updates, num_steps), last_decay
 
 
 class ModelEMA:
@@ -106,6 +119,13 @@ class ModelEMA:
     but their storage is shared: safetensors refuses to save shared storage, and saving one
     tensor with `torch.save` writes the whole buffer. `model.to(...)` unpacks the model; the
     next update notices and packs it again where it now lives.
+
+    `ema_dtype=torch.float32` keeps a float32 EMA of a bfloat16/float16 model: with decay
+    0.9998 the update is far below bfloat16's resolution, so an EMA in the model's dtype
+    stalls (a warning says so, once). `device='cpu'` offloads the EMA of a CUDA model to
+    host memory; the update then runs in a background thread (see `_offload`), and whatever
+    reads the EMA waits for it. `update_every=N` updates on every N-th call only, with
+    decay**N. `warmup` makes the decay ramp up with the number of steps (see `schedules`).
     """
 
     def __init__(
@@ -118,6 +138,9 @@ class ModelEMA:
         foreach: bool | None = None,  # fused multi-tensor step (True), for-loop (False), fastest (None)
         device: DeviceLike = None,  # where the EMA lives; None = beside each model tensor
         flatten_model: bool = False,  # pack model and EMA tensors into flat buffers: one lerp_ per update
+        ema_dtype: torch.dtype | None = None,  # dtype of the EMA's floating tensors; None = the model's
+        update_every: int = 1,  # update on every N-th call of `update()` only, with decay**N
+        warmup: DecayWarmup | None = None,  # decay as a function of the step count, e.g. ExponentialWarmup()
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -127,30 +150,49 @@ class ModelEMA:
         self.foreach = check_foreach(foreach)
         self.device = check_device(device, "device")
         self.flatten_model = check_flatten_model(flatten_model, self.foreach)
+        self.ema_dtype = check_ema_dtype(ema_dtype)
+        self.update_every = check_update_every(update_every)
+        self.warmup = check_warmup(warmup)
         self.model = unwrap_model(model)
-        self.module = self._copy_of_model()
-        self.num_updates = 0
+        self._module = self._copy_of_model()
+        self.num_updates = 0  # EMA updates done
+        self.num_steps = 0  # calls of `update()` (optimizer steps) since the EMA (re)started
         self.last_decay = self.decay
         self._backups: list[Tensor | None] | None = None
         self._build_groups()
 
+    @property
+    def module(self) -> nn.Module:
+        """The averaged copy of the model (eval mode, no gradients)."""
+        self.synchronize()
+        return self._module
+
     def _copy_of_model(self) -> nn.Module:
-        ema_module = copy.deepcopy(self.model)
+        """A copy of the model with its tensors created directly where and in the dtype the EMA keeps them.
+
+        Creating them there (through deepcopy's memo) means an offloaded EMA of a large model
+        never needs a second copy in GPU memory, not even for a moment.
+        """
+        memo: dict[int, object] = {}
+        with torch.no_grad():
+            for tensor in named_model_tensors(self.model).values():
+                dtype = self.ema_dtype if self.ema_dtype is not None and tensor.is_floating_point() else tensor.dtype
+                twin = tensor.detach().to(device=self.device or tensor.device, dtype=dtype, copy=True)
+                memo[id(tensor)] = nn.Parameter(twin, requires_grad=False) if isinstance(tensor, nn.Parameter) else twin
+        ema_module = copy.deepcopy(self.model, memo)
         for parameter in ema_module.parameters():
             parameter.grad = None
             parameter.requires_grad_(False)
-        if self.device is not None:
-            ema_module.to(self.device)
         return ema_module.eval()
 
     def _build_groups(self) -> None:
         """Pair EMA and model tensors by name and group them for the fused kernels (done once)."""
         model_tensors = tracked_tensors(self.model, self.all_parameters, self.all_buffers)
-        ema_by_name = named_model_tensors(self.module)
+        ema_by_name = named_model_tensors(self._module)
         self.tensor_names = list(model_tensors)
         self._ema_tensors = [ema_by_name[name] for name in self.tensor_names]
         self._model_tensors = list(model_tensors.values())
-        self._groups: list[TensorGroup | FlatGroup] = []
+        self._groups: list[Group | FlatGroup] = []
         rest_ema, rest_model = self._ema_tensors, self._model_tensors
         if self.flatten_model:
             self._groups, rest_ema, rest_model = split_packable(
@@ -158,6 +200,18 @@ class ModelEMA:
             )
         if rest_model:
             self._groups += group_tensor_pairs(rest_ema, rest_model, self.foreach)
+        self._mirrors = [
+            group
+            for outer in self._groups
+            for group in (getattr(outer, "inner", None) or [outer])
+            if isinstance(group, MirrorGroup)
+        ]
+        # Updates below this weight (1 - decay) round to nothing in the EMA's dtype when the
+        # model is within 10% of the EMA: |weight * 0.1 * ema| < half a unit in the last place.
+        self._underflow_weight = max(
+            (5 * torch.finfo(tensor.dtype).eps for tensor in self._ema_tensors if tensor.is_floating_point()),
+            default=0.0,
+        )
         # Recorded after packing, which gives tensors new addresses.
         self._sentinels = LayoutSentinels(self._model_tensors, self._ema_tensors)
 
@@ -170,11 +224,12 @@ class ModelEMA:
 
     def _follow_model(self) -> None:
         """The model was moved or cast after construction: move the EMA along (if it follows) and regroup."""
+        self.synchronize()
         if self.device is None:
             with torch.no_grad():
                 for name, model_tensor in tracked_tensors(self.model, self.all_parameters, self.all_buffers).items():
                     owner_name, _, leaf = name.rpartition(".")
-                    owner = self.module.get_submodule(owner_name)
+                    owner = self._module.get_submodule(owner_name)
                     ema_tensor = getattr(owner, leaf)
                     if ema_tensor.device == model_tensor.device:
                         continue
@@ -187,18 +242,27 @@ class ModelEMA:
     def update(self, decay: float | None = None) -> None:
         """Move the EMA toward the model; call after each optimizer step.
 
-        `decay` overrides the configured decay for this update (for schedules).
+        `decay` overrides the configured decay (and `warmup`) for this step (for schedules).
+        With `update_every=N` only every N-th call updates, with `decay ** N`: the N-1 skipped
+        steps are averaged as if the model had held its current weights through them. That is
+        exact for a model that did not change in between and close when N is much smaller
+        than the averaging horizon 1 / (1 - decay); it costs 1/N of the work.
         """
-        if decay is None:
-            decay = self.decay
-        else:
-            decay = check_decay(decay, "decay")
         if self._backups is not None:
             raise RuntimeError("update() called inside use_ema_weights(): the model holds the EMA weights")
+        if decay is not None:
+            decay = check_decay(decay, "decay")
+        self.num_steps += 1
+        if self.num_steps % self.update_every:
+            return
+        if decay is None:
+            decay = self.decay if self.warmup is None else self.warmup(self.num_steps, self.decay)
         # A few `data_ptr()` looks (not one per tensor) catch `model.to(...)` or `ema.module.to(...)`.
         if self._sentinels.moved():
             self._follow_model()
-        weight = 1.0 - decay
+        weight = 1.0 - decay**self.update_every
+        if weight < self._underflow_weight:
+            self._warn_underflow(decay)
         # What `torch.no_grad()` does, without its Python context-manager cost (a few microseconds).
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
@@ -210,12 +274,39 @@ class ModelEMA:
         self.num_updates += 1
         self.last_decay = decay
 
+    def _warn_underflow(self, decay: float) -> None:
+        dtypes = sorted({str(tensor.dtype) for tensor in self._ema_tensors if tensor.is_floating_point()})
+        warnings.warn(
+            f"EMA updates with decay={decay} (update_every={self.update_every}) mostly round to nothing in "
+            f"{', '.join(dtypes)}: the EMA will barely move. Keep it in float32 with ema_dtype=torch.float32, "
+            "or use a smaller decay.",
+            UserWarning,
+            stacklevel=3,
+        )
+        self._underflow_weight = 0.0  # once per EMA
+
+    def synchronize(self) -> None:
+        """Wait until an offloaded update running in the background has finished (no-op otherwise)."""
+        for mirror in self._mirrors:
+            mirror.wait()
+
+    def before_model_write(self) -> None:
+        """Call before changing the model's weights outside a `torch.optim` optimizer step (offloaded EMA only).
+
+        Makes the current CUDA stream wait, on the GPU, until the last snapshot of the model
+        for an offloaded update has been copied. `torch.optim` optimizers and the fastai
+        callbacks do this already.
+        """
+        for mirror in self._mirrors:
+            mirror.before_model_write()
+
     @torch.no_grad()
     def reset(self) -> None:
         """Restart the average from the model's current weights."""
+        self.synchronize()
         for ema_tensor, model_tensor in zip(self._ema_tensors, self._model_tensors):
             ema_tensor.copy_(model_tensor)
-        self.num_updates = 0
+        self.num_updates = self.num_steps = 0
         self.last_decay = self.decay
 
     def _matching_tensors(self, module: nn.Module, purpose: str) -> list[Tensor]:
@@ -234,6 +325,8 @@ class ModelEMA:
     @torch.no_grad()
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Copy the EMA weights into `model` (default: the tracked model), converting device and dtype."""
+        self.synchronize()
+        self.before_model_write()
         targets = self._model_tensors if model is None else self._matching_tensors(model, "copy_to")
         for target, ema_tensor in zip(targets, self._ema_tensors):
             target.copy_(ema_tensor)
@@ -242,11 +335,14 @@ class ModelEMA:
     def copy_from(self, module: nn.Module) -> None:
         """Set the EMA weights from another module with the same names and shapes (e.g. an earlier EMA)."""
         sources = self._matching_tensors(module, "copy_from")
+        self.synchronize()
         for ema_tensor, source in zip(self._ema_tensors, sources):
             ema_tensor.copy_(source)
 
     @torch.no_grad()
     def _swap_in(self) -> None:
+        self.synchronize()
+        self.before_model_write()
         backups: list[Tensor | None] = []
         try:
             for model_tensor, ema_tensor in zip(self._model_tensors, self._ema_tensors):
@@ -257,8 +353,9 @@ class ModelEMA:
                     ema_tensor.copy_(held)
                     backups.append(None)
                 else:
-                    # A cast would lose EMA precision on the way back, so keep the model's bits instead.
-                    backups.append(model_tensor.clone())
+                    # A cast would lose EMA precision on the way back, so keep the model's bits instead,
+                    # where the EMA lives (host memory when it is offloaded).
+                    backups.append(model_tensor.to(ema_tensor.device, copy=True))
                     model_tensor.copy_(ema_tensor)
         except BaseException:
             self._swap_out(backups)
@@ -298,11 +395,14 @@ class ModelEMA:
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: EMA tensors by name, update count, decay, config."""
+        self.synchronize()
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "tensors": dict(zip(self.tensor_names, self._ema_tensors)),
             "num_updates": self.num_updates,
+            "num_steps": self.num_steps,
+            "update_every": self.update_every,
             "decay": self.decay,
             "last_decay": self.last_decay,
             "all_parameters": self.all_parameters,
@@ -312,12 +412,13 @@ class ModelEMA:
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore from `state_dict()`; everything is checked before anything is written."""
-        tensors, num_updates, last_decay = check_state_dict(
+        tensors, counts, last_decay = check_state_dict(
             state_dict, dict(zip(self.tensor_names, self._ema_tensors)), self.decay
         )
+        self.synchronize()
         for name, ema_tensor in zip(self.tensor_names, self._ema_tensors):
             ema_tensor.copy_(tensors[name])
-        self.num_updates = num_updates
+        self.num_updates, self.num_steps = counts
         self.last_decay = last_decay
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -335,5 +436,6 @@ class ModelEMA:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(decay={self.decay}, tensors={len(self.tensor_names)}, "
-            f"num_updates={self.num_updates}, device={self.device}, flatten_model={self.flatten_model})"
+            f"num_updates={self.num_updates}, device={self.device}, flatten_model={self.flatten_model}, "
+            f"ema_dtype={self.ema_dtype}, update_every={self.update_every})"
         )

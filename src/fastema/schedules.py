@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from numbers import Real
+
+from ._checks import check_decay
 
 Annealer = Callable[[float], float]
 
@@ -26,3 +30,61 @@ def scheduled_decay(annealer: Annealer, final_decay: float, step: int, start_ste
     if pct >= 1.0:
         return final_decay
     return float(annealer(max(pct, 0.0)))
+
+
+class DecayWarmup:
+    """A decay that ramps up with the step count: `warmup(step, decay)` for the `step`-th step (1-based).
+
+    Usable as `ModelEMA(..., warmup=...)` and as `EMASchedule(schedule=...)`, where `decay`
+    is `final_decay` and the steps are counted from `start`.
+    """
+
+    def __call__(self, step: int, decay: float) -> float:
+        raise NotImplementedError
+
+
+class ExponentialWarmup(DecayWarmup):
+    """YOLOv5/ultralytics' ramp: `decay * (1 - exp(-step / tau))`, about `decay` after a few `tau` steps."""
+
+    def __init__(self, tau: float = 2000.0) -> None:
+        if isinstance(tau, bool) or not isinstance(tau, Real) or not math.isfinite(tau) or tau <= 0:
+            raise ValueError(f"Invalid tau: {tau!r}; expected a finite number > 0 (steps)")
+        self.tau = float(tau)
+
+    def __call__(self, step: int, decay: float) -> float:
+        return decay * (1.0 - math.exp(-step / self.tau))
+
+    def __repr__(self) -> str:
+        return f"ExponentialWarmup(tau={self.tau})"
+
+
+class InverseGammaWarmup(DecayWarmup):
+    """The warm-up of timm `ModelEmaV3`, diffusers `EMAModel` and ema-pytorch.
+
+    `1 - (1 + t / inv_gamma) ** -power` with `t = step - 1`, clamped to [min_decay, decay];
+    the first step has decay 0 (the EMA copies the model). power=2/3 suits runs of ~1M
+    steps, 3/4 shorter ones (the decay reaches 0.999 after ~31.6K and ~10K steps).
+    """
+
+    def __init__(self, inv_gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0) -> None:
+        for name, value in (("inv_gamma", inv_gamma), ("power", power)):
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"Invalid {name}: {value!r}; expected a finite number > 0")
+        self.inv_gamma, self.power = float(inv_gamma), float(power)
+        self.min_decay = check_decay(min_decay, "min_decay")
+
+    def __call__(self, step: int, decay: float) -> float:
+        t = step - 1
+        if t <= 0:
+            return 0.0
+        return max(self.min_decay, min(decay, 1.0 - (1.0 + t / self.inv_gamma) ** -self.power))
+
+    def __repr__(self) -> str:
+        return f"InverseGammaWarmup(inv_gamma={self.inv_gamma}, power={self.power}, min_decay={self.min_decay})"
+
+
+def check_warmup(value: object) -> DecayWarmup | None:
+    """None or a `DecayWarmup` (ExponentialWarmup, InverseGammaWarmup or a subclass)."""
+    if value is not None and not isinstance(value, DecayWarmup):
+        raise TypeError(f"Invalid warmup: {value!r}; expected None, ExponentialWarmup(...) or InverseGammaWarmup(...)")
+    return value

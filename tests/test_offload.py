@@ -1,0 +1,162 @@
+"""An EMA on another device than the model: the background pipeline (on CPU) and the CUDA offload (marked)."""
+
+import threading
+
+import pytest
+import torch
+
+from fastema import ModelEMA
+from fastema._grouping import group_tensor_pairs
+from fastema._offload import MirrorGroup
+from helpers import ToyNet, all_tensors, assert_matches_reference, update_forbidding_cuda_sync
+from reference import ReferenceEMA, expected_tracked, snapshot
+
+
+class ThreadSpy:
+    """Wraps a group's step to record which thread ran it."""
+
+    def __init__(self, group):
+        self.group, self.threads = group, []
+
+    def step(self, weight):
+        self.threads.append(threading.get_ident())
+        self.group.step(weight)
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_background_update_uses_the_snapshot_taken_at_step_time(model_dtype):
+    """The model is overwritten right after each step, as the next optimizer step would; the EMA must not see it."""
+    generator = torch.Generator().manual_seed(0)
+    model = {
+        "weight": torch.randn(300, 7, generator=generator).to(model_dtype),
+        "bias": torch.randn(7, generator=generator).to(model_dtype),
+        "count": torch.tensor(0),
+    }
+    ema_tensors = [t.float().clone() if t.is_floating_point() else t.clone() for t in model.values()]
+    reference = ReferenceEMA(model)
+    spies = []
+
+    def make_groups(ema, mirror):
+        spies.extend(ThreadSpy(group) for group in group_tensor_pairs(ema, mirror, None))
+        return spies
+
+    group = MirrorGroup(ema_tensors, list(model.values()), make_groups, background=True)
+    decay = 0.8
+    for _ in range(25):
+        for tensor in model.values():
+            tensor.add_(torch.randint(-3, 4, tensor.shape, generator=generator).to(tensor.dtype))
+        group.step(1 - decay)
+        reference.update(model, decay)
+        for tensor in model.values():  # the next "optimizer step", before the background update is awaited
+            tensor.fill_(1000)
+        group.wait()
+    for (name, expected), actual in zip(reference.state.items(), ema_tensors):
+        if expected.is_floating_point():
+            torch.testing.assert_close(actual.double(), expected, rtol=1e-6, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(actual, expected), name
+    threads = {thread for spy in spies for thread in spy.threads}
+    assert threads and threading.get_ident() not in threads  # the averaging ran in the background thread
+
+
+def test_background_error_is_raised_by_the_next_wait():
+    model = [torch.ones(3)]
+    ema = [torch.zeros(3)]
+
+    class Broken:
+        def step(self, weight):
+            raise RuntimeError("kernel failed")
+
+    group = MirrorGroup(ema, model, lambda e, m: [Broken()], background=True)
+    group.step(0.5)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        group.wait()
+    group.wait()  # reported once
+
+
+# ---- CUDA: a CUDA model with its EMA offloaded to host memory --------------------------------------------
+
+
+def adam_steps(model, ema, reference, tracked, n_steps, decay, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(n_steps):
+        x = torch.randn(16, 8, generator=generator).to("cuda", dtype)
+        loss = model(x).float().square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        reference.update(tracked, decay)  # snapshots (and syncs) before the update, outside it
+        update_forbidding_cuda_sync(ema)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,ema_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("flatten_model", [False, True])
+def test_cuda_model_with_cpu_ema_matches_reference_without_host_sync(dtype, ema_dtype, flatten_model):
+    torch.manual_seed(0)
+    model = ToyNet().to("cuda", dtype)
+    ema = ModelEMA(model, 0.9, device="cpu", ema_dtype=ema_dtype, flatten_model=flatten_model)
+    assert all(t.device.type == "cpu" for t in all_tensors(ema.module).values())
+    assert ema._mirrors and all(m.mirror[0].is_pinned() for m in ema._mirrors)
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(tracked)
+    adam_steps(model, ema, reference, tracked, 40, 0.9, dtype)
+    assert ema.num_updates == 40
+    assert_matches_reference(ema, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_offloaded_snapshot_is_not_overwritten_by_the_next_optimizer_step():
+    """Large tensors make the device-to-host copy slow; the optimizer is queued right behind it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4096, 4096).cuda()
+    ema = ModelEMA(model, 0.5, device="cpu")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    reference = ReferenceEMA(expected_tracked(model))
+    for _ in range(5):
+        model.weight.grad = torch.ones_like(model.weight)
+        model.bias.grad = torch.ones_like(model.bias)
+        optimizer.step()
+        reference.update(expected_tracked(model), 0.5)
+        ema.update()
+    # the last update's copy is still in flight when this step is queued
+    optimizer.step()
+    assert_matches_reference(ema, reference, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_offloaded_ema_takes_no_gpu_memory():
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)]).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    ema = ModelEMA(model, device="cpu")
+    for _ in range(3):
+        ema.update()
+    ema.synchronize()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert torch.cuda.max_memory_allocated() - before < model_bytes / 8
+
+
+@pytest.mark.cuda
+def test_fastai_validation_with_an_offloaded_ema_restores_the_model_exactly():
+    from fastema import EMACallback
+    from helpers import make_learner
+
+    learn = make_learner(cbs=[EMACallback(decay=0.9, ema_device="cpu")])
+    learn.dls.cuda()
+    learn.model.cuda()
+    learn.fit(2)
+    model_weights = {name: snapshot(t) for name, t in learn.model.state_dict().items()}
+    ema = learn.ema.engine
+    ema_loss = None
+    with ema.use_ema_weights():
+        ema_loss = learn.validate()[0]
+        in_model = {name: snapshot(t) for name, t in learn.model.state_dict().items()}
+    for name, tensor in all_tensors(learn.model_ema).items():
+        if name in in_model:
+            assert torch.equal(in_model[name], snapshot(tensor)), name
+    for name, tensor in learn.model.state_dict().items():
+        assert torch.equal(snapshot(tensor), model_weights[name]), name
+    assert learn.recorder.values[-1][1] == pytest.approx(ema_loss)  # the fit's last validation used the EMA
