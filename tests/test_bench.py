@@ -92,3 +92,30 @@ def test_bad_arguments():
         bench.run_bench(models=["resnet9000"])
     with pytest.raises(ValueError, match="dtype"):
         bench.run_bench(models=["xresnet50"], dtype="float8")
+    with pytest.raises(ValueError, match="ema_dtype"):
+        bench.run_bench(models=["xresnet50"], ema_dtype="float64")
+    with pytest.raises(ValueError, match="ema_device"):
+        bench.run_bench(models=["xresnet50"], ema_device="cpu")  # offloading needs a CUDA model
+
+
+def test_bfloat16_model_with_float32_ema(capsys):
+    (result,) = bench.run_bench(
+        models=["toy"], dtype="bfloat16", ema_dtype="float32", budget_s=0.001, train_batch=None,
+        custom_models={"toy": (ToyNet, "image")},
+    )
+    out = capsys.readouterr().out
+    assert "ema_dtype: float32" in out and "| n/a |" in out
+    assert result.ms["foreach_lerp"] is None  # `_foreach_lerp_` refuses mixed dtypes
+    assert all(result.ms[m] > 0 for m in bench.METHODS if m != "foreach_lerp")
+    assert "speedup vs foreach_lerp" not in result.ratios and result.ratios["fastema / floor"] > 0
+    assert result.extra_memory_bytes["fastema"] == 0 and result.extra_memory_bytes["fastema flat"] == 0
+
+
+@pytest.mark.cuda
+def test_offloaded_bench_on_cuda(capsys):
+    (result,) = bench.run_bench(
+        models=["toy"], device="cuda", dtype="bfloat16", ema_dtype="float32", ema_device="cpu", budget_s=0.01,
+        train_batch=None, custom_models={"toy": (ToyNet, "image")},
+    )
+    assert result.ms[bench.OFFLOAD_METHOD] > 0 and result.ms["fastema"] > 0
+    assert "ema_device: cpu" in capsys.readouterr().out

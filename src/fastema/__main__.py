@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--models", help="comma-separated subset of: " + ", ".join(MODELS))
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     bench.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    bench.add_argument("--ema-dtype", choices=list(DTYPES), help="dtype of the EMA (default: the model's)")
+    bench.add_argument("--ema-device", choices=["cpu"], help="offload the EMA to host memory (with --device cuda)")
     bench.add_argument("--channels-last", action="store_true", help="convert the models to channels-last first")
     bench.add_argument("--json", action="store_true", help="print JSON instead of markdown tables")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of every method relative to the floor")
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         run_bench(
             models=args.models.split(",") if args.models else None, device=args.device, dtype=args.dtype,
             channels_last=args.channels_last, as_json=args.json, plot=args.plot, budget_s=args.budget,
-            train_batch=args.train_batch or None,
+            train_batch=args.train_batch or None, ema_dtype=args.ema_dtype, ema_device=args.ema_device,
         )
 
 

@@ -7,9 +7,15 @@ For each model, in the same run and on the same tensors, the median time of one 
 - `foreach_lerp`: `torch._foreach_lerp_` over lists grouped once (timm `ModelEmaV3`);
 - `fastema`: `ModelEMA.update()` with its defaults;
 - `fastema flat`: `ModelEMA(flatten_model=True).update()` (model and EMA packed into flat buffers);
-- `floor`: one `lerp_` over a contiguous buffer with as many elements of the same dtype.
+- `floor`: one `lerp_` over a contiguous buffer with as many elements, in the EMA's dtype.
 
 It also reports the memory a step allocates and the share of a training step the EMA costs.
+
+`--ema-dtype float32` with `--dtype bfloat16` times a float32 EMA of a bfloat16 model
+(`foreach_lerp` cannot run: `_foreach_lerp_` refuses mixed dtypes). `--ema-device cpu` with
+`--device cuda` times an EMA offloaded to host memory: each step is then timed to completion
+(GPU and background thread), the floor is one device-to-host copy into pinned memory plus one
+CPU `lerp_`, and `fastema (training thread)` is how long `update()` holds the training loop.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch import Tensor, nn
 from .engine import ModelEMA
 
 METHODS = ["for-loop", "mul+add", "foreach_lerp", "fastema", "fastema flat", "floor"]
+OFFLOAD_METHOD = "fastema (training thread)"
 DECAY = 0.9998
 
 
@@ -77,28 +84,34 @@ class ModelResult:
     model: str
     tensors: int
     elements: int
-    ms: dict[str, float]
+    ms: dict[str, float | None]  # None: the method cannot run in this configuration
     extra_memory_bytes: dict[str, int]
     train_step_ms: float | None
     ratios: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        ours, flat, floor = self.ms["fastema"], self.ms["fastema flat"], self.ms["floor"]
-        self.ratios = {
-            "speedup vs for-loop": self.ms["for-loop"] / ours,
-            "speedup vs mul+add": self.ms["mul+add"] / ours,
-            "speedup vs foreach_lerp": self.ms["foreach_lerp"] / ours,
-            "fastema / floor": ours / floor,
-            "fastema flat / floor": flat / floor,
-            "flat speedup vs mul+add": self.ms["mul+add"] / flat,
+        ms = self.ms
+        pairs = {
+            "speedup vs for-loop": ("for-loop", "fastema"),
+            "speedup vs mul+add": ("mul+add", "fastema"),
+            "speedup vs foreach_lerp": ("foreach_lerp", "fastema"),
+            "fastema / floor": ("fastema", "floor"),
+            "fastema flat / floor": ("fastema flat", "floor"),
+            "flat speedup vs mul+add": ("mul+add", "fastema flat"),
         }
+        self.ratios = {
+            name: ms[top] / ms[bottom] for name, (top, bottom) in pairs.items() if ms[top] is not None
+        }
+        ours = ms["fastema"]
         if self.train_step_ms is not None:
             self.ratios["EMA share of train step"] = ours / (self.train_step_ms + ours)
 
 
 def for_loop_step(ema_tensors: list[Tensor], model_tensors: list[Tensor], decay: float) -> None:
-    """The textbook per-tensor step (integer buffers copied)."""
+    """The textbook per-tensor step (integer buffers copied; an offloaded EMA gets a `.to()` per tensor)."""
     for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+        if ema_tensor.device != model_tensor.device:
+            model_tensor = model_tensor.to(ema_tensor.device)
         if ema_tensor.is_floating_point():
             ema_tensor.mul_(decay).add_(model_tensor, alpha=1 - decay)
         else:
@@ -126,6 +139,8 @@ def mul_add_step(ema_module: nn.Module, model: nn.Module, decay: float) -> None:
         else:
             ema_ints.append(ema_tensor)
             model_ints.append(model_tensor)
+    if ema_floats[0].device != model_floats[0].device:  # the seed's offloaded step: copy the model over first
+        model_floats = [tensor.to(ema_floats[0].device) for tensor in model_floats]
     torch._foreach_mul_(ema_floats, decay)
     torch._foreach_add_(ema_floats, model_floats, alpha=1 - decay)
     if ema_ints:
@@ -239,14 +254,16 @@ def train_step_ms(model: nn.Module, kind: str, batch_size: int, timer: Timer, dt
 def bench_model(
     name: str, model: nn.Module, kind: str, device: torch.device, dtype: torch.dtype,
     channels_last: bool, timer: Timer, train_batch: int | None,
+    ema_dtype: torch.dtype | None = None, ema_device: torch.device | None = None,
 ) -> ModelResult:
     """Every method on the same model, in one run."""
     model = model.to(device=device, dtype=dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ours = ModelEMA(model, DECAY)
+    options = dict(ema_dtype=ema_dtype, device=ema_device)
+    ours = ModelEMA(model, DECAY, **options)
     flat_model = copy.deepcopy(model)  # packing changes the model's storage, so it gets its own copy
-    flat = ModelEMA(flat_model, DECAY, flatten_model=True)
+    flat = ModelEMA(flat_model, DECAY, flatten_model=True, **options)
     loop_ema = copy.deepcopy(ours.module)
     mul_add_ema = copy.deepcopy(ours.module)
     lerp_ema = copy.deepcopy(ours.module)
@@ -260,8 +277,9 @@ def bench_model(
     lerp_floats, lerp_model_floats = map(list, zip(*float_pairs))
     lerp_ints, lerp_model_ints = (list(x) for x in zip(*int_pairs)) if int_pairs else ([], [])
     elements = sum(tensor.numel() for _, tensor in float_pairs)
-    floor_ema = torch.zeros(elements, device=device, dtype=dtype)
-    floor_model = torch.ones(elements, device=device, dtype=dtype)
+    offloaded = ema_device is not None and ema_device != device
+    floor_ema = torch.zeros(elements, device=ema_device or device, dtype=ema_dtype or dtype)
+    floor_model = torch.ones(elements, device=ema_device or device, dtype=ema_dtype or dtype)
 
     steps: dict[str, Callable[[], None]] = {
         "for-loop": lambda: for_loop_step(loop_tensors, model_tensors, DECAY),
@@ -271,14 +289,60 @@ def bench_model(
         "fastema flat": flat.update,
         "floor": lambda: floor_ema.lerp_(floor_model, 1 - DECAY),
     }
+    if lerp_floats[0].dtype != lerp_model_floats[0].dtype or offloaded:
+        del steps["foreach_lerp"]  # `_foreach_lerp_` needs one dtype and one device on both sides
+    if offloaded:
+        # The least an offloaded update can do: one copy of the model's elements to pinned host memory, one lerp_.
+        gpu_flat = torch.ones(elements, device=device, dtype=dtype)
+        pinned = torch.empty(elements, dtype=dtype, pin_memory=True)
+
+        def floor_step() -> None:
+            pinned.copy_(gpu_flat, non_blocking=True)
+            torch.cuda.current_stream(device).synchronize()
+            floor_ema.lerp_(pinned if pinned.dtype == floor_ema.dtype else floor_model, 1 - DECAY)
+
+        steps["floor"] = floor_step
+        steps = {method: _to_completion(step, device, (ours, flat)) for method, step in steps.items()}
+    # An offloaded step ends in a background thread, which CUDA events cannot see: time it on the host.
+    step_timer = Timer(torch.device("cpu"), timer.budget_s, timer.rounds, timer.min_repeats) if offloaded else timer
     with torch.no_grad():
-        ms = timer.compare(steps)
-        memory = {method: extra_memory_bytes(steps[method], device) for method in METHODS}
+        ms: dict[str, float | None] = dict.fromkeys(METHODS)
+        ms.update(step_timer.compare(steps))
+        if offloaded:
+            ms[OFFLOAD_METHOD] = _training_thread_ms(ours, step_timer)
+        memory = {method: extra_memory_bytes(steps[method], device) for method in steps}
     train_ms = None if train_batch is None else train_step_ms(model, kind, train_batch, timer, dtype)
     return ModelResult(name, len(model_tensors), elements, ms, memory, train_ms)
 
 
-def machine_description(device: torch.device, dtype_name: str, channels_last: bool) -> dict[str, str]:
+def _to_completion(step: Callable[[], None], device: torch.device, emas: tuple[ModelEMA, ...]) -> Callable[[], None]:
+    """`step`, then wait for the GPU and for background EMA updates: an offloaded step's whole cost."""
+
+    def run() -> None:
+        step()
+        torch.cuda.synchronize(device)
+        for ema in emas:
+            ema.synchronize()
+
+    return run
+
+
+def _training_thread_ms(ema: ModelEMA, timer: Timer) -> float:
+    """Median time `update()` holds the caller, each time after the previous update has finished."""
+    samples = []
+    for _ in range(max(timer.min_repeats, 5 * timer.rounds)):
+        ema.synchronize()
+        began = time.perf_counter()
+        ema.update()
+        samples.append((time.perf_counter() - began) * 1e3)
+    ema.synchronize()
+    return statistics.median(samples)
+
+
+def machine_description(
+    device: torch.device, dtype_name: str, channels_last: bool, ema_dtype: str | None = None,
+    ema_device: str | None = None,
+) -> dict[str, str]:
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
@@ -289,6 +353,8 @@ def machine_description(device: torch.device, dtype_name: str, channels_last: bo
         "torch": torch.__version__,
         "python": platform.python_version(),
         "dtype": dtype_name,
+        "ema_dtype": ema_dtype or dtype_name,
+        "ema_device": ema_device or str(device),
         "channels_last": str(channels_last),
         "command": "fastema bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "fastema bench",
     }
@@ -310,20 +376,24 @@ def markdown_report(machine: dict[str, str], results: list[ModelResult]) -> str:
     lines = [", ".join(f"{key}: {value}" for key, value in machine.items()), ""]
     lines.append("Median ms per EMA step:")
     lines.append("")
-    lines.append("| model | tensors | elements (M) | " + " | ".join(METHODS) + " |")
-    lines.append("|---|---:|---:|" + "---:|" * len(METHODS))
+    methods = list(results[0].ms) if results else METHODS
+    lines.append("| model | tensors | elements (M) | " + " | ".join(methods) + " |")
+    lines.append("|---|---:|---:|" + "---:|" * len(methods))
     for result in results:
-        times = " | ".join(f"{result.ms[method]:.3f}" for method in METHODS)
+        times = " | ".join("n/a" if result.ms[method] is None else f"{result.ms[method]:.3f}" for method in methods)
         lines.append(f"| {result.model} | {result.tensors} | {result.elements / 1e6:.1f} | {times} |")
     lines += ["", "Ratios (same run):", ""]
-    ratio_names = list(results[0].ratios) if results else []
+    ratio_names = list(dict.fromkeys(name for result in results for name in result.ratios))
     lines.append("| model | " + " | ".join(ratio_names) + " | extra memory (fastema, flat) |")
     lines.append("|---|" + "---:|" * (len(ratio_names) + 1))
     for result in results:
         cells = []
         for ratio in ratio_names:
-            value = result.ratios[ratio]
-            cells.append(f"{100 * value:.2f}%" if ratio.startswith("EMA share") else f"{value:.2f}x")
+            value = result.ratios.get(ratio)
+            if value is None:
+                cells.append("n/a")
+            else:
+                cells.append(f"{100 * value:.2f}%" if ratio.startswith("EMA share") else f"{value:.2f}x")
         memory = f"{result.extra_memory_bytes['fastema']} B, {result.extra_memory_bytes['fastema flat']} B"
         lines.append(f"| {result.model} | " + " | ".join(cells) + f" | {memory} |")
     return "\n".join(lines)
@@ -341,7 +411,8 @@ def plot_results(path: str, machine: dict[str, str], results: list[ModelResult])
     height = 0.8 / len(methods)
     for index, method in enumerate(methods):
         positions = [row - 0.4 + height * (index + 0.5) for row in range(len(results))]
-        ax.barh(positions, [r.ms[method] / r.ms["floor"] for r in results], height=height, label=method)
+        ratios = [float("nan") if r.ms[method] is None else r.ms[method] / r.ms["floor"] for r in results]
+        ax.barh(positions, ratios, height=height, label=method)
     ax.axvline(1.0, color="black", linewidth=1, linestyle="--", label="floor (one flat lerp_)")
     ax.set_yticks(range(len(results)), [r.model for r in results])
     ax.invert_yaxis()
@@ -364,6 +435,8 @@ def run_bench(
     budget_s: float = 0.5,
     train_batch: int | None = 2,
     custom_models: dict[str, tuple[Callable[[], nn.Module], str]] | None = None,
+    ema_dtype: str | None = None,
+    ema_device: str | None = None,
 ) -> list[ModelResult]:
     """Run the benchmark and print a markdown report (or JSON); `custom_models` adds models by name."""
     catalogue = dict(MODELS, **(custom_models or {}))
@@ -371,19 +444,25 @@ def run_bench(
     unknown = [name for name in names if name not in catalogue]
     if unknown:
         raise ValueError(f"Invalid models: {unknown}; expected names from {list(catalogue)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"Invalid dtype: {dtype!r}; expected one of {list(DTYPES)}")
+    for name, value in (("dtype", dtype), ("ema_dtype", ema_dtype)):
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"Invalid {name}: {value!r}; expected one of {list(DTYPES)}")
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("Invalid device: 'cuda', but CUDA is not available on this machine")
+    if ema_device not in (None, "cpu") or (ema_device == "cpu" and torch_device.type != "cuda"):
+        raise ValueError(f"Invalid ema_device: {ema_device!r}; expected None, or 'cpu' with device='cuda' (offloading)")
     timer = Timer(torch_device, budget_s=budget_s)
-    machine = machine_description(torch_device, dtype, channels_last)
+    machine = machine_description(torch_device, dtype, channels_last, ema_dtype, ema_device)
+    options = dict(
+        ema_dtype=DTYPES[ema_dtype] if ema_dtype else None, ema_device=torch.device(ema_device) if ema_device else None
+    )
     results = []
     for name in names:
         builder, kind = catalogue[name]
         torch.manual_seed(0)
         results.append(
-            bench_model(name, builder(), kind, torch_device, DTYPES[dtype], channels_last, timer, train_batch)
+            bench_model(name, builder(), kind, torch_device, DTYPES[dtype], channels_last, timer, train_batch, **options)
         )
         if not as_json:
             print(f"measured {name}", file=sys.stderr, flush=True)
