@@ -327,3 +327,20 @@ def test_follows_ema_module_converted_by_the_user(flatten_model):
     module_tensors = dict(itertools.chain(ema.module.named_parameters(), ema.module.named_buffers()))
     for name, expected in reference.state.items():
         torch.testing.assert_close(snapshot(module_tensors[name]), expected, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_buffers_changed_during_use_ema_weights_do_not_leak_into_the_ema():
+    """BatchNorm in train mode (or DDP's buffer broadcast) writes buffers while the EMA is in the model."""
+    torch.manual_seed(0)
+    model = ToyNet()
+    ema = ModelEMA(model, 0.9)
+    model(torch.randn(16, 8))
+    ema.update()
+    ema_before = [snapshot(t) for t in ema._ema_tensors]
+    model_before = {name: snapshot(t) for name, t in model.state_dict().items()}
+    with ema.use_ema_weights():
+        model.train()(torch.randn(16, 8))  # updates running_mean/var and num_batches_tracked in the model
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(snapshot(tensor), model_before[name]), name
+    for name, before, after in zip(ema.tensor_names, ema_before, ema._ema_tensors):
+        assert torch.equal(snapshot(after), before), name

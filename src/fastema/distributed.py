@@ -1,8 +1,23 @@
-"""Finding the module to average inside data-parallel and compiled wrappers."""
+"""Data-parallel and sharded models: the module to average inside wrappers, and FSDP2's sharded tensors.
+
+Under DDP every rank holds the whole model and its EMA (identical on every rank, since the
+weights are). Under FSDP2 (`fully_shard`) parameters are DTensors sharded across ranks: the
+EMA of each parameter is kept as the local shard only and updated shard-locally, and the
+full EMA exists only when asked for (`ModelEMA.state_dict()`, a collective).
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+try:  # public since torch 2.4
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - older torch or no distributed build
+    try:
+        from torch.distributed._tensor import DTensor, distribute_tensor
+    except ImportError:
+        DTensor = distribute_tensor = None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -14,3 +29,33 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether `tensor` is a DTensor (an FSDP2/tensor-parallel parameter): each rank holds a part."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local_part(tensor: Tensor) -> Tensor:
+    """`tensor` itself, or for a DTensor the part this rank holds (a view of its storage)."""
+    if not is_sharded(tensor):
+        return tensor
+    with torch.no_grad():
+        return tensor.to_local().detach()
+
+
+def gather_full(local: Tensor, like: Tensor) -> Tensor:
+    """The full tensor whose parts, laid out as `like` (a DTensor), are every rank's `local` (a collective)."""
+    parts = DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+    return parts.full_tensor()
+
+
+def shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """This rank's part of `full`, laid out as `like` (a DTensor); every rank passes the same `full`."""
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements).to_local()
+
+
+def rank() -> int:
+    """This process's rank, 0 without an initialised process group."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if initialised else 0

@@ -22,7 +22,7 @@ from ._grouping import Group, group_tensor_pairs
 from ._offload import MirrorGroup
 from .schedules import DecayWarmup, check_warmup
 from .checkpoint import atomic_save, read_checkpoint
-from .distributed import unwrap_model
+from .distributed import gather_full, is_sharded, local_part, rank, shard_like, unwrap_model
 
 STATE_FORMAT = "fastema.ModelEMA"
 STATE_VERSION = 1
@@ -154,7 +154,17 @@ class ModelEMA:
         self.update_every = check_update_every(update_every)
         self.warmup = check_warmup(warmup)
         self.model = unwrap_model(model)
-        self._module = self._copy_of_model()
+        tracked = tracked_tensors(self.model, self.all_parameters, self.all_buffers)
+        # FSDP2 (`fully_shard`): DTensor parameters; the EMA keeps this rank's shard of each, no module copy.
+        self.sharded = any(is_sharded(tensor) for tensor in tracked.values())
+        if self.sharded and self.flatten_model:
+            raise ValueError("Invalid flatten_model: True, but the model is sharded (FSDP2), which owns its storage")
+        self._module: nn.Module | None = None
+        self._shards: dict[str, Tensor] = {}
+        if self.sharded:
+            self._shards = {name: self._ema_twin(local_part(tensor)) for name, tensor in tracked.items()}
+        else:
+            self._module = self._copy_of_model()
         self.num_updates = 0  # EMA updates done
         self.num_steps = 0  # calls of `update()` (optimizer steps) since the EMA (re)started
         self.last_decay = self.decay
@@ -164,8 +174,18 @@ class ModelEMA:
     @property
     def module(self) -> nn.Module:
         """The averaged copy of the model (eval mode, no gradients)."""
+        if self._module is None:
+            raise RuntimeError(
+                "ModelEMA.module: the model is sharded (FSDP2), so the EMA holds shards only; evaluate with "
+                "use_ema_weights(), or get the full EMA from state_dict()"
+            )
         self.synchronize()
         return self._module
+
+    def _ema_twin(self, tensor: Tensor) -> Tensor:
+        """A copy of `tensor` where and in the dtype the EMA keeps it."""
+        dtype = self.ema_dtype if self.ema_dtype is not None and tensor.is_floating_point() else tensor.dtype
+        return tensor.detach().to(device=self.device or tensor.device, dtype=dtype, copy=True)
 
     def _copy_of_model(self) -> nn.Module:
         """A copy of the model with its tensors created directly where and in the dtype the EMA keeps them.
@@ -176,8 +196,7 @@ class ModelEMA:
         memo: dict[int, object] = {}
         with torch.no_grad():
             for tensor in named_model_tensors(self.model).values():
-                dtype = self.ema_dtype if self.ema_dtype is not None and tensor.is_floating_point() else tensor.dtype
-                twin = tensor.detach().to(device=self.device or tensor.device, dtype=dtype, copy=True)
+                twin = self._ema_twin(tensor)
                 memo[id(tensor)] = nn.Parameter(twin, requires_grad=False) if isinstance(tensor, nn.Parameter) else twin
         ema_module = copy.deepcopy(self.model, memo)
         for parameter in ema_module.parameters():
@@ -188,10 +207,13 @@ class ModelEMA:
     def _build_groups(self) -> None:
         """Pair EMA and model tensors by name and group them for the fused kernels (done once)."""
         model_tensors = tracked_tensors(self.model, self.all_parameters, self.all_buffers)
-        ema_by_name = named_model_tensors(self._module)
+        ema_by_name = self._shards if self._module is None else named_model_tensors(self._module)
         self.tensor_names = list(model_tensors)
         self._ema_tensors = [ema_by_name[name] for name in self.tensor_names]
-        self._model_tensors = list(model_tensors.values())
+        self._model_tensors = [local_part(tensor) for tensor in model_tensors.values()]  # shard-local under FSDP2
+        self._is_parameter = [isinstance(tensor, nn.Parameter) for tensor in model_tensors.values()]
+        # For sharded tensors, the DTensor whose layout gathers the EMA shards into a full tensor.
+        self._layouts = {name: tensor for name, tensor in model_tensors.items() if is_sharded(tensor)}
         self._groups: list[Group | FlatGroup] = []
         rest_ema, rest_model = self._ema_tensors, self._model_tensors
         if self.flatten_model:
@@ -225,7 +247,7 @@ class ModelEMA:
     def _follow_model(self) -> None:
         """The model was moved or cast after construction: move the EMA along (if it follows) and regroup."""
         self.synchronize()
-        if self.device is None:
+        if self.device is None and self._module is not None:
             with torch.no_grad():
                 for name, model_tensor in tracked_tensors(self.model, self.all_parameters, self.all_buffers).items():
                     owner_name, _, leaf = name.rpartition(".")
@@ -311,6 +333,8 @@ class ModelEMA:
 
     def _matching_tensors(self, module: nn.Module, purpose: str) -> list[Tensor]:
         """`module`'s tensors in tracking order, or a ValueError listing every name/shape mismatch."""
+        if self.sharded:
+            raise RuntimeError(f"{purpose} with another module is not supported for a sharded (FSDP2) EMA")
         by_name = named_model_tensors(unwrap_model(module))
         missing = [name for name in self.tensor_names if name not in by_name]
         mismatched = [
@@ -345,16 +369,21 @@ class ModelEMA:
         self.before_model_write()
         backups: list[Tensor | None] = []
         try:
-            for model_tensor, ema_tensor in zip(self._model_tensors, self._ema_tensors):
-                if model_tensor.dtype == ema_tensor.dtype:
+            for model_tensor, ema_tensor, is_parameter in zip(
+                self._model_tensors, self._ema_tensors, self._is_parameter
+            ):
+                # Buffers can change while the EMA is in the model (DDP broadcasts rank 0's at every
+                # forward, BatchNorm in train mode updates them): they are backed up, not exchanged,
+                # so that the EMA comes back unchanged whatever happens to them.
+                if is_parameter and model_tensor.dtype == ema_tensor.dtype:
                     # Exchange the two: exact both ways, extra memory of one tensor at a time.
                     held = model_tensor.clone()
                     model_tensor.copy_(ema_tensor)
                     ema_tensor.copy_(held)
                     backups.append(None)
                 else:
-                    # A cast would lose EMA precision on the way back, so keep the model's bits instead,
-                    # where the EMA lives (host memory when it is offloaded).
+                    # (A cast would also lose EMA precision on the way back.) The backup lives where
+                    # the EMA lives: host memory when it is offloaded.
                     backups.append(model_tensor.to(ema_tensor.device, copy=True))
                     model_tensor.copy_(ema_tensor)
         except BaseException:
@@ -394,12 +423,19 @@ class ModelEMA:
         return self._backups is not None
 
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly: EMA tensors by name, update count, decay, config."""
+        """Everything needed to continue exactly: EMA tensors by name, update count, decay, config.
+
+        For a sharded (FSDP2) model the tensors are the full EMA, gathered shard by shard into
+        CPU memory: a collective that every rank must call.
+        """
         self.synchronize()
+        tensors = dict(zip(self.tensor_names, self._ema_tensors))
+        for name, layout in self._layouts.items():
+            tensors[name] = gather_full(tensors[name].to(layout.device), layout).cpu()
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
-            "tensors": dict(zip(self.tensor_names, self._ema_tensors)),
+            "tensors": tensors,
             "num_updates": self.num_updates,
             "num_steps": self.num_steps,
             "update_every": self.update_every,
@@ -411,19 +447,31 @@ class ModelEMA:
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore from `state_dict()`; everything is checked before anything is written."""
-        tensors, counts, last_decay = check_state_dict(
-            state_dict, dict(zip(self.tensor_names, self._ema_tensors)), self.decay
-        )
+        """Restore from `state_dict()`; everything is checked before anything is written.
+
+        A sharded (FSDP2) EMA takes the full tensors and keeps this rank's shards (every rank
+        must call it, with the same state).
+        """
+        expected = dict(zip(self.tensor_names, self._ema_tensors))
+        expected.update(self._layouts)  # full shapes for sharded tensors
+        tensors, counts, last_decay = check_state_dict(state_dict, expected, self.decay, self.ema_dtype)
         self.synchronize()
         for name, ema_tensor in zip(self.tensor_names, self._ema_tensors):
-            ema_tensor.copy_(tensors[name])
+            layout = self._layouts.get(name)
+            ema_tensor.copy_(tensors[name] if layout is None else shard_like(tensors[name], layout))
         self.num_updates, self.num_steps = counts
         self.last_decay = last_decay
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write `state_dict()` to `path` atomically (a kill mid-write leaves the previous file intact)."""
-        return atomic_save(self.state_dict(), path)
+        """Write `state_dict()` to `path` atomically (a kill mid-write leaves the previous file intact).
+
+        Under `torch.distributed` only rank 0 writes; for a sharded (FSDP2) model every rank must
+        call it (gathering the EMA is a collective). Other ranks should `dist.barrier()` before loading.
+        """
+        state = self.state_dict()
+        if rank() == 0:
+            atomic_save(state, path)
+        return Path(path)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore from a file written by `save()`, made on any device; a bad file changes nothing."""

@@ -1,0 +1,232 @@
+"""Code that runs inside the ranks of the distributed tests (spawned processes, gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+WORLD = 2
+STEPS = 12
+GLOBAL_BATCH = 8
+DECAY = 0.8
+
+
+class Mlp(nn.Module):
+    """No BatchNorm (DDP would average per-rank statistics differently); an int buffer that is copied."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        return self.layers(x)
+
+
+def global_batches():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(GLOBAL_BATCH, 6, generator=generator, dtype=torch.float64) for _ in range(STEPS)]
+
+
+def loss_of(model, x):
+    return model(x).square().mean()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(worker, out_dir, timeout_s=120.0, *args):
+    """Run `worker(rank, out_dir, *args)` on WORLD processes (torch.multiprocessing, spawn); fail past the timeout."""
+    port = free_port()
+    context = mp.start_processes(
+        _entry, args=(worker, port, str(out_dir), *args), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{worker.__name__} did not finish within {timeout_s} s")
+
+
+def _entry(rank, worker, port, out_dir, *args):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        worker(rank, out_dir, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def ema_bytes(ema) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in ema._ema_tensors)
+
+
+def ddp_worker(rank, out_dir):
+    from fastema import ModelEMA
+
+    torch.manual_seed(0)
+    model = Mlp().double()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ema = ModelEMA(ddp, DECAY)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
+    share = GLOBAL_BATCH // WORLD
+    for x in global_batches():
+        loss = loss_of(ddp, x[rank * share : (rank + 1) * share])  # DDP averages the gradients: the global mean
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update()
+    ema.save(os.path.join(out_dir, "ema.pth"))  # every rank calls it; rank 0 writes
+    dist.barrier()
+    loaded = ModelEMA(Mlp().double(), DECAY)
+    loaded.load(os.path.join(out_dir, "ema.pth"))
+    torch.save(
+        {
+            "ema": dict(ema.module.state_dict()), "loaded": dict(loaded.module.state_dict()),
+            "names": ema.tensor_names, "bytes": ema_bytes(ema), "num_updates": ema.num_updates,
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+
+
+def fsdp_worker(rank, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastema import ModelEMA
+
+    torch.manual_seed(0)
+    model = Mlp().double()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.layers:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ema = ModelEMA(model, DECAY)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    share = GLOBAL_BATCH // WORLD
+    collectives_in_update = []
+
+    def collectives(profiler):
+        return [e.name for e in profiler.events() if any(k in e.name.lower() for k in ("c10d", "gloo", "gather"))]
+
+    for step, x in enumerate(global_batches()):
+        loss = loss_of(model, x[rank * share : (rank + 1) * share])  # FSDP averages the gradients too
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step == 3:
+            with profile(activities=[ProfilerActivity.CPU]) as profiler:
+                ema.update()
+            collectives_in_update = collectives(profiler)
+        else:
+            ema.update()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        full = ema.state_dict()  # collective: every rank gathers
+    collectives_in_state_dict = collectives(profiler)  # the control: the same probe does see a gather
+    # Validation: the EMA's shards swapped into the sharded model, restored exactly after.
+    probe = global_batches()[0]
+    before = {name: p.full_tensor().clone() for name, p in model.named_parameters()}
+    model.eval()
+    with ema.use_ema_weights():
+        with torch.no_grad():
+            ema_output = model(probe)
+    model.train()
+    after = {name: p.full_tensor() for name, p in model.named_parameters()}
+    restored = all(torch.equal(before[name], after[name]) for name in before)
+    ema.save(os.path.join(out_dir, "ema.pth"))
+    dist.barrier()
+    fresh = ModelEMA(model, DECAY)  # starts from the model's weights...
+    fresh.load(os.path.join(out_dir, "ema.pth"))  # ...and reshards the full EMA
+    reloaded_equal = all(torch.equal(a, b) for a, b in zip(fresh._ema_tensors, ema._ema_tensors))
+    full_model_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + 8  # + the int buffer
+    replicated_bytes = 8  # buffers are not sharded by FSDP: every rank keeps the count
+    torch.save(
+        {
+            "full": {name: t for name, t in full["tensors"].items()}, "ema_output": ema_output,
+            "restored": restored, "reloaded_equal": reloaded_equal, "bytes": ema_bytes(ema),
+            "full_bytes": full_model_bytes, "replicated_bytes": replicated_bytes, "collectives_in_update": collectives_in_update,
+            "collectives_in_state_dict": collectives_in_state_dict,
+            "sharded": ema.sharded, "num_updates": ema.num_updates,
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+
+
+def fastai_worker(rank, out_dir):
+    """fastai's DistributedTrainer (Accelerate, DDP): EMA per rank, checkpoint written by rank 0 only."""
+    from fastai.callback.core import Callback
+    from fastai.distributed import DistributedDL
+    from fastai.torch_core import defaults
+
+    if not torch.cuda.is_available():
+        # fastai's DistributedDL broadcasts its shuffled indices with `.cuda()` (written for nccl);
+        # on CPU only that broadcast is replaced by the same one over gloo.
+        def broadcast_over_gloo(self, values, source_rank):
+            tensor = torch.tensor(values, dtype=torch.long)
+            dist.broadcast(tensor, source_rank)
+            return tensor.tolist()
+
+        DistributedDL._broadcast = broadcast_over_gloo
+
+    from fastema import EMACallback, learner_checkpoint
+    from helpers import make_learner
+    from reference import ReferenceEMA, expected_tracked
+
+    class Reference(Callback):
+        """A float64 reference EMA of this rank's model, updated from the weights after every optimizer step."""
+
+        order = EMACallback.order + 1
+
+        def before_fit(self):
+            self.reference, self.wrapped, self.steps = None, type(self.learn.model).__name__, 0
+
+        def after_step(self):
+            self.steps += 1
+            tracked = expected_tracked(self.learn.model.module)
+            if self.reference is None:  # the EMA starts from the weights before the first step
+                self.reference = ReferenceEMA(self.start)
+            self.reference.update(tracked, DECAY)
+
+        def before_batch(self):
+            if self.training and self.reference is None:
+                self.start = {n: t.detach().clone() for n, t in expected_tracked(self.learn.model.module).items()}
+
+    writes = []
+    original_save = learner_checkpoint.atomic_save
+    learner_checkpoint.atomic_save = lambda obj, path, **kw: (writes.append(str(path)), original_save(obj, path, **kw))
+    defaults.cpus = 0  # no DataLoader worker processes inside the ranks
+    reference = Reference()
+    learn = make_learner(cbs=[EMACallback(decay=DECAY), reference], path=out_dir)
+    with learn.distrib_ctx(sync_bn=False, cpu=True):  # multi-CPU (gloo); SyncBatchNorm needs GPUs
+        learn.fit(2)
+    own_ema = {name: tensor.clone() for name, tensor in learn.model_ema.state_dict().items()}
+    learn.save("run")  # fastai: only rank 0 writes
+    dist.barrier()
+    learn.load("run")  # every rank loads
+    torch.save(
+        {
+            "ema": own_ema, "loaded": dict(learn.model_ema.state_dict()), "reference": reference.reference.state,
+            "parameters": [name for name, _ in learn.model.named_parameters()],
+            "wrapped": reference.wrapped, "writes": writes, "num_updates": learn.ema.engine.num_updates,
+            "steps": reference.steps,
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )

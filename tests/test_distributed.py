@@ -1,0 +1,93 @@
+"""DDP and FSDP2 with real torch.distributed processes (2 ranks, gloo on CPU) against the single-process reference."""
+
+import torch
+
+import distributed_workers as workers
+from reference import ReferenceEMA, expected_tracked
+
+
+def single_process_reference():
+    """The same model, global batches and optimizer in one process: the EMA every rank must hold."""
+    torch.manual_seed(0)
+    model = workers.Mlp().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(tracked)
+    for x in workers.global_batches():
+        # Each rank's loss is the mean over its half; DDP/FSDP average the two gradients.
+        halves = x.split(workers.GLOBAL_BATCH // workers.WORLD)
+        loss = sum(workers.loss_of(model, half) for half in halves) / workers.WORLD
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        reference.update(tracked, workers.DECAY)
+    model.calls.fill_(workers.STEPS)  # each rank's model ran forward once per step
+    reference.update({"calls": model.calls}, 1.0)  # the count is copied, never averaged
+    return model, reference
+
+
+def assert_matches(state, reference, rtol=1e-10, atol=1e-12):
+    for name, expected in reference.state.items():
+        actual = state[name]
+        if expected.is_floating_point():
+            torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=name)
+        else:
+            assert torch.equal(actual, expected), name
+
+
+def test_ddp_ema_is_identical_on_every_rank_and_equals_the_single_process_reference(tmp_path):
+    workers.launch(workers.ddp_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers.WORLD)]
+    _, reference = single_process_reference()
+    assert not any(name.startswith("module.") for name in ranks[0]["names"])  # the unwrapped module's names
+    for result in ranks:
+        assert result["num_updates"] == workers.STEPS
+        assert_matches(result["ema"], reference)
+        for name, tensor in result["ema"].items():
+            assert torch.equal(tensor, ranks[0]["ema"][name]), name  # bit-identical across ranks
+            assert torch.equal(result["loaded"][name], tensor), name  # every rank loads rank 0's file
+
+
+def test_fsdp2_ema_is_shard_local_and_gathers_to_the_reference(tmp_path):
+    workers.launch(workers.fsdp_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers.WORLD)]
+    model, reference = single_process_reference()
+    for result in ranks:
+        assert result["sharded"] and result["num_updates"] == workers.STEPS
+        assert result["collectives_in_update"] == []  # no all-gather (or any collective) in the step
+        assert result["collectives_in_state_dict"]  # while gathering the full EMA shows up in the same probe
+        assert_matches(result["full"], reference)  # the gathered full EMA
+        assert result["restored"] and result["reloaded_equal"]
+        # Per-rank EMA memory: about half of the full EMA on each of 2 ranks (DDP keeps all of it).
+        assert result["bytes"] <= 0.6 * result["full_bytes"]
+    extra_copies = (workers.WORLD - 1) * ranks[0]["replicated_bytes"]
+    assert sum(result["bytes"] for result in ranks) == ranks[0]["full_bytes"] + extra_copies
+    # Validation with the EMA weights: the sharded model computes what the reference EMA model computes.
+    ema_model = workers.Mlp().double()
+    ema_model.load_state_dict({name: t for name, t in reference.state.items()}, strict=True)
+    with torch.no_grad():
+        expected = ema_model.eval()(workers.global_batches()[0])
+    for result in ranks:
+        torch.testing.assert_close(result["ema_output"], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_fastai_distrib_ctx_ema_on_every_rank_and_rank0_writes(tmp_path):
+    workers.launch(workers.fastai_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers.WORLD)]
+    assert ranks[0]["wrapped"] == "DistributedDataParallel"  # the callback saw the model wrapped by Accelerate
+    assert len(ranks[0]["writes"]) == 2 and ranks[1]["writes"] == []  # model + EMA file, by rank 0 only
+    for result in ranks:
+        assert result["num_updates"] == result["steps"] == 8  # 2 epochs of 4 batches: each rank has half the data
+        assert_matches(result["ema"], ReferenceState(result["reference"]), rtol=1e-5, atol=1e-6)  # float32 model
+        for name in result["parameters"]:  # DDP keeps the weights, hence their EMA, identical
+            assert torch.equal(result["ema"][name], ranks[0]["ema"][name]), name
+        for name, tensor in result["loaded"].items():  # every rank loads rank 0's file
+            assert torch.equal(tensor, ranks[0]["ema"][name]), name
+    # BatchNorm statistics are each rank's own under DDP without SyncBatchNorm (fastai's sync_bn=True on GPUs
+    # makes them global), so their EMA is too; rank 0's is the one saved.
+    assert not torch.equal(ranks[0]["ema"]["body.1.running_mean"], ranks[1]["ema"]["body.1.running_mean"])
+
+
+class ReferenceState:
+    def __init__(self, state):
+        self.state = state
