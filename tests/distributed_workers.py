@@ -230,3 +230,24 @@ def fastai_worker(rank, out_dir):
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+
+
+def memory_worker(rank, out_dir, model_name="xresnet50"):
+    """Per-rank EMA bytes for one model under DDP and under FSDP2 (each block sharded), for the docs."""
+    from fastai.vision.models import xresnet
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from fastema import ModelEMA
+
+    torch.manual_seed(0)
+    ddp_ema = ModelEMA(nn.parallel.DistributedDataParallel(getattr(xresnet, model_name)()))
+    model = getattr(xresnet, model_name)()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for block in model:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    fsdp_ema = ModelEMA(model)
+    with open(os.path.join(out_dir, f"memory{rank}.txt"), "w") as out:
+        out.write(f"{model_name} rank {rank}: DDP EMA {ema_bytes(ddp_ema) / 2**20:.1f} MiB, ")
+        out.write(f"FSDP2 EMA {ema_bytes(fsdp_ema) / 2**20:.1f} MiB\n")
