@@ -30,6 +30,7 @@ test: $(VENV)/.dev-installed
 
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m fastema bench --plot docs/benchmark-cpu.png
+	$(BIN)/python -m fastema bench --dtype bfloat16 --ema-dtype float32
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache demo_output
