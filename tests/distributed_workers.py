@@ -69,6 +69,7 @@ def _entry(rank, worker, port, out_dir, *args):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         worker(rank, out_dir, *args)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -108,7 +109,7 @@ def ddp_worker(rank, out_dir):
 def fsdp_worker(rank, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastema import ModelEMA
 
@@ -122,10 +123,19 @@ def fsdp_worker(rank, out_dir):
     ema = ModelEMA(model, DECAY)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     share = GLOBAL_BATCH // WORLD
-    collectives_in_update = []
+    class Collectives(TorchDispatchMode):
+        """Records every communication op (c10d and functional collectives) dispatched inside it."""
 
-    def collectives(profiler):
-        return [e.name for e in profiler.events() if any(k in e.name.lower() for k in ("c10d", "gloo", "gather"))]
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "c10d" in func.namespace:
+                self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    collectives_in_update = []
 
     for step, x in enumerate(global_batches()):
         loss = loss_of(model, x[rank * share : (rank + 1) * share])  # FSDP averages the gradients too
@@ -133,14 +143,14 @@ def fsdp_worker(rank, out_dir):
         loss.backward()
         optimizer.step()
         if step == 3:
-            with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            with Collectives() as recorder:
                 ema.update()
-            collectives_in_update = collectives(profiler)
+            collectives_in_update = recorder.names
         else:
             ema.update()
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+    with Collectives() as recorder:
         full = ema.state_dict()  # collective: every rank gathers
-    collectives_in_state_dict = collectives(profiler)  # the control: the same probe does see a gather
+    collectives_in_state_dict = recorder.names  # the control: the same probe does see the gather
     # Validation: the EMA's shards swapped into the sharded model, restored exactly after.
     probe = global_batches()[0]
     before = {name: p.full_tensor().clone() for name, p in model.named_parameters()}

@@ -87,14 +87,18 @@ def all_tensors(module):
     return dict(itertools.chain(module.named_parameters(), module.named_buffers()))
 
 
-def assert_matches_reference(ema, reference, rtol=1e-6, atol=1e-10):
-    ema_tensors = all_tensors(ema.module)
-    for name, expected in reference.state.items():
-        actual = ema_tensors[name]
+def assert_state_matches(state, expected_state, rtol=1e-6, atol=1e-10):
+    """Every tensor of `expected_state` (the reference's float64 values) is in `state`: floats close, others equal."""
+    for name, expected in expected_state.items():
+        actual = state[name]
         if expected.is_floating_point():
             torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=name)
         else:
             assert torch.equal(actual, expected), name
+
+
+def assert_matches_reference(ema, reference, rtol=1e-6, atol=1e-10):
+    assert_state_matches(all_tensors(ema.module), reference.state, rtol, atol)
 
 
 def sgd_steps(model, optimizer, ema, reference, tracked, n_steps, decay, make_input, seed=0):

@@ -12,7 +12,7 @@ from fastai.callback.training import GradientAccumulation
 from fastai.learner import load_learner
 
 from fastema import EMACallback, EMASchedule
-from helpers import make_learner
+from helpers import assert_state_matches, make_learner
 from reference import ReferenceEMA, expected_tracked
 
 N_ITER = 8  # 64 training samples, batch size 8
@@ -59,12 +59,7 @@ class StepRecorder(Callback):
 
 
 def assert_matches_reference(ema_module, reference, rtol=1e-5):
-    state = dict(ema_module.state_dict())
-    for name, expected in reference.state.items():
-        if expected.is_floating_point():
-            torch.testing.assert_close(state[name].double(), expected, rtol=rtol, atol=1e-6, msg=name)
-        else:
-            assert torch.equal(state[name], expected), name
+    assert_state_matches(dict(ema_module.state_dict()), reference.state, rtol=rtol, atol=1e-6)
 
 
 @pytest.mark.parametrize("start,start_step", [(0, 0), (1, N_ITER), (0.25, 8)])

@@ -3,6 +3,7 @@
 import torch
 
 import distributed_workers as workers
+from helpers import assert_state_matches
 from reference import ReferenceEMA, expected_tracked
 
 
@@ -26,15 +27,6 @@ def single_process_reference():
     return model, reference
 
 
-def assert_matches(state, reference, rtol=1e-10, atol=1e-12):
-    for name, expected in reference.state.items():
-        actual = state[name]
-        if expected.is_floating_point():
-            torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=name)
-        else:
-            assert torch.equal(actual, expected), name
-
-
 def test_ddp_ema_is_identical_on_every_rank_and_equals_the_single_process_reference(tmp_path):
     workers.launch(workers.ddp_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers.WORLD)]
@@ -42,7 +34,7 @@ def test_ddp_ema_is_identical_on_every_rank_and_equals_the_single_process_refere
     assert not any(name.startswith("module.") for name in ranks[0]["names"])  # the unwrapped module's names
     for result in ranks:
         assert result["num_updates"] == workers.STEPS
-        assert_matches(result["ema"], reference)
+        assert_state_matches(result["ema"], reference.state, rtol=1e-10, atol=1e-12)
         for name, tensor in result["ema"].items():
             assert torch.equal(tensor, ranks[0]["ema"][name]), name  # bit-identical across ranks
             assert torch.equal(result["loaded"][name], tensor), name  # every rank loads rank 0's file
@@ -56,7 +48,7 @@ def test_fsdp2_ema_is_shard_local_and_gathers_to_the_reference(tmp_path):
         assert result["sharded"] and result["num_updates"] == workers.STEPS
         assert result["collectives_in_update"] == []  # no all-gather (or any collective) in the step
         assert result["collectives_in_state_dict"]  # while gathering the full EMA shows up in the same probe
-        assert_matches(result["full"], reference)  # the gathered full EMA
+        assert_state_matches(result["full"], reference.state, rtol=1e-10, atol=1e-12)  # the gathered full EMA
         assert result["restored"] and result["reloaded_equal"]
         # Per-rank EMA memory: about half of the full EMA on each of 2 ranks (DDP keeps all of it).
         assert result["bytes"] <= 0.6 * result["full_bytes"]
@@ -78,7 +70,7 @@ def test_fastai_distrib_ctx_ema_on_every_rank_and_rank0_writes(tmp_path):
     assert len(ranks[0]["writes"]) == 2 and ranks[1]["writes"] == []  # model + EMA file, by rank 0 only
     for result in ranks:
         assert result["num_updates"] == result["steps"] == 8  # 2 epochs of 4 batches: each rank has half the data
-        assert_matches(result["ema"], ReferenceState(result["reference"]), rtol=1e-5, atol=1e-6)  # float32 model
+        assert_state_matches(result["ema"], result["reference"], rtol=1e-5, atol=1e-6)  # float32 model
         for name in result["parameters"]:  # DDP keeps the weights, hence their EMA, identical
             assert torch.equal(result["ema"][name], ranks[0]["ema"][name]), name
         for name, tensor in result["loaded"].items():  # every rank loads rank 0's file
@@ -86,8 +78,3 @@ def test_fastai_distrib_ctx_ema_on_every_rank_and_rank0_writes(tmp_path):
     # BatchNorm statistics are each rank's own under DDP without SyncBatchNorm (fastai's sync_bn=True on GPUs
     # makes them global), so their EMA is too; rank 0's is the one saved.
     assert not torch.equal(ranks[0]["ema"]["body.1.running_mean"], ranks[1]["ema"]["body.1.running_mean"])
-
-
-class ReferenceState:
-    def __init__(self, state):
-        self.state = state

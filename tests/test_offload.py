@@ -8,7 +8,7 @@ import torch
 from fastema import ModelEMA
 from fastema._grouping import group_tensor_pairs
 from fastema._offload import MirrorGroup
-from helpers import ToyNet, all_tensors, assert_matches_reference, update_forbidding_cuda_sync
+from helpers import ToyNet, all_tensors, assert_matches_reference, assert_state_matches, update_forbidding_cuda_sync
 from reference import ReferenceEMA, expected_tracked, snapshot
 
 
@@ -50,11 +50,7 @@ def test_background_update_uses_the_snapshot_taken_at_step_time(model_dtype):
         for tensor in model.values():  # the next "optimizer step", before the background update is awaited
             tensor.fill_(1000)
         group.wait()
-    for (name, expected), actual in zip(reference.state.items(), ema_tensors):
-        if expected.is_floating_point():
-            torch.testing.assert_close(actual.double(), expected, rtol=1e-6, atol=1e-6, msg=name)
-        else:
-            assert torch.equal(actual, expected), name
+    assert_state_matches(dict(zip(model, ema_tensors)), reference.state, rtol=1e-6, atol=1e-6)
     threads = {thread for spy in spies for thread in spy.threads}
     assert threads and threading.get_ident() not in threads  # the averaging ran in the background thread
 

@@ -7,7 +7,7 @@ import torch
 from fastai.callback.core import Callback
 
 from fastema import EMACallback, EMASchedule, ExponentialWarmup, InverseGammaWarmup, ModelEMA
-from helpers import ToyNet, all_tensors, make_learner, sgd_steps
+from helpers import ToyNet, assert_matches_reference, make_learner
 from reference import ReferenceEMA, expected_tracked
 
 
@@ -63,12 +63,7 @@ def run_engine(n_steps, decay, decay_of_step, update_every=1, **kwargs):
 
 
 def assert_close_to_reference(ema, reference):
-    ema_tensors = all_tensors(ema.module)
-    for name, expected in reference.state.items():
-        if expected.is_floating_point():
-            torch.testing.assert_close(ema_tensors[name].double(), expected, rtol=1e-9, atol=1e-12, msg=name)
-        else:
-            assert torch.equal(ema_tensors[name], expected), name
+    assert_matches_reference(ema, reference, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("warmup,formula", WARMUPS, ids=repr)

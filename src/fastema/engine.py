@@ -17,7 +17,7 @@ from ._checks import (
     check_update_every,
 )
 from ._flat import FlatGroup, split_packable
-from ._foreach import LayoutSentinels, is_averaged
+from ._foreach import LayoutSentinels
 from ._grouping import Group, group_tensor_pairs
 from ._offload import MirrorGroup
 from .schedules import DecayWarmup, check_warmup
