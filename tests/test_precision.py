@@ -88,6 +88,8 @@ def test_channels_last_conv_model_in_bfloat16_with_float32_ema(monkeypatch):
     model = ConvNet().bfloat16().to(memory_format=torch.channels_last)
     ema = ModelEMA(model, 0.95, ema_dtype=torch.float32)
     assert ema.module.conv.weight.stride() == model.conv.weight.stride()
+    staged = [group for group in ema._groups if isinstance(group, _mixed.StagedGroup)]
+    assert staged and all(not group.unstaged for group in staged)  # channels-last is dense: staged, not converted
     tracked = expected_tracked(model)
     reference = ReferenceEMA(tracked)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)

@@ -31,16 +31,13 @@ def flat_view(tensor: Tensor) -> Tensor | None:
 class StagedGroup:
     """EMA and model tensors on one device in different floating dtypes, updated through a staging buffer."""
 
-    def __init__(
-        self, ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], fused: bool,
-        staging_elements: int | None = None,
-    ) -> None:
+    def __init__(self, ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], fused: bool) -> None:
         device, dtype = ema_tensors[0].device, ema_tensors[0].dtype
         if not (is_averaged(ema_tensors[0]) and is_averaged(model_tensors[0])):
             raise TypeError(f"StagedGroup averages floating tensors, got {dtype} and {model_tensors[0].dtype}")
         self.copy: Kernel = copy_fused if fused else copy_loop
         self.lerp: Kernel = lerp_fused if fused else lerp_loop
-        chunk = staging_elements or STAGING_ELEMENTS.get(device.type, DEFAULT_STAGING_ELEMENTS)
+        chunk = STAGING_ELEMENTS.get(device.type, DEFAULT_STAGING_ELEMENTS)
         # Pieces: (EMA, model) 1-D views of at most `chunk` elements, in the same memory order on both sides.
         pieces: list[tuple[Tensor, Tensor]] = []
         self.unstaged: list[tuple[Tensor, Tensor]] = []  # pairs without a shared flat layout (rare)
