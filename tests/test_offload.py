@@ -1,6 +1,7 @@
 """An EMA on another device than the model: the background pipeline (on CPU) and the CUDA offload (marked)."""
 
 import threading
+import weakref
 
 import pytest
 import torch
@@ -157,3 +158,33 @@ def test_fastai_validation_with_an_offloaded_ema_restores_the_model_exactly():
     for name, tensor in learn.model.state_dict().items():
         assert torch.equal(snapshot(tensor), model_weights[name]), name
     assert learn.recorder.values[-1][1] == pytest.approx(ema_loss)  # the fit's last validation used the EMA
+
+
+def test_torch_optimizer_step_waits_for_pending_copies(monkeypatch):
+    """The global step pre-hook reaches every offloaded group that may still be copying the weights."""
+    from fastema import _offload
+
+    calls = []
+
+    class PendingCopy:
+        def before_model_write(self):
+            calls.append("waited")
+
+    pending = PendingCopy()
+    monkeypatch.setattr(_offload, "_pending_copies", weakref.WeakSet([pending]))
+    _offload._install_optimizer_hook()
+    parameter = torch.nn.Parameter(torch.ones(3))
+    parameter.grad = torch.ones(3)
+    torch.optim.SGD([parameter], lr=0.1).step()
+    assert calls == ["waited"]
+
+
+def test_fastai_callback_lets_the_engine_guard_every_optimizer_step(monkeypatch):
+    from fastema import EMACallback
+    from helpers import make_learner
+
+    guarded = []
+    monkeypatch.setattr(ModelEMA, "before_model_write", lambda self: guarded.append(self.num_steps))
+    learn = make_learner(cbs=[EMACallback(decay=0.9)])
+    learn.fit(1)  # 8 optimizer steps, then a validation that swaps the EMA into the model
+    assert guarded == list(range(8)) + [8]  # before each step (after the previous update), and before the swap

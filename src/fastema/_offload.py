@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ._foreach import is_dense
 
@@ -36,7 +37,7 @@ def _before_optimizer_step(optimizer, args, kwargs) -> None:
 def _install_optimizer_hook() -> None:
     global _optimizer_hook
     if _optimizer_hook is None:
-        _optimizer_hook = torch.optim.optimizer.register_optimizer_step_pre_hook(_before_optimizer_step)
+        _optimizer_hook = register_optimizer_step_pre_hook(_before_optimizer_step)
 
 
 def mirror_of(tensors: Sequence[Tensor], device: torch.device, pin_memory: bool) -> list[Tensor]:
