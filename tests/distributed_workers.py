@@ -78,8 +78,23 @@ def ema_bytes(ema) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in ema._ema_tensors)
 
 
+def record_writes(module):
+    """Replace `module.atomic_save` by a wrapper that records the paths it writes (this process only)."""
+    writes = []
+    original = module.atomic_save
+
+    def recording_save(obj, path, **kwargs):
+        writes.append(str(path))
+        return original(obj, path, **kwargs)
+
+    module.atomic_save = recording_save
+    return writes
+
+
 def ddp_worker(rank, out_dir):
-    from fastema import ModelEMA
+    from fastema import ModelEMA, engine
+
+    writes = record_writes(engine)
 
     torch.manual_seed(0)
     model = Mlp().double()
@@ -100,7 +115,7 @@ def ddp_worker(rank, out_dir):
     torch.save(
         {
             "ema": dict(ema.module.state_dict()), "loaded": dict(loaded.module.state_dict()),
-            "names": ema.tensor_names, "bytes": ema_bytes(ema), "num_updates": ema.num_updates,
+            "names": ema.tensor_names, "bytes": ema_bytes(ema), "num_updates": ema.num_updates, "writes": writes,
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
@@ -219,9 +234,7 @@ def fastai_worker(rank, out_dir):
             if self.training and self.reference is None:
                 self.start = {n: t.detach().clone() for n, t in expected_tracked(self.learn.model.module).items()}
 
-    writes = []
-    original_save = learner_checkpoint.atomic_save
-    learner_checkpoint.atomic_save = lambda obj, path, **kw: (writes.append(str(path)), original_save(obj, path, **kw))
+    writes = record_writes(learner_checkpoint)
     defaults.cpus = 0  # no DataLoader worker processes inside the ranks
     reference = Reference()
     learn = make_learner(cbs=[EMACallback(decay=DECAY), reference], path=out_dir)

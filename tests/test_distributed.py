@@ -32,6 +32,7 @@ def test_ddp_ema_is_identical_on_every_rank_and_equals_the_single_process_refere
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers.WORLD)]
     _, reference = single_process_reference()
     assert not any(name.startswith("module.") for name in ranks[0]["names"])  # the unwrapped module's names
+    assert len(ranks[0]["writes"]) == 1 and ranks[1]["writes"] == []  # every rank called save; rank 0 wrote
     for result in ranks:
         assert result["num_updates"] == workers.STEPS
         assert_state_matches(result["ema"], reference.state, rtol=1e-10, atol=1e-12)
