@@ -58,6 +58,7 @@ def run_demo(epochs: int = 12, lr: float = 0.03, output: Path | str = "demo_outp
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
     from fastai.optimizer import Adam
+    from fastai.torch_core import set_seed
 
     from .callback import EMASchedule
 
@@ -79,7 +80,7 @@ def run_demo(epochs: int = 12, lr: float = 0.03, output: Path | str = "demo_outp
                 ema=_accuracy(engine.module, self.dls.valid),
             ))
 
-    torch.manual_seed(seed)
+    set_seed(seed)  # Python's `random` too: fastai's DataLoader shuffles with it
     dls = _digits_dataloaders(batch_size=64, seed=seed)
     tracker = RawAndEMAAccuracy()
     ema = EMASchedule(start_decay=0.9, final_decay=0.99, start=0, finish=0.3)
