@@ -80,6 +80,7 @@ def test_wandb_offline_run_history_holds_ema_decay(tmp_path, monkeypatch):
         learn.fit(2, cbs=[WandbCallback(log=None, log_preds=False, log_model=False)])
     finally:
         wandb.finish()
+        wandb.teardown()  # waits for W&B's service process to write everything out, and ends it
     run_file = next(tmp_path.glob(f"wandb/offline-run-*{run.id}/run-{run.id}.wandb"))
     rows = read_wandb_history(run_file)
     logged = {row["_step"]: row["ema_decay"] for row in rows if "ema_decay" in row}
