@@ -15,7 +15,9 @@ def test_demo_command_prints_table_and_writes_plot(tmp_path, capsys):
     for row in rows:
         raw, ema = (float(cell) for cell in row.split("|")[1:])
         # Chance is 0.1. After 2 epochs at a high constant learning rate the EMA (decay 0.99, a
-        # ~100-step horizon, longer than the run) still holds early weights: 0.58-0.88 over seeds.
+        # ~100-step horizon, longer than the run) still holds early weights: 0.39-0.88 over the
+        # data orders we tried (0.58-0.88 over seeds 0-5), and another CPU's rounding can move
+        # a seeded run to another outcome in that spread.
         assert 0.5 < raw <= 1 and 0.3 < ema <= 1
 
 
