@@ -75,7 +75,7 @@ def _entry(rank, worker, port, out_dir, *args):
 
 
 def ema_bytes(ema) -> int:
-    return sum(tensor.numel() * tensor.element_size() for tensor in ema._ema_tensors)
+    return sum(tensor.numel() * tensor.element_size() for tensor in ema._binding.ema_tensors)
 
 
 def record_writes(module):
@@ -180,7 +180,7 @@ def fsdp_worker(rank, out_dir):
     dist.barrier()
     fresh = ModelEMA(model, DECAY)  # starts from the model's weights...
     fresh.load(os.path.join(out_dir, "ema.pth"))  # ...and reshards the full EMA
-    reloaded_equal = all(torch.equal(a, b) for a, b in zip(fresh._ema_tensors, ema._ema_tensors))
+    reloaded_equal = all(torch.equal(a, b) for a, b in zip(fresh._binding.ema_tensors, ema._binding.ema_tensors))
     full_model_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + 8  # + the int buffer
     replicated_bytes = 8  # buffers are not sharded by FSDP: every rank keeps the count
     torch.save(

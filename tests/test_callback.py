@@ -339,16 +339,27 @@ def test_fine_tune_starts_a_fresh_ema_for_the_unfrozen_fit():
 
 
 @pytest.mark.filterwarnings("ignore:load_learner` uses Python's insecure pickle:UserWarning")
-def test_export_and_load_learner_round_trip(tmp_path):
+def test_export_is_lean_and_export_ema_exports_the_ema_model(tmp_path):
     learn = make_learner(cbs=[EMASchedule(0.5, 0.9)], path=tmp_path)
     learn.fit(1)
     learn.export("export.pkl")
+    assert learn.model_ema is learn.ema_schedule.engine.module  # untouched by the export
     loaded = load_learner(tmp_path / "export.pkl")
-    for name, value in learn.model_ema.state_dict().items():
-        assert torch.equal(loaded.model_ema.state_dict()[name], value), name
-    assert isinstance(loaded.ema_schedule, EMASchedule)
+    assert not hasattr(loaded, "model_ema") and loaded.ema_schedule.engine is None  # no EMA model, no engine
     for name, value in learn.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], value), name
+    plain = make_learner(path=tmp_path)
+    plain.export("plain.pkl")
+    # The EMA adds nothing to the file: only the callback's few attributes.
+    assert (tmp_path / "export.pkl").stat().st_size < 1.2 * (tmp_path / "plain.pkl").stat().st_size
+
+    learn.export_ema("ema.pkl")
+    assert learn.model is not learn.model_ema and isinstance(learn.model, type(learn.model_ema))
+    ema_learner = load_learner(tmp_path / "ema.pkl")
+    for name, value in learn.model_ema.state_dict().items():
+        assert torch.equal(ema_learner.model.state_dict()[name], value), name
+    x = learn.dls.valid.one_batch()[0]
+    assert torch.equal(ema_learner.model.eval()(x), learn.model_ema(x))
 
 
 BAD_ARGUMENTS = [

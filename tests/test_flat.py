@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fastema import ModelEMA
-from fastema import _flat
+from fastema import _steps
 from helpers import ConvNet, ToyNet, all_tensors, assert_matches_reference, sgd_steps, update_forbidding_cuda_sync
 from reference import ReferenceEMA, expected_tracked, snapshot
 
@@ -42,9 +42,12 @@ def test_packed_step_matches_reference_with_an_optimizer_built_before_packing(ch
         assert torch.equal(value, values_before[name]) and value.stride() == strides_before[name], name
     assert len(storages(tracked.values())) == 1
     assert len(storages(all_tensors(ema.module).values())) == 1
-    # Two packed groups and nothing else: the floats (one lerp_) and BatchNorm's count (one copy_).
-    assert all(isinstance(g, _flat.FlatGroup) for g in ema._groups)
-    assert sorted(g.averaged for g in ema._groups) == [False, True]
+    # One packed step for the eight floating tensors (one lerp_), and BatchNorm's count copied on its own.
+    packed, count = ema._plan.steps
+    assert isinstance(packed, _steps.PackedStep) and packed.model_flat.numel() == sum(
+        t.numel() for t in tracked.values() if t.is_floating_point()
+    )
+    assert count.kernel is _steps.copy_fused and count.model_tensors == [model.norm.num_batches_tracked]
 
     sgd_steps(model, optimizer, ema, reference, tracked, 100, 0.9, make_input)
     assert ema.num_updates == reference.num_updates == 100

@@ -1,14 +1,13 @@
 """An EMA on another device than the model: the background pipeline (on CPU) and the CUDA offload (marked)."""
 
 import threading
-import weakref
 
 import pytest
 import torch
 
-from fastema import ModelEMA
-from fastema._grouping import group_tensor_pairs
-from fastema._offload import MirrorGroup
+from fastema import ModelEMA, _steps
+from fastema._plan import kernel_steps
+from fastema._steps import OffloadedStep
 from helpers import ToyNet, all_tensors, assert_matches_reference, assert_state_matches, update_forbidding_cuda_sync
 from reference import ReferenceEMA, expected_tracked, snapshot
 
@@ -37,11 +36,11 @@ def test_background_update_uses_the_snapshot_taken_at_step_time(model_dtype):
     reference = ReferenceEMA(model)
     spies = []
 
-    def make_groups(ema, mirror):
-        spies.extend(ThreadSpy(group) for group in group_tensor_pairs(ema, mirror, None))
+    def make_inner(ema, mirror):
+        spies.extend(ThreadSpy(step) for step in kernel_steps(ema, mirror, [True] * len(ema), None))
         return spies
 
-    group = MirrorGroup(ema_tensors, list(model.values()), make_groups, background=True)
+    group = OffloadedStep(ema_tensors, list(model.values()), [True, True, False], make_inner, background=True)
     decay = 0.8
     for _ in range(25):
         for tensor in model.values():
@@ -64,7 +63,7 @@ def test_background_error_is_raised_by_the_next_wait():
         def step(self, weight):
             raise RuntimeError("kernel failed")
 
-    group = MirrorGroup(ema, model, lambda e, m: [Broken()], background=True)
+    group = OffloadedStep(ema, model, [True], lambda e, m: [Broken()], background=True)
     group.step(0.5)
     with pytest.raises(RuntimeError, match="kernel failed"):
         group.wait()
@@ -95,7 +94,9 @@ def test_cuda_model_with_cpu_ema_matches_reference_without_host_sync(dtype, ema_
     model = ToyNet().to("cuda", dtype)
     ema = ModelEMA(model, 0.9, device="cpu", ema_dtype=ema_dtype, flatten_model=flatten_model)
     assert all(t.device.type == "cpu" for t in all_tensors(ema.module).values())
-    assert ema._mirrors and all(m.mirror[0].is_pinned() for m in ema._mirrors)
+    offloaded = [step for step in ema._plan.steps if isinstance(step, OffloadedStep)]
+    offloaded += [inner for step in ema._plan.packed for inner in step.inner if isinstance(inner, OffloadedStep)]
+    assert offloaded and all(m.mirror[0].is_pinned() for m in offloaded)
     tracked = expected_tracked(model)
     reference = ReferenceEMA(tracked)
     adam_steps(model, ema, reference, tracked, 40, 0.9, dtype)
@@ -160,23 +161,36 @@ def test_fastai_validation_with_an_offloaded_ema_restores_the_model_exactly():
     assert learn.recorder.values[-1][1] == pytest.approx(ema_loss)  # the fit's last validation used the EMA
 
 
-def test_torch_optimizer_step_waits_for_pending_copies(monkeypatch):
-    """The global step pre-hook reaches every offloaded group that may still be copying the weights."""
-    from fastema import _offload
+def test_optimizer_hook_reaches_each_offloaded_step_and_goes_away_with_the_last():
+    """The global `torch.optim` step pre-hook lives exactly as long as some offloaded step needs it."""
+    import gc
 
     calls = []
 
-    class PendingCopy:
+    class Waiting:  # stands in for an offloaded step whose copy may still be in flight
         def before_model_write(self):
-            calls.append("waited")
+            calls.append(self)
 
-    pending = PendingCopy()
-    monkeypatch.setattr(_offload, "_pending_copies", weakref.WeakSet([pending]))
-    _offload._install_optimizer_hook()
-    parameter = torch.nn.Parameter(torch.ones(3))
-    parameter.grad = torch.ones(3)
-    torch.optim.SGD([parameter], lr=0.1).step()
-    assert calls == ["waited"]
+    def sgd_step():
+        parameter = torch.nn.Parameter(torch.ones(3))
+        parameter.grad = torch.ones(3)
+        torch.optim.SGD([parameter], lr=0.1).step()
+
+    assert not _steps.optimizer_hook_installed()
+    first, second = Waiting(), Waiting()
+    _steps._watch_optimizer_steps(first)
+    _steps._watch_optimizer_steps(second)
+    sgd_step()
+    assert sorted(map(id, calls)) == sorted([id(first), id(second)])
+    calls.clear()
+    _steps._unwatch_optimizer_steps(first)
+    assert _steps.optimizer_hook_installed()  # `second` still needs it
+    del second
+    gc.collect()
+    _steps._release(None, watched=True)  # what a collected OffloadedStep's finalizer does
+    assert not _steps.optimizer_hook_installed()
+    sgd_step()
+    assert calls == []
 
 
 def test_fastai_callback_lets_the_engine_guard_every_optimizer_step(monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastema import ModelEMA, _mixed
+from fastema import ModelEMA, _steps
 from helpers import ConvNet, ToyNet, all_tensors, assert_matches_reference, sgd_steps
 from reference import ReferenceEMA, expected_tracked, snapshot
 
@@ -52,7 +52,7 @@ def max_error(ema, reference):
 @pytest.mark.parametrize("staging", [None, 7])  # 7 elements: every tensor split over several chunks and batches
 def test_float32_ema_of_bfloat16_model_matches_reference(monkeypatch, flatten_model, foreach, staging):
     if staging:
-        monkeypatch.setitem(_mixed.STAGING_ELEMENTS, "cpu", staging)
+        monkeypatch.setitem(_steps.STAGING_ELEMENTS, "cpu", staging)
     model, ema, reference = run_bf16(0.99, ema_dtype=torch.float32, flatten_model=flatten_model, foreach=foreach)
     assert all(t.dtype == torch.float32 for t in all_tensors(ema.module).values() if t.is_floating_point())
     assert all(t.dtype == torch.bfloat16 for t in all_tensors(model).values() if t.is_floating_point())
@@ -83,12 +83,12 @@ def test_warning_depends_on_the_decay_and_the_dtype():
 
 
 def test_channels_last_conv_model_in_bfloat16_with_float32_ema(monkeypatch):
-    monkeypatch.setitem(_mixed.STAGING_ELEMENTS, "cpu", 50)
+    monkeypatch.setitem(_steps.STAGING_ELEMENTS, "cpu", 50)
     torch.manual_seed(0)
     model = ConvNet().bfloat16().to(memory_format=torch.channels_last)
     ema = ModelEMA(model, 0.95, ema_dtype=torch.float32)
     assert ema.module.conv.weight.stride() == model.conv.weight.stride()
-    staged = [group for group in ema._groups if isinstance(group, _mixed.StagedGroup)]
+    staged = [step for step in ema._plan.steps if isinstance(step, _steps.StagedStep)]
     assert staged and all(not group.unstaged for group in staged)  # channels-last is dense: staged, not converted
     tracked = expected_tracked(model)
     reference = ReferenceEMA(tracked)
@@ -115,7 +115,7 @@ def test_validation_with_a_float32_ema_restores_the_bfloat16_model_exactly():
     model, ema, _ = run_bf16(0.9, n_steps=10, ema_dtype=torch.float32)
     before = {name: snapshot(t) for name, t in all_tensors(model).items()}
     with ema.use_ema_weights():
-        for name, ema_tensor in zip(ema.tensor_names, ema._ema_tensors):
+        for name, ema_tensor in zip(ema.tensor_names, ema._binding.ema_tensors):
             assert torch.equal(all_tensors(model)[name], ema_tensor.to(torch.bfloat16)), name
     for name, tensor in all_tensors(model).items():
         assert torch.equal(snapshot(tensor), before[name]), name
@@ -126,7 +126,7 @@ def test_state_dict_keeps_float32_and_rejects_another_dtype(tmp_path):
     ema.save(tmp_path / "ema.pth")
     twin = ModelEMA(model, 0.9, ema_dtype=torch.float32)
     twin.load(tmp_path / "ema.pth")
-    for a, b in zip(twin._ema_tensors, ema._ema_tensors):
+    for a, b in zip(twin._binding.ema_tensors, ema._binding.ema_tensors):
         assert a.dtype == b.dtype and torch.equal(a, b)
     bf16 = ModelEMA(model, 0.9)
     with pytest.raises(ValueError, match="dtype torch.float32 != torch.bfloat16"):

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import ExitStack
 from numbers import Integral, Real
 
 import torch
-
 from fastai.callback.core import Callback
-from fastai.learner import Recorder
+from fastai.learner import Learner, Recorder
 from fastcore.basics import store_attr
 
 from . import learner_checkpoint
+from ._binding import tracked_tensors
 from ._checks import (
     DeviceLike, check_decay, check_device, check_ema_dtype, check_flag, check_flatten_model, check_foreach,
     check_update_every,
 )
+from ._state import check_state_dict
 from .distributed import unwrap_model
-from .engine import ModelEMA, check_state_dict, tracked_tensors
+from .engine import ModelEMA
+from .learner_checkpoint import EMACheckpointing
 from .schedules import DecayWarmup, make_annealer, scheduled_decay
 
 try:  # fastai's default annealer; imported here so that the engine never needs fastai
@@ -57,6 +60,16 @@ def _position_to_step(value: int | float, name: str, n_epoch: int, n_iter: int) 
     return round(value * n_epoch * n_iter)
 
 
+def _fit_running(learn) -> bool:
+    """Whether `learn.fit` is executing now (fastai fires no event when an exception ends a fit)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is Learner._do_fit.__code__ and frame.f_locals.get("self") is learn:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _resumed_epoch(learn) -> int:
     """The `start_epoch` of the running fit: fastai implements it with a `SkipToEpoch` callback."""
     for callback in learn.cbs:
@@ -65,7 +78,7 @@ def _resumed_epoch(learn) -> int:
     return 0
 
 
-class EMACallback(Callback):
+class EMACallback(Callback, EMACheckpointing):
     "Exponential moving average of the model's weights, updated after every optimizer step"
 
     # After TrainEvalCallback (-10) has moved the model to its device, and after the loggers
@@ -114,7 +127,7 @@ class EMACallback(Callback):
             "ema_dtype,update_every"
         )
         self.engine: ModelEMA | None = None  # the `ModelEMA` doing the averaging, built in `before_fit`
-        self._active = self._started = False
+        self._active = self._started = self._resumed = False
         self._step_cancelled = self._updated = False
         self._validation_depth = self._ignored_fit_events = 0
         self._ema_swap: ExitStack | None = None
@@ -122,6 +135,12 @@ class EMACallback(Callback):
 
     def _decay_at(self, step: int) -> float:
         return self.decay
+
+    def __getstate__(self) -> dict:
+        # `learn.export()` pickles the callbacks: the engine (threads, streams, a model copy) stays behind.
+        state = dict(self.__dict__)
+        state.update(engine=None, _ema_swap=None, _loaded=None, _active=False, _started=False, _validation_depth=0)
+        return state
 
     def _compute_steps(self, n_epoch: int, n_iter: int) -> None:
         if isinstance(self.start, int) and self.start >= n_epoch:
@@ -139,31 +158,41 @@ class EMACallback(Callback):
     def before_fit(self):
         if self._in_validation_context():
             self._ignored_fit_events += 1
+            if not _fit_running(self.learn):  # learn.validate()/get_preds() after an interrupted validation
+                self.restore_model_weights()
             return
-        # lr_find runs its own fit: leave the EMA alone.
-        self._active = not hasattr(self.learn, "lr_finder")
-        if not self._active:
+        self._active = False
+        if hasattr(self.learn, "lr_finder"):  # lr_find runs its own fit: leave the EMA alone
             return
+        others = [cb for cb in self.learn.cbs if isinstance(cb, EMACallback) and cb is not self]
+        if others:
+            raise ValueError(
+                f"Invalid callbacks: {1 + len(others)} EMA callbacks on one Learner ({self}, {', '.join(map(str, others))}). "
+                "Their validations would swap weights over each other; use one EMA callback per Learner (a second "
+                "EMA can be kept with fastema.ModelEMA in a callback of your own)."
+            )
         self.restore_model_weights()  # an interrupted validation of an earlier fit may have left them swapped
         self._compute_steps(self.n_epoch, len(self.dls.train))
         loaded_engine, loaded, self._loaded = self.engine, self._loaded, None
-        self.engine = self._new_engine(self._decay_at(self._start_step))
-        self._started = False
+        self._resumed = False
+        engine, started = self._new_engine(self._decay_at(self._start_step)), False
         if loaded is not None and _resumed_epoch(self.learn) > 0:
             # `learn.load(...)` then `fit(..., start_epoch=k)`: continue exactly where the checkpoint stood.
-            self.engine.load_state_dict(loaded_engine.state_dict())
-            self._started = loaded["started"]
+            engine.load_state_dict(loaded_engine.state_dict())
+            started = loaded["started"]
         elif self.resume:
             previous = getattr(self.learn, "model_ema", None)
             if previous is None:
                 raise ValueError("Invalid resume: True, but learn.model_ema holds no EMA from an earlier fit")
             try:
-                self.engine.copy_from(previous)
+                engine.copy_from(previous)
             except ValueError as error:
                 raise ValueError(f"Invalid resume: learn.model_ema does not match the model ({error})") from error
-            self._started = True
+            started = self._resumed = True
+        self.engine, self._started = engine, started
         self._step_cancelled = self._updated = False
         self._validation_depth = 0
+        self._active = True  # only once everything above succeeded: a refused fit leaves the callback idle
 
     def _new_engine(self, decay: float) -> ModelEMA:
         return ModelEMA(
@@ -176,6 +205,8 @@ class EMACallback(Callback):
         "What `learn.save` writes beside the model: the EMA state and where this callback stood (None before any EMA)"
         if self.engine is None:
             return None
+        if self._ema_swap is not None and not _fit_running(self.learn):
+            self.restore_model_weights()  # left swapped by a validation that an exception interrupted
         if self.engine.ema_weights_in_use:  # mid-validation the model and the EMA hold each other's weights
             raise RuntimeError("Cannot save during EMA validation: the model holds the EMA weights; save after_validate")
         return {
@@ -217,7 +248,7 @@ class EMACallback(Callback):
 
     def before_step(self):
         # An offloaded EMA may still be copying the weights (on a side stream): the optimizer waits for it on the GPU.
-        if self._started:
+        if self._active and self._started:
             self.engine.before_model_write()
 
     def after_cancel_step(self):
@@ -225,7 +256,7 @@ class EMACallback(Callback):
         self._step_cancelled = True
 
     def after_step(self):
-        if self._started and not (self.skip_ema and self._step_cancelled):
+        if self._active and self._started and not (self.skip_ema and self._step_cancelled):
             self._update()
 
     def after_cancel_batch(self):
@@ -257,7 +288,8 @@ class EMACallback(Callback):
             wandb.log({"ema_decay": self.decay}, step=wandb_callback._wandb_step)
 
     def before_validate(self):
-        if not (self._active and self._started and self.validate_ema):
+        # Only inside a running fit: after one that failed or was refused, validate() uses the model's weights.
+        if not (self._active and self._started and self.validate_ema and _fit_running(self.learn)):
             return
         self._validation_depth += 1
         if self._validation_depth == 1:
@@ -322,6 +354,8 @@ class EMASchedule(EMACallback):
         self.final_decay = check_decay(final_decay, "final_decay")
         self.start = _check_position(start, "start", is_finish=False)
         self.finish = _check_position(finish, "finish", is_finish=True)
+        if isinstance(schedule, type) and issubclass(schedule, DecayWarmup):
+            schedule = schedule()  # passed like SchedCos, as the class: its default formula
         self.schedule = schedule
         # A DecayWarmup ramps with the steps since `start` toward final_decay; start_decay and finish do not apply.
         self._warmup = schedule if isinstance(schedule, DecayWarmup) else None
@@ -350,6 +384,8 @@ class EMASchedule(EMACallback):
         self.decay = check_decay(decay, "decay")  # the decay of the latest update before the checkpoint
 
     def _decay_at(self, step: int) -> float:
+        if self._resumed:  # the EMA from an earlier fit has warmed up already
+            return self.final_decay
         if self._warmup is not None:
             return self._warmup(step - self._start_step + 1, self.final_decay)
         return scheduled_decay(self._annealer, self.final_decay, step, self._start_step, self._finish_step)

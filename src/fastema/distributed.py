@@ -19,6 +19,14 @@ except ImportError:  # pragma: no cover - older torch or no distributed build
     except ImportError:
         DTensor = distribute_tensor = None
 
+try:  # FSDP2's module class: public since torch 2.6
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - older torch or no distributed build
+    try:
+        from torch.distributed._composable.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = None
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Return the plain module inside DDP/DataParallel and `torch.compile` wrappers."""
@@ -29,6 +37,21 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def reshard(model: nn.Module) -> None:
+    """FSDP2: put every `fully_shard` module's parameters in their sharded state.
+
+    After a forward, the root module's parameters stay unsharded (all-gathered copies, which the
+    backward would need next): the module then computes with those, not with the shards. Before
+    the shards are read or written (EMA validation, re-reading the model), they must be the
+    parameters again; the next forward all-gathers from them. A no-op for other models.
+    """
+    if FSDPModule is None:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def is_sharded(tensor: Tensor) -> bool:

@@ -1,8 +1,8 @@
-"""ModelEMA: which tensors are averaged, where they live, and the update/swap/state operations."""
+"""ModelEMA: the public object. What is tracked lives in `_binding`, how it steps in `_plan`/`_steps`,
+the swap into the live model in `_swap`, the state format in `_state`."""
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from collections.abc import Iterator
@@ -12,91 +12,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ._binding import Binding, Placement, changes, copy_of_model, tensor_slots, tracked_tensors, watch_module_changes
 from ._checks import (
     DeviceLike, check_decay, check_device, check_ema_dtype, check_flag, check_flatten_model, check_foreach,
     check_update_every,
 )
-from ._flat import FlatGroup, split_packable
-from ._foreach import LayoutSentinels
-from ._grouping import Group, group_tensor_pairs
-from ._offload import MirrorGroup
-from .schedules import DecayWarmup, check_warmup
+from ._plan import Plan, plan_update
+from ._state import STATE_FORMAT, STATE_VERSION, check_state_dict
+from ._swap import WeightSwap
 from .checkpoint import atomic_save, read_checkpoint
-from .distributed import gather_full, is_sharded, local_part, rank, shard_like, unwrap_model
-
-STATE_FORMAT = "fastema.ModelEMA"
-STATE_VERSION = 1
-
-
-def named_model_tensors(module: nn.Module) -> dict[str, Tensor]:
-    """Every parameter and buffer of `module` by its state-dict name (shared tensors once)."""
-    tensors: dict[str, Tensor] = dict(module.named_parameters())
-    tensors.update(module.named_buffers())
-    return tensors
-
-
-def tracked_tensors(module: nn.Module, all_parameters: bool, all_buffers: bool) -> dict[str, Tensor]:
-    """The tensors an EMA averages: trainable parameters and persistent buffers by default."""
-    tensors = {
-        name: parameter
-        for name, parameter in module.named_parameters()
-        if all_parameters or parameter.requires_grad
-    }
-    seen = {id(tensor) for tensor in tensors.values()}
-    for module_name, submodule in module.named_modules():
-        for buffer_name, buffer in submodule._buffers.items():
-            if buffer is None or id(buffer) in seen:
-                continue
-            if not all_buffers and buffer_name in submodule._non_persistent_buffers_set:
-                continue
-            seen.add(id(buffer))
-            tensors[f"{module_name}.{buffer_name}" if module_name else buffer_name] = buffer
-    return tensors
-
-
-def check_state_dict(
-    state_dict: object, expected: dict[str, Tensor], default_decay: float, ema_dtype: torch.dtype | None = None
-) -> tuple[dict[str, Tensor], tuple[int, int], float]:
-    """Check a `ModelEMA.state_dict()` against the EMA tensors it must fill (names, shapes, dtypes).
-
-    `ema_dtype` (if given) replaces the dtype of `expected`'s floating tensors. Returns the
-    tensors, (update count, step count) and latest decay, or raises one ValueError listing
-    every problem.
-    """
-    if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
-        raise ValueError("Invalid state_dict: not a fastema.ModelEMA state (missing format marker)")
-    if state_dict.get("version") != STATE_VERSION:
-        raise ValueError(f"Invalid state_dict: version {state_dict.get('version')!r}, expected {STATE_VERSION}")
-    tensors = state_dict.get("tensors")
-    num_updates = state_dict.get("num_updates")
-    num_steps = state_dict.get("num_steps", num_updates)
-    counts_ok = all(isinstance(count, int) and count >= 0 for count in (num_updates, num_steps))
-    if not isinstance(tensors, dict) or not counts_ok:
-        raise ValueError("Invalid state_dict: 'tensors' must be a dict, 'num_updates' and 'num_steps' non-negative ints")
-    problems = []
-    missing = [name for name in expected if name not in tensors]
-    unexpected = [name for name in tensors if name not in expected]
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    for name, ema_tensor in expected.items():
-        saved = tensors.get(name)
-        if saved is None:
-            continue
-        if not isinstance(saved, Tensor):
-            problems.append(f"{name}: not a tensor")
-        elif saved.shape != ema_tensor.shape:
-            problems.append(f"{name}: shape {tuple(saved.shape)} != {tuple(ema_tensor.shape)}")
-        else:
-            dtype = ema_dtype if ema_dtype is not None and ema_tensor.is_floating_point() else ema_tensor.dtype
-            if saved.dtype != dtype:
-                problems.append(f"{name}: dtype {saved.dtype} != {dtype}")
-    if problems:
-        raise ValueError("Invalid state_dict for this ModelEMA (nothing was loaded): " + "; ".join(problems))
-    last_decay = check_decay(state_dict.get("last_decay", default_decay), "last_decay")
-    return tensors, (num_updates, num_steps), last_decay
-
+from .distributed import gather_full, is_sharded, local_part, rank, reshard, shard_like, unwrap_model
+from .schedules import DecayWarmup, check_warmup
 
 class ModelEMA:
     """Exponential moving average of a model's weights, for any PyTorch training loop.
@@ -107,25 +33,29 @@ class ModelEMA:
     tensors are only read. Tracked: parameters with `requires_grad` (all of them with
     `all_parameters=True`) and persistent buffers (all with `all_buffers=True`); which
     tensors those are is fixed at construction. Same idea as timm's `ModelEmaV3` and
-    TensorFlow's `ExponentialMovingAverage`, with tensors grouped by device and dtype once.
+    TensorFlow's `ExponentialMovingAverage`, with the update planned once (`_plan`).
 
-    `ema.module` is the averaged copy of the model (eval mode, no gradients); untracked
-    tensors in it keep the values they had at construction.
+    `ema.module` is the averaged copy of the model (eval mode, no gradients). Its untracked
+    tensors share the model's storage where the EMA lives beside the model in the same dtype
+    (they cost nothing and hold the model's current values), and are copies otherwise.
 
-    `flatten_model=True` packs the tracked floating tensors of the model, and of the EMA,
-    into one contiguous buffer per (device, dtype), each tensor becoming a view with its own
-    shape and strides; an update is then a single `lerp_`, the fastest step on models with
-    many small tensors. The tensor objects stay the same (optimizers and DDP are unaffected),
-    but their storage is shared: safetensors refuses to save shared storage, and saving one
-    tensor with `torch.save` writes the whole buffer. `model.to(...)` unpacks the model; the
-    next update notices and packs it again where it now lives.
+    The EMA follows the model: if the model's tensors are moved, cast, re-laid-out or replaced
+    (`model.to(...)`, `.half()`, channels-last, `to_empty()`, `load_state_dict(assign=True)`,
+    `p.data = ...`), the next `update()` (or read of the EMA) moves the EMA to the model's new
+    device (keeping its own dtype) and re-plans the step. A change of the model's structure (a
+    tracked tensor gone or reshaped) raises a RuntimeError.
 
-    `ema_dtype=torch.float32` keeps a float32 EMA of a bfloat16/float16 model: with decay
-    0.9998 the update is far below bfloat16's resolution, so an EMA in the model's dtype
-    stalls (a warning says so, once). `device='cpu'` offloads the EMA of a CUDA model to
-    host memory; the update then runs in a background thread (see `_offload`), and whatever
-    reads the EMA waits for it. `update_every=N` updates on every N-th call only, with
-    decay**N. `warmup` makes the decay ramp up with the number of steps (see `schedules`).
+    `flatten_model=True` packs the tracked tensors of the model, and of the EMA, into one
+    contiguous buffer per (device, dtype) where that changes nothing for anyone else (see
+    `_plan`): an update is then a single `lerp_`, the fastest step on models with many small
+    tensors. The tensor objects, their autograd nodes and hooks stay (optimizers and DDP are
+    unaffected), but storage is shared: safetensors refuses to save shared storage.
+
+    `ema_dtype=torch.float32` keeps a float32 EMA of a bfloat16/float16 model (an EMA in the
+    model's dtype stalls; a warning says so). `device='cpu'` offloads the EMA of a CUDA model to
+    host memory; the update then runs in a background thread (see `_steps.OffloadedStep`),
+    and whatever reads the EMA waits for it. `update_every=N` updates on every N-th call only,
+    with decay**N. `warmup` makes the decay ramp up with the number of steps (`schedules`).
     """
 
     def __init__(
@@ -153,113 +83,130 @@ class ModelEMA:
         self.ema_dtype = check_ema_dtype(ema_dtype)
         self.update_every = check_update_every(update_every)
         self.warmup = check_warmup(warmup)
+        watch_module_changes()
         self.model = unwrap_model(model)
+        reshard(self.model)  # FSDP2: read the shards, not a forward's unsharded copies
         tracked = tracked_tensors(self.model, self.all_parameters, self.all_buffers)
         # FSDP2 (`fully_shard`): DTensor parameters; the EMA keeps this rank's shard of each, no module copy.
         self.sharded = any(is_sharded(tensor) for tensor in tracked.values())
         if self.sharded and self.flatten_model:
             raise ValueError("Invalid flatten_model: True, but the model is sharded (FSDP2), which owns its storage")
+        self._placement = Placement(self.device, self.ema_dtype)
         self._module: nn.Module | None = None
         self._shards: dict[str, Tensor] = {}
         if self.sharded:
-            self._shards = {name: self._ema_twin(local_part(tensor)) for name, tensor in tracked.items()}
+            self._shards = {name: self._placement.twin(local_part(tensor)) for name, tensor in tracked.items()}
         else:
-            self._module = self._copy_of_model()
+            self._module = copy_of_model(self.model, tracked, self._placement)
+        self.tensor_names = list(tracked)
         self.num_updates = 0  # EMA updates done
         self.num_steps = 0  # calls of `update()` (optimizer steps) since the EMA (re)started
         self.last_decay = self.decay
-        self._backups: list[Tensor | None] | None = None
-        self._build_groups()
+        self._swap: WeightSwap | None = None
+        self._failure: BaseException | None = None
+        self._plan: Plan | None = None
+        self._bind()
 
-    @property
-    def module(self) -> nn.Module:
-        """The averaged copy of the model (eval mode, no gradients)."""
-        if self._module is None:
-            raise RuntimeError(
-                "ModelEMA.module: the model is sharded (FSDP2), so the EMA holds shards only; evaluate with "
-                "use_ema_weights(), or get the full EMA from state_dict()"
-            )
-        self.synchronize()
-        return self._module
+    # ---- binding and plan --------------------------------------------------------------------------
 
-    def _ema_twin(self, tensor: Tensor) -> Tensor:
-        """A copy of `tensor` where and in the dtype the EMA keeps it."""
-        dtype = self.ema_dtype if self.ema_dtype is not None and tensor.is_floating_point() else tensor.dtype
-        return tensor.detach().to(device=self.device or tensor.device, dtype=dtype, copy=True)
-
-    def _copy_of_model(self) -> nn.Module:
-        """A copy of the model with its tensors created directly where and in the dtype the EMA keeps them.
-
-        Creating them there (through deepcopy's memo) means an offloaded EMA of a large model
-        never needs a second copy in GPU memory, not even for a moment.
-        """
-        memo: dict[int, object] = {}
-        with torch.no_grad():
-            for tensor in named_model_tensors(self.model).values():
-                twin = self._ema_twin(tensor)
-                memo[id(tensor)] = nn.Parameter(twin, requires_grad=False) if isinstance(tensor, nn.Parameter) else twin
-        ema_module = copy.deepcopy(self.model, memo)
-        for parameter in ema_module.parameters():
-            parameter.grad = None
-            parameter.requires_grad_(False)
-        return ema_module.eval()
-
-    def _build_groups(self) -> None:
-        """Pair EMA and model tensors by name and group them for the fused kernels (done once)."""
-        model_tensors = tracked_tensors(self.model, self.all_parameters, self.all_buffers)
-        ema_by_name = self._shards if self._module is None else named_model_tensors(self._module)
-        self.tensor_names = list(model_tensors)
-        self._ema_tensors = [ema_by_name[name] for name in self.tensor_names]
-        self._model_tensors = [local_part(tensor) for tensor in model_tensors.values()]  # shard-local under FSDP2
-        self._is_parameter = [isinstance(tensor, nn.Parameter) for tensor in model_tensors.values()]
-        # For sharded tensors, the DTensor whose layout gathers the EMA shards into a full tensor.
-        self._layouts = {name: tensor for name, tensor in model_tensors.items() if is_sharded(tensor)}
-        self._groups: list[Group | FlatGroup] = []
-        rest_ema, rest_model = self._ema_tensors, self._model_tensors
-        if self.flatten_model:
-            self._groups, rest_ema, rest_model = split_packable(
-                rest_ema, rest_model, named_model_tensors(self.model).values()
-            )
-        if rest_model:
-            self._groups += group_tensor_pairs(rest_ema, rest_model, self.foreach)
-        self._mirrors = [
-            group
-            for outer in self._groups
-            for group in (getattr(outer, "inner", None) or [outer])
-            if isinstance(group, MirrorGroup)
-        ]
-        # Updates below this weight (1 - decay) round to nothing in the EMA's dtype when the
-        # model is within 10% of the EMA: |weight * 0.1 * ema| < half a unit in the last place.
-        self._underflow_weight = max(
-            (5 * torch.finfo(tensor.dtype).eps for tensor in self._ema_tensors if tensor.is_floating_point()),
-            default=0.0,
+    def _bind(self) -> None:
+        """Pair the model's tensors with the EMA's and plan the update (done once, and after the model changed)."""
+        self._plan = None  # dropped first: the buffers it packed are free to move again
+        binding = self._binding = Binding(self.model, self._module, self._shards, self.tensor_names)
+        all_model_tensors = [tensor for _, tensor in tensor_slots(self.model).values()] if self.flatten_model else []
+        self._plan = plan_update(
+            binding.ema_tensors, binding.model_locals, binding.is_parameter, foreach=self.foreach,
+            flatten=self.flatten_model, all_model_tensors=all_model_tensors,
         )
-        # Recorded after packing, which gives tensors new addresses.
-        self._sentinels = LayoutSentinels(self._model_tensors, self._ema_tensors)
-
-    def refresh(self) -> None:
-        """Re-read the model's tensors after replacing some by hand (`p.data = ...`, `load_state_dict(assign=True)`).
-
-        Moving or converting the whole model (`model.to(...)`) is noticed without this.
-        """
-        self._follow_model()
+        binding.record()  # packing gave tensors new addresses
+        # For sharded tensors, the DTensor whose layout gathers the EMA shards into a full tensor.
+        self._layouts = {
+            name: tensor for name, tensor in zip(self.tensor_names, self._binding.model_tensors) if is_sharded(tensor)
+        }
+        # Updates below this weight (1 - decay) round to nothing in the EMA's dtype when the model
+        # is within 10% of the EMA: |weight * 0.1 * ema| < half a unit in the last place. Per dtype.
+        self._underflow = {
+            tensor.dtype: 5 * torch.finfo(tensor.dtype).eps
+            for tensor in self._binding.ema_tensors
+            if tensor.is_floating_point()
+        }
+        self._underflow_weight = max(self._underflow.values(), default=0.0)
+        self._plan.rebaseline()
+        self._seen_changes = changes()
 
     def _follow_model(self) -> None:
-        """The model was moved or cast after construction: move the EMA along (if it follows) and regroup."""
+        """Something may have moved: check the binding, and if it is out of date move the EMA along and re-plan."""
         self.synchronize()
-        if self.device is None and self._module is not None:
-            with torch.no_grad():
-                for name, model_tensor in tracked_tensors(self.model, self.all_parameters, self.all_buffers).items():
-                    owner_name, _, leaf = name.rpartition(".")
-                    owner = self._module.get_submodule(owner_name)
-                    ema_tensor = getattr(owner, leaf)
-                    if ema_tensor.device == model_tensor.device:
-                        continue
-                    if isinstance(ema_tensor, nn.Parameter):
-                        ema_tensor.data = ema_tensor.data.to(model_tensor.device)
-                    else:
-                        owner._buffers[leaf] = ema_tensor.to(model_tensor.device)
-        self._build_groups()
+        reshard(self.model)
+        if self._binding.current():
+            self._plan.rebaseline()
+            self._seen_changes = changes()
+            return
+        self._plan.close()
+        self._relocate()
+        self._bind()
+
+    @torch.no_grad()
+    def _relocate(self) -> None:
+        """Put each EMA tensor beside its model tensor (or on `device`), keeping its dtype and values.
+
+        An EMA tensor still on the meta device (the model was built there, then materialised
+        with `to_empty()`) starts from the model's values. Untracked tensors of the EMA's module
+        are shared with, or copied from, the model's current ones again.
+        """
+        model_slots = tensor_slots(self.model)
+        problems = [name for name in self.tensor_names if name not in model_slots]
+        if problems:
+            raise RuntimeError(
+                f"The model no longer has the tensors {problems} that this EMA averages: its structure changed. "
+                "Build a new ModelEMA for the new model (or load its state into one)."
+            )
+        ema_slots = {} if self._module is None else tensor_slots(self._module)
+        for name in self.tensor_names:
+            slot, model_tensor = model_slots[name]
+            model_tensor = local_part(model_tensor)
+            ema_tensor = self._shards[name] if self._module is None else ema_slots[name][1]
+            if ema_tensor.shape != model_tensor.shape:
+                raise RuntimeError(
+                    f"The model's tensor {name} changed shape from {tuple(ema_tensor.shape)} to "
+                    f"{tuple(model_tensor.shape)}: its structure changed. Build a new ModelEMA for the new model."
+                )
+            if ema_tensor.device.type == "meta" and model_tensor.device.type != "meta":
+                moved = self._placement.twin(model_tensor, ema_tensor.dtype)
+            elif ema_tensor.device != self._placement.device_for(model_tensor):
+                moved = ema_tensor.detach().to(self._placement.device_for(model_tensor))
+            else:
+                continue
+            if self._module is None:
+                self._shards[name] = moved
+            elif isinstance(ema_tensor, nn.Parameter):
+                ema_tensor.data = moved
+            else:
+                ema_slots[name][0].set(self._module, moved)
+        if self._module is None:
+            return
+        tracked = set(self.tensor_names)
+        for name, (slot, model_tensor) in model_slots.items():
+            ema_tensor = None if name in tracked else slot.get(self._module)
+            if ema_tensor is None:
+                continue
+            shared = self._placement.untracked(model_tensor, ema_tensor.dtype)
+            if isinstance(ema_tensor, nn.Parameter):
+                ema_tensor.data = shared
+            else:
+                slot.set(self._module, shared)
+
+    def refresh(self) -> None:
+        """Re-read the model's tensors now. Rarely needed: `update()` and every read notice changes by themselves."""
+        self._check_outside_swap("refresh()")
+        self._follow_model()
+
+    def _ensure_current(self) -> None:
+        # One counter and a few storage use counts, whatever the number of tensors.
+        if self._seen_changes != changes() or self._plan.stale():
+            self._follow_model()
+
+    # ---- the update ----------------------------------------------------------------------------------
 
     def update(self, decay: float | None = None) -> None:
         """Move the EMA toward the model; call after each optimizer step.
@@ -270,8 +217,8 @@ class ModelEMA:
         exact for a model that did not change in between and close when N is much smaller
         than the averaging horizon 1 / (1 - decay); it costs 1/N of the work.
         """
-        if self._backups is not None:
-            raise RuntimeError("update() called inside use_ema_weights(): the model holds the EMA weights")
+        self._check_outside_swap("update()")
+        self._check_intact()
         if decay is not None:
             decay = check_decay(decay, "decay")
         self.num_steps += 1
@@ -279,25 +226,24 @@ class ModelEMA:
             return
         if decay is None:
             decay = self.decay if self.warmup is None else self.warmup(self.num_steps, self.decay)
-        # A few `data_ptr()` looks (not one per tensor) catch `model.to(...)` or `ema.module.to(...)`.
-        if self._sentinels.moved():
-            self._follow_model()
+        self._ensure_current()
         weight = 1.0 - decay**self.update_every
-        if weight < self._underflow_weight:
-            self._warn_underflow(decay)
+        if 0.0 < weight < self._underflow_weight:
+            self._warn_underflow(decay, weight)
         # What `torch.no_grad()` does, without its Python context-manager cost (a few microseconds).
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            for group in self._groups:
-                group.step(weight)
+            self._plan.step(weight)
+        except Exception as error:
+            self._fail(error)
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
         self.num_updates += 1
         self.last_decay = decay
 
-    def _warn_underflow(self, decay: float) -> None:
-        dtypes = sorted({str(tensor.dtype) for tensor in self._ema_tensors if tensor.is_floating_point()})
+    def _warn_underflow(self, decay: float, weight: float) -> None:
+        dtypes = sorted(str(dtype) for dtype, threshold in self._underflow.items() if weight < threshold)
         warnings.warn(
             f"EMA updates with decay={decay} (update_every={self.update_every}) mostly round to nothing in "
             f"{', '.join(dtypes)}: the EMA will barely move. Keep it in float32 with ema_dtype=torch.float32, "
@@ -305,12 +251,40 @@ class ModelEMA:
             UserWarning,
             stacklevel=3,
         )
-        self._underflow_weight = 0.0  # once per EMA
+        # Once per dtype: a dtype that has not stalled yet can still warn.
+        self._underflow = {dtype: threshold for dtype, threshold in self._underflow.items() if weight >= threshold}
+        self._underflow_weight = max(self._underflow.values(), default=0.0)
+
+    def _fail(self, error: BaseException) -> None:
+        """An update failed part-way: the EMA is incomplete until reset or loaded."""
+        self._failure = error
+        raise RuntimeError(
+            f"An EMA update failed ({error}); the EMA is now incomplete. If a tracked tensor was changed by "
+            "hand (p.data = ... with another dtype, device or shape), call refresh(); then reset() or load() the EMA."
+        ) from error
+
+    def _check_intact(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(
+                f"The EMA is incomplete: an earlier update failed ({self._failure}). Call reset() or load()/"
+                "load_state_dict() to continue."
+            ) from self._failure
+
+    def _check_outside_swap(self, what: str) -> None:
+        if self._swap is not None:
+            raise RuntimeError(
+                f"{what} called inside use_ema_weights(): the model holds the EMA weights and the EMA's own tensors "
+                "hold the model's. Call it after the with block."
+            )
 
     def synchronize(self) -> None:
         """Wait until an offloaded update running in the background has finished (no-op otherwise)."""
-        for mirror in self._mirrors:
-            mirror.wait()
+        if self._plan is None:
+            return
+        try:
+            self._plan.wait()
+        except Exception as error:
+            self._fail(error)
 
     def before_model_write(self) -> None:
         """Call before changing the model's weights outside a `torch.optim` optimizer step (offloaded EMA only).
@@ -319,27 +293,67 @@ class ModelEMA:
         for an offloaded update has been copied. `torch.optim` optimizers and the fastai
         callbacks do this already.
         """
-        for mirror in self._mirrors:
-            mirror.before_model_write()
+        self._plan.before_model_write()
+
+    def close(self) -> None:
+        """Release the background thread and stream of an offloaded EMA (also done when it is garbage-collected)."""
+        self._plan.close()
+
+    # ---- reading and writing the EMA -----------------------------------------------------------------
+
+    def _readable(self) -> None:
+        """Before handing out EMA values: no failed update, nothing in flight, following the model."""
+        self._check_intact()
+        self.synchronize()
+        if self._swap is None:
+            self._ensure_current()
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged copy of the model (eval mode, no gradients)."""
+        if self._module is None:
+            raise RuntimeError(
+                "ModelEMA.module: the model is sharded (FSDP2), so the EMA holds shards only; evaluate with "
+                "use_ema_weights(), or get the full EMA from state_dict()"
+            )
+        self._check_outside_swap("ModelEMA.module")
+        self._readable()
+        return self._module
+
+    def _ema_values(self) -> list[Tensor]:
+        """The EMA's tensors as they stand, wherever they are (inside use_ema_weights(), partly in the model)."""
+        if self._swap is None:
+            return list(self._binding.ema_tensors)
+        return [self._swap.ema_value(index).detach().clone() for index in range(len(self.tensor_names))]
 
     @torch.no_grad()
     def reset(self) -> None:
         """Restart the average from the model's current weights."""
-        self.synchronize()
-        for ema_tensor, model_tensor in zip(self._ema_tensors, self._model_tensors):
+        self._check_outside_swap("reset()")
+        self._wait_forgetting_failure()
+        self._ensure_current()
+        for _, model_tensor, ema_tensor, _ in self._binding.pairs():
             ema_tensor.copy_(model_tensor)
         self.num_updates = self.num_steps = 0
         self.last_decay = self.decay
+        self._failure = None
+
+    def _wait_forgetting_failure(self) -> None:
+        """Wait for a background update; a failure is forgotten: the caller overwrites the whole EMA."""
+        try:
+            self._plan.wait()
+        except Exception:
+            pass
 
     def _matching_tensors(self, module: nn.Module, purpose: str) -> list[Tensor]:
         """`module`'s tensors in tracking order, or a ValueError listing every name/shape mismatch."""
         if self.sharded:
             raise RuntimeError(f"{purpose} with another module is not supported for a sharded (FSDP2) EMA")
-        by_name = named_model_tensors(unwrap_model(module))
+        by_name = {name: tensor for name, (_, tensor) in tensor_slots(unwrap_model(module)).items()}
         missing = [name for name in self.tensor_names if name not in by_name]
         mismatched = [
             f"{name}: {tuple(by_name[name].shape)} != {tuple(ema_tensor.shape)}"
-            for name, ema_tensor in zip(self.tensor_names, self._ema_tensors)
+            for name, ema_tensor in zip(self.tensor_names, self._binding.ema_tensors)
             if name in by_name and by_name[name].shape != ema_tensor.shape
         ]
         if missing or mismatched:
@@ -349,78 +363,69 @@ class ModelEMA:
     @torch.no_grad()
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Copy the EMA weights into `model` (default: the tracked model), converting device and dtype."""
-        self.synchronize()
+        if model is None:
+            self._check_outside_swap("copy_to() of the tracked model (it would be undone on exit)")
+        self._readable()
         self.before_model_write()
-        targets = self._model_tensors if model is None else self._matching_tensors(model, "copy_to")
-        for target, ema_tensor in zip(targets, self._ema_tensors):
+        targets = self._binding.model_locals if model is None else self._matching_tensors(model, "copy_to")
+        for target, ema_tensor in zip(targets, self._ema_values()):
             target.copy_(ema_tensor)
 
     @torch.no_grad()
     def copy_from(self, module: nn.Module) -> None:
         """Set the EMA weights from another module with the same names and shapes (e.g. an earlier EMA)."""
+        self._check_outside_swap("copy_from()")
         sources = self._matching_tensors(module, "copy_from")
-        self.synchronize()
-        for ema_tensor, source in zip(self._ema_tensors, sources):
+        self._wait_forgetting_failure()
+        self._ensure_current()
+        for ema_tensor, source in zip(self._binding.ema_tensors, sources):
             ema_tensor.copy_(source)
-
-    @torch.no_grad()
-    def _swap_in(self) -> None:
-        self.synchronize()
-        self.before_model_write()
-        backups: list[Tensor | None] = []
-        try:
-            for model_tensor, ema_tensor, is_parameter in zip(
-                self._model_tensors, self._ema_tensors, self._is_parameter
-            ):
-                # Buffers can change while the EMA is in the model (DDP broadcasts rank 0's at every
-                # forward, BatchNorm in train mode updates them): they are backed up, not exchanged,
-                # so that the EMA comes back unchanged whatever happens to them.
-                if is_parameter and model_tensor.dtype == ema_tensor.dtype:
-                    # Exchange the two: exact both ways, extra memory of one tensor at a time.
-                    held = model_tensor.clone()
-                    model_tensor.copy_(ema_tensor)
-                    ema_tensor.copy_(held)
-                    backups.append(None)
-                else:
-                    # (A cast would also lose EMA precision on the way back.) The backup lives where
-                    # the EMA lives: host memory when it is offloaded.
-                    backups.append(model_tensor.to(ema_tensor.device, copy=True))
-                    model_tensor.copy_(ema_tensor)
-        except BaseException:
-            self._swap_out(backups)
-            raise
-        self._backups = backups
-
-    @torch.no_grad()
-    def _swap_out(self, backups: list[Tensor | None]) -> None:
-        for model_tensor, ema_tensor, backup in zip(self._model_tensors, self._ema_tensors, backups):
-            if backup is None:
-                held = model_tensor.clone()
-                model_tensor.copy_(ema_tensor)
-                ema_tensor.copy_(held)
-            else:
-                model_tensor.copy_(backup)
+        self._failure = None
 
     @contextmanager
     def use_ema_weights(self) -> Iterator[nn.Module]:
-        """Temporarily put the EMA weights into the live model, in place; restore them exactly after.
+        """Temporarily put the EMA weights into the live model, in place; restore the model's exactly after.
 
-        The model object is not replaced, so DDP, `torch.compile` and other wrappers that
-        hold it keep working.
+        The model object is not replaced, so DDP, FSDP2, `torch.compile` and other wrappers that
+        hold it keep working. Inside the block `state_dict()`, `save()` and `copy_to(other)`
+        still give the EMA; `module`, `update()`, `reset()`, `copy_from()`, `load_state_dict()`
+        and `load()` raise a RuntimeError. The model's parameters are the EMA's inside the block:
+        an in-place write to one is kept in the EMA (with a warning); writes to buffers
+        (BatchNorm statistics in train mode, DDP's broadcasts) are discarded.
         """
-        if self._backups is not None:
-            raise RuntimeError("use_ema_weights() is already active; it cannot be nested")
-        self._swap_in()
+        self._check_outside_swap("use_ema_weights()")
+        self._readable()
+        self.before_model_write()
+        reshard(self.model)
+        swap = WeightSwap(list(self._binding.pairs()))
+        swap.enter()
+        self._swap = swap
+        seen_changes = changes()
         try:
             yield self.model
         finally:
-            backups, self._backups = self._backups, None
-            self._swap_out(backups)
+            self._swap = None
+            reshard(self.model)  # FSDP2: drop unsharded copies that hold EMA values
+            if seen_changes != changes() and not self._binding.current():
+                raise RuntimeError(
+                    "The model's tensors were moved or replaced inside use_ema_weights(); its own weights could "
+                    "not be put back, and it holds the EMA weights. Move the model outside the with block."
+                )
+            written = swap.exit()
+            if written:
+                warnings.warn(
+                    f"Parameters {written} were written in place inside use_ema_weights(); the writes went into "
+                    "the EMA (inside the block the model's parameters are the EMA's).",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     @property
     def ema_weights_in_use(self) -> bool:
         """Whether `use_ema_weights()` currently has the EMA weights in the model."""
-        return self._backups is not None
+        return self._swap is not None
+
+    # ---- state ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: EMA tensors by name, update count, decay, config.
@@ -428,8 +433,8 @@ class ModelEMA:
         For a sharded (FSDP2) model the tensors are the full EMA, gathered shard by shard into
         CPU memory: a collective that every rank must call.
         """
-        self.synchronize()
-        tensors = dict(zip(self.tensor_names, self._ema_tensors))
+        self._readable()
+        tensors = dict(zip(self.tensor_names, self._ema_values()))
         for name, layout in self._layouts.items():
             tensors[name] = gather_full(tensors[name].to(layout.device), layout).cpu()
         return {
@@ -445,6 +450,12 @@ class ModelEMA:
             "all_buffers": self.all_buffers,
         }
 
+    def expected_state(self) -> dict[str, Tensor]:
+        """What a state's tensors must look like, by name (full shapes for sharded tensors)."""
+        expected = dict(zip(self.tensor_names, self._binding.ema_tensors))
+        expected.update(self._layouts)
+        return expected
+
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore from `state_dict()`; everything is checked before anything is written.
@@ -452,15 +463,16 @@ class ModelEMA:
         A sharded (FSDP2) EMA takes the full tensors and keeps this rank's shards (every rank
         must call it, with the same state).
         """
-        expected = dict(zip(self.tensor_names, self._ema_tensors))
-        expected.update(self._layouts)  # full shapes for sharded tensors
-        tensors, counts, last_decay = check_state_dict(state_dict, expected, self.decay, self.ema_dtype)
-        self.synchronize()
-        for name, ema_tensor in zip(self.tensor_names, self._ema_tensors):
+        self._check_outside_swap("load_state_dict()")
+        tensors, counts, last_decay = check_state_dict(state_dict, self.expected_state(), self.decay, self.ema_dtype)
+        self._wait_forgetting_failure()
+        self._ensure_current()
+        for name, ema_tensor in zip(self.tensor_names, self._binding.ema_tensors):
             layout = self._layouts.get(name)
             ema_tensor.copy_(tensors[name] if layout is None else shard_like(tensors[name], layout))
         self.num_updates, self.num_steps = counts
         self.last_decay = last_decay
+        self._failure = None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `state_dict()` to `path` atomically (a kill mid-write leaves the previous file intact).
@@ -475,11 +487,30 @@ class ModelEMA:
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore from a file written by `save()`, made on any device; a bad file changes nothing."""
+        self._check_outside_swap("load()")
         state = read_checkpoint(path)
         try:
             self.load_state_dict(state)
         except ValueError as error:
             raise ValueError(f"Invalid checkpoint {path}: {error}") from error
+
+    # ---- copying and pickling ------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        # Threads, streams and the plan's views are rebuilt on unpickling; nothing mid-swap is pickled.
+        self._check_outside_swap("pickling a ModelEMA")
+        self.synchronize()
+        state = dict(self.__dict__)
+        for name in ("_plan", "_binding", "_layouts", "_swap"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._swap = None
+        self._plan = None
+        watch_module_changes()
+        self._bind()
 
     def __repr__(self) -> str:
         return (
@@ -487,3 +518,4 @@ class ModelEMA:
             f"num_updates={self.num_updates}, device={self.device}, flatten_model={self.flatten_model}, "
             f"ema_dtype={self.ema_dtype}, update_every={self.update_every})"
         )
+

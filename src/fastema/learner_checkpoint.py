@@ -1,28 +1,56 @@
-"""`Learner.save` / `Learner.load` that carry the EMA of an attached EMA callback.
+"""`Learner.save` / `Learner.load` that carry the EMA of an attached EMA callback, and a lean `Learner.export`.
 
 Layout: `learn.save("best")` writes `models/best.pth` exactly as fastai does (model state, plus
 `{"model", "opt"}` with the optimizer) and, beside it, `models/best.ema.pth` with the EMA
 (`ModelEMA.state_dict()` plus where the callback stood). A sibling file, not a new key in
 the model file, because fastai recognises an optimizer state by the exact key set
 `{"model", "opt"}`: an extra key would make the file unreadable to plain fastai,
-`load_learner` users and anyone loading the weights with `torch.load`. Both files are
-written atomically, the EMA first. Learners without an EMA callback behave exactly as in
-fastai, apart from the model file being written atomically too.
+`load_learner` users and anyone loading the weights with `torch.load`.
+
+The two files are tied: each save draws a random token, kept in the EMA file and in the model
+state's metadata (`state_dict._metadata`, which `load_state_dict` ignores), so `learn.load`
+refuses an EMA file written by another save than the model file beside it (a crash between
+the two writes, a copy from elsewhere). Both are written atomically, the EMA first.
+
+`learn.export()` leaves the EMA out (the exported Learner is for inference with the model's
+weights); `learn.export_ema()` exports a Learner whose model is the EMA. Learners without an
+EMA callback behave exactly as in fastai, apart from `save` writing atomically.
 """
 
 from __future__ import annotations
 
+import secrets
 import warnings
+import zipfile
 from pathlib import Path
 
+import cloudpickle
+import torch
 from fastai.learner import Learner
-from fastai.torch_core import get_model, rank_distrib
+from fastai.torch_core import distrib_barrier, get_model, rank_distrib
 from fastcore.xtras import join_path_file
 
 from .checkpoint import atomic_save, read_checkpoint
 
 EMA_SUFFIX = ".ema.pth"
-_fastai_load = Learner.load  # read at import, before `install()` replaces it
+PAIR_KEY = "fastema_pair"  # in the model state's root metadata: the token of the save that wrote it
+_fastai_load = Learner.load  # read at import, before `install()` replaces them
+_fastai_export = Learner.export
+
+
+class EMACheckpointing:
+    """What `learn.save`/`learn.load` need of an EMA callback (the callbacks inherit it)."""
+
+    engine = None
+
+    def ema_checkpoint(self) -> dict | None:
+        raise NotImplementedError
+
+    def check_ema_checkpoint(self, state: object, path: Path) -> None:
+        raise NotImplementedError
+
+    def restore_ema_checkpoint(self, state: dict) -> None:
+        raise NotImplementedError
 
 
 def ema_checkpoint_path(model_path: str | Path) -> Path:
@@ -31,13 +59,19 @@ def ema_checkpoint_path(model_path: str | Path) -> Path:
     return model_path.with_name(model_path.name.removesuffix(".pth") + EMA_SUFFIX)
 
 
-def _ema_callback(learn: Learner):
-    from .callback import EMACallback
-
-    callbacks = [callback for callback in learn.cbs if isinstance(callback, EMACallback)]
+def _ema_callback(learn: Learner) -> EMACheckpointing | None:
+    """The Learner's EMA callback; None without one, or while `lr_find` runs (it saves and loads `_tmp`)."""
+    if hasattr(learn, "lr_finder"):
+        return None
+    callbacks = [callback for callback in learn.cbs if isinstance(callback, EMACheckpointing)]
     if len(callbacks) > 1:
         raise ValueError(f"Invalid callbacks: {len(callbacks)} EMA callbacks on one Learner; save/load supports one")
     return callbacks[0] if callbacks else None
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(note)
 
 
 def save(self: Learner, file, with_opt: bool = True, **torch_save_kwargs) -> Path:
@@ -46,44 +80,97 @@ def save(self: Learner, file, with_opt: bool = True, **torch_save_kwargs) -> Pat
     if rank_distrib():  # like fastai: only the main process writes
         return path
     callback = _ema_callback(self)
+    state = get_model(self.model).state_dict()
     if callback is not None:
         ema_path = ema_checkpoint_path(path)
-        state = callback.ema_checkpoint()
-        if state is None:  # no EMA yet: do not leave an older one to be paired with this model
+        ema_state = callback.ema_checkpoint()
+        if ema_state is None:  # no EMA yet: do not leave an older one beside this model
             ema_path.unlink(missing_ok=True)
         else:
-            atomic_save(state, ema_path)
+            token = secrets.token_hex(16)
+            state._metadata.setdefault("", {})[PAIR_KEY] = token
+            atomic_save(dict(ema_state, pair=token), ema_path)
     opt = getattr(self, "opt", None)
-    state = get_model(self.model).state_dict()
     if with_opt and opt is not None:
         state = {"model": state, "opt": opt.state_dict()}
     atomic_save(state, path, **torch_save_kwargs)
     return path
 
 
+def _holds_token(path: Path, token: str) -> bool:
+    """Whether the model file at `path` was written by the save that drew `token` (it is in the file's pickle)."""
+    needle = token.encode()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+            return any(needle in archive.read(name) for name in pickles)
+    except zipfile.BadZipFile:  # the legacy format: the pickle and the tensors in one stream
+        return needle in path.read_bytes()
+
+
 def load(self: Learner, file, device=None, **kwargs) -> Learner:
     "Load model and optimizer state (if `with_opt`) from `self.path/self.model_dir/file`, and the EMA beside it"
     callback = _ema_callback(self)
+    if callback is None:
+        return _fastai_load(self, file, device=device, **kwargs)
     path = join_path_file(file, self.path / self.model_dir, ext=".pth")
+    ema_path = ema_checkpoint_path(path)
+    distrib_barrier()  # as fastai does before reading: rank 0 may still be writing both files
     ema_state = None
-    if callback is not None:
-        ema_path = ema_checkpoint_path(path)
-        if ema_path.exists():
-            ema_state = read_checkpoint(ema_path)
-            callback.check_ema_checkpoint(ema_state, ema_path)  # everything checked before the model is touched
-        elif callback.engine is not None:  # an EMA in memory that no longer belongs to the loaded model
-            warnings.warn(f"No EMA checkpoint {ema_path} beside {path}: the EMA was not loaded", stacklevel=2)
+    if ema_path.exists():
+        ema_state = read_checkpoint(ema_path)
+        callback.check_ema_checkpoint(ema_state, ema_path)  # everything checked before the model is touched
+        token = ema_state.get("pair")
+        if token is not None and path.is_file() and not _holds_token(path, token):
+            raise ValueError(
+                f"Invalid EMA checkpoint {ema_path}: it was not written by the save that wrote {path} "
+                "(a crash between the two writes, or files from different runs); nothing was loaded. "
+                "Delete it to load the model alone."
+            )
+    elif callback.engine is not None:  # an EMA in memory that no longer belongs to the loaded model
+        warnings.warn(f"No EMA checkpoint {ema_path} beside {path}: the EMA was not loaded", stacklevel=2)
     try:
         _fastai_load(self, file, device=device, **kwargs)
     except Exception as error:
-        error.add_note(f"fastema: while loading the model checkpoint {path}")
+        _add_note(error, f"fastema: while loading the model checkpoint {path}")
         raise
     if ema_state is not None:
         callback.restore_ema_checkpoint(ema_state)
     return self
 
 
+def export(self: Learner, fname="export.pkl", **kwargs) -> None:
+    "Export the content of `self` without the items, the optimizer state and the EMA, for inference"
+    model_ema = self.__dict__.pop("model_ema", None)
+    try:
+        _fastai_export(self, fname, **kwargs)
+    finally:
+        if model_ema is not None:
+            self.model_ema = model_ema
+
+
+def export_ema(self: Learner, fname="export_ema.pkl", pickle_module=cloudpickle, pickle_protocol=2) -> None:
+    "Export the Learner with its EMA model (`learn.model_ema`) as the model, for inference with the EMA weights"
+    if rank_distrib():  # like fastai: only the main process writes
+        return
+    model_ema = self.__dict__.get("model_ema")
+    if model_ema is None:
+        raise ValueError("Invalid export_ema: learn.model_ema holds no EMA; fit with an EMA callback first")
+    self._end_cleanup()
+    # As fastai's export, but the optimizer object is kept (fastai's rebuilds it from `self.model` after saving).
+    kept = self.model, self.dls, self.opt, self.__dict__.pop("model_ema")
+    self.model, self.dls, self.opt = model_ema, self.dls.new_empty(), None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch's warning about the model's source not being checked
+            torch.save(self, self.path / fname, pickle_module=pickle_module, pickle_protocol=pickle_protocol)
+    finally:
+        self.model, self.dls, self.opt, self.model_ema = kept
+
+
 def install() -> None:
-    """Make `Learner.save`/`Learner.load` EMA-aware (idempotent)."""
+    """Make `Learner.save`/`load`/`export` EMA-aware and add `Learner.export_ema` (idempotent)."""
     Learner.save = save
     Learner.load = load
+    Learner.export = export
+    Learner.export_ema = export_ema

@@ -1,0 +1,261 @@
+"""What the EMA tracks: (name, model tensor, EMA tensor) bindings, and knowing when they are stale.
+
+A binding pairs every tracked tensor of the model (by state-dict name) with its EMA tensor,
+and remembers where both live: the module and key that hold them, their storage address,
+device, dtype, shape and strides. `Binding.current()` checks all of that (one pass over the
+tensors). It runs only when something may have changed: `changes()` is a counter that moves
+whenever any module registers a parameter, buffer or submodule (PyTorch's global
+registration hooks: `module.weight = ...`, `load_state_dict(assign=True)`, ...) or converts
+its tensors (`nn.Module._apply`, behind `.to()`, `.cuda()`, `.half()`, `to_empty()`, ...).
+Reading it costs one call, whatever the number of tensors.
+
+Untracked tensors (frozen parameters, non-persistent buffers) are not averaged. In the EMA's
+module they are the model's own storage where the EMA lives beside the model in the same
+dtype (so they cost no memory and hold the model's current values), and copies otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .distributed import is_sharded, local_part
+
+# ---- a counter of module changes -----------------------------------------------------------------------
+
+_changes = [0]
+
+
+def changes() -> int:
+    """A number that changes whenever a module anywhere registers or converts tensors."""
+    return _changes[0]
+
+
+def _count_change(*args) -> None:
+    _changes[0] += 1
+
+
+@functools.cache
+def watch_module_changes() -> None:
+    """Count module changes from now on (installed once per process, on the first `ModelEMA`).
+
+    The registration hooks are PyTorch's own global hooks. `nn.Module._apply` has no hook, so it
+    is wrapped: the wrapper calls the original and then moves the counter, nothing else.
+    """
+    from torch.nn.modules import module as torch_module
+
+    torch_module.register_module_parameter_registration_hook(_count_change)
+    torch_module.register_module_buffer_registration_hook(_count_change)
+    torch_module.register_module_module_registration_hook(_count_change)
+    original_apply = nn.Module._apply
+    if getattr(original_apply, "_fastema_counts_changes", False):
+        return
+
+    @functools.wraps(original_apply)
+    def _apply(self, *args, **kwargs):
+        try:
+            return original_apply(self, *args, **kwargs)
+        finally:
+            _changes[0] += 1
+
+    _apply._fastema_counts_changes = True
+    nn.Module._apply = _apply
+
+
+# ---- where tensors live ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a module holds a tensor: `owner._parameters[key]` or `owner._buffers[key]`."""
+
+    path: str  # the owner's name in the root module ("" for the root)
+    key: str
+    is_parameter: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}.{self.key}" if self.path else self.key
+
+    def owner(self, root: nn.Module) -> nn.Module:
+        return root.get_submodule(self.path)
+
+    def get(self, root: nn.Module) -> Tensor | None:
+        """The tensor `root` holds here now (None if the module or the key is gone)."""
+        try:
+            owner = root.get_submodule(self.path)
+        except AttributeError:
+            return None
+        return (owner._parameters if self.is_parameter else owner._buffers).get(self.key)
+
+    def set(self, root: nn.Module, tensor: Tensor) -> None:
+        """Hold `tensor` here (in the EMA's own module; never used on the user's model)."""
+        owner = root.get_submodule(self.path)
+        if self.is_parameter:
+            owner._parameters[self.key] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(
+                tensor, requires_grad=False
+            )
+        else:
+            owner._buffers[self.key] = tensor
+
+
+def tensor_slots(module: nn.Module) -> dict[str, tuple[Slot, Tensor]]:
+    """Every parameter, then every buffer, by state-dict name, as `named_parameters()`/`named_buffers()` list them.
+
+    A tensor held in several places (tied weights) appears once, under its first name.
+    """
+    slots: dict[str, tuple[Slot, Tensor]] = {}
+    seen: set[int] = set()
+    for is_parameter in (True, False):
+        for path, owner in module.named_modules():
+            members = owner._parameters if is_parameter else owner._buffers
+            for key, tensor in members.items():
+                if tensor is None or id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
+                slot = Slot(path, key, is_parameter)
+                slots[slot.name] = (slot, tensor)
+    return slots
+
+
+def is_tracked(module: nn.Module, slot: Slot, tensor: Tensor, all_parameters: bool, all_buffers: bool) -> bool:
+    """Averaged by default: parameters with `requires_grad` and persistent buffers."""
+    if slot.is_parameter:
+        return all_parameters or tensor.requires_grad
+    return all_buffers or slot.key not in slot.owner(module)._non_persistent_buffers_set
+
+
+def tracked_tensors(module: nn.Module, all_parameters: bool, all_buffers: bool) -> dict[str, Tensor]:
+    """The tensors an EMA averages, by state-dict name."""
+    return {
+        name: tensor
+        for name, (slot, tensor) in tensor_slots(module).items()
+        if is_tracked(module, slot, tensor, all_parameters, all_buffers)
+    }
+
+
+# ---- the EMA's copy of the model -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which dtype the EMA keeps a tensor: `device` (None: beside the model's), `ema_dtype` for floats."""
+
+    device: torch.device | None
+    ema_dtype: torch.dtype | None
+
+    def device_for(self, model_tensor: Tensor) -> torch.device:
+        return self.device or model_tensor.device
+
+    def dtype_for(self, model_tensor: Tensor) -> torch.dtype:
+        if self.ema_dtype is not None and model_tensor.is_floating_point():
+            return self.ema_dtype
+        return model_tensor.dtype
+
+    def twin(self, model_tensor: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """A copy of `model_tensor` where the EMA keeps it (same strides where the layout allows)."""
+        dtype = dtype or self.dtype_for(model_tensor)
+        return model_tensor.detach().to(device=self.device_for(model_tensor), dtype=dtype, copy=True)
+
+    def untracked(self, model_tensor: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """The EMA module's version of an untracked tensor: the model's own storage if it can be, else a copy."""
+        dtype = dtype or self.dtype_for(model_tensor)
+        if model_tensor.device == self.device_for(model_tensor) and model_tensor.dtype == dtype:
+            return model_tensor.detach()
+        return self.twin(model_tensor, dtype)
+
+
+def copy_of_model(model: nn.Module, tracked: dict[str, Tensor], placement: Placement) -> nn.Module:
+    """The EMA's module: a deep copy whose tracked tensors are EMA tensors, created directly where they live.
+
+    Creating them there (through deepcopy's memo) means an offloaded EMA of a large model never
+    needs a second copy in GPU memory, not even for a moment. Untracked tensors share the
+    model's storage where they can (`Placement.untracked`). Tensors computed in the forward
+    and kept as attributes (the deprecated `weight_norm` keeps `weight` so) are detached, as
+    deepcopy refuses tensors with autograd history.
+    """
+    tracked_ids = {id(tensor) for tensor in tracked.values()}
+    memo: dict[int, object] = {}
+    with torch.no_grad():
+        for _, tensor in tensor_slots(model).values():
+            twin = placement.twin(tensor) if id(tensor) in tracked_ids else placement.untracked(tensor)
+            memo[id(tensor)] = nn.Parameter(twin, requires_grad=False) if isinstance(tensor, nn.Parameter) else twin
+        for submodule in model.modules():
+            for value in vars(submodule).values():
+                if isinstance(value, Tensor) and id(value) not in memo and value.grad_fn is not None:
+                    memo[id(value)] = value.detach()
+    ema_module = copy.deepcopy(model, memo)
+    for parameter in ema_module.parameters():
+        parameter.grad = None
+        parameter.requires_grad_(False)
+    return ema_module.eval()
+
+
+# ---- the binding ---------------------------------------------------------------------------------------
+
+
+def _signature(tensor: Tensor) -> tuple:
+    """What a step depends on: the storage address, device, dtype, shape and strides."""
+    tensor = local_part(tensor)
+    return tensor.data_ptr(), tensor.device, tensor.dtype, tuple(tensor.shape), tensor.stride()
+
+
+class Binding:
+    """Tracked tensors of `model` paired by name with the EMA's (in `ema_module`, or `shards` for a sharded model)."""
+
+    def __init__(
+        self, model: nn.Module, ema_module: nn.Module | None, shards: dict[str, Tensor], tracked_names: list[str],
+    ) -> None:
+        self.model, self.ema_module = model, ema_module
+        model_slots = tensor_slots(model)
+        missing = [name for name in tracked_names if name not in model_slots]
+        if missing:
+            raise RuntimeError(
+                f"The model no longer has the tensors {missing} that this EMA averages: its structure changed. "
+                "Build a new ModelEMA for the new model (or load its state into one)."
+            )
+        self.names = list(tracked_names)
+        self.slots = [model_slots[name][0] for name in self.names]
+        self.model_tensors = [model_slots[name][1] for name in self.names]  # DTensors stay DTensors here
+        self.model_locals = [local_part(tensor) for tensor in self.model_tensors]  # what the steps read
+        self.is_parameter = [slot.is_parameter for slot in self.slots]
+        if ema_module is None:
+            self.ema_tensors = [shards[name] for name in self.names]
+            self.untracked: list[Slot] = []
+        else:
+            ema_slots = tensor_slots(ema_module)
+            self.ema_tensors = [ema_slots[name][1] for name in self.names]
+            tracked = set(self.names)
+            self.untracked = [slot for name, (slot, _) in model_slots.items() if name not in tracked]
+        self.record()
+
+    def record(self) -> None:
+        """Remember where every tensor is now (after packing, which moves them)."""
+        self.signatures = self._signatures()
+
+    def _watched(self) -> Iterator[Tensor | None]:
+        """Every tensor whose place or layout the binding depends on, in a fixed order."""
+        yield from (slot.get(self.model) for slot in self.slots)
+        if self.ema_module is not None:
+            yield from (slot.get(self.ema_module) for slot in self.slots)
+            for slot in self.untracked:
+                yield slot.get(self.model)
+                yield slot.get(self.ema_module)
+
+    def _signatures(self) -> list:
+        return [None if tensor is None else (id(tensor), _signature(tensor)) for tensor in self._watched()]
+
+    def current(self) -> bool:
+        """Whether every tensor is still the same object, in the same place, with the same layout (one pass)."""
+        # Comparing ids is sound: the binding holds the tracked tensors, so their ids cannot be reused,
+        # and an untracked tensor shared with the EMA's module keeps its storage (and address) alive.
+        return self._signatures() == self.signatures
+
+    def pairs(self) -> Iterator[tuple[str, Tensor, Tensor, bool]]:
+        """(name, model tensor as the steps read it, EMA tensor, is a parameter)."""
+        return zip(self.names, self.model_locals, self.ema_tensors, self.is_parameter)

@@ -1,0 +1,256 @@
+"""The update plan: (EMA tensor, model tensor) pairs turned once into a flat list of steps.
+
+Pairs are grouped by the devices and dtypes of both sides, and each group gets one step from
+`_steps`: fused (`_foreach_lerp_`) or a loop for one device and dtype, staged for a wider EMA
+dtype, offloaded for another device. With `flatten_model=True` the planner first packs what
+it can into one buffer per group (`PackedStep`), so an update is a single `lerp_`:
+
+- tensors that already tile a block of one storage (a contiguous-parameters buffer of the
+  user's, or the buffer another EMA packed) are read there, in place: nothing moves;
+- tensors that are the only users of their storage are moved into a new buffer with
+  `p.data = view`, which keeps each tensor object, its gradient-accumulator node (so DDP's and
+  other hooks on it keep firing), its shape and strides;
+- anything else (storage shared with views the user holds, overlapping tensors, tensors with
+  gaps) is left where it is and stepped unpacked.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._steps import (
+    KernelStep, OffloadedStep, PackedStep, StagedStep, Step, copy_fused, copy_loop, fused_step_supported, is_averaged,
+    is_dense, lerp_fused, lerp_loop, loop_step_supported, storage_use_count,
+)
+
+
+class Plan:
+    """The steps of one update, in order, and what the engine asks of them together."""
+
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = steps
+        self._watching = [step for step in steps if type(step).stale is not Step.stale]
+        self._waiting = [step for step in steps if type(step).wait is not Step.wait]
+
+    def step(self, weight: float) -> None:
+        for step in self.steps:
+            step.step(weight)
+
+    def stale(self) -> bool:
+        return any(step.stale() for step in self._watching)
+
+    def rebaseline(self) -> None:
+        for step in self.steps:
+            if isinstance(step, PackedStep):
+                step.rebaseline()
+
+    def wait(self) -> None:
+        for step in self._waiting:
+            step.wait()
+
+    def before_model_write(self) -> None:
+        for step in self._waiting:
+            step.before_model_write()
+
+    def close(self) -> None:
+        for step in self.steps:
+            step.close()
+
+    @property
+    def packed(self) -> list[PackedStep]:
+        return [step for step in self.steps if isinstance(step, PackedStep)]
+
+
+def plan_update(
+    ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], is_parameter: Sequence[bool], *,
+    foreach: bool | None, flatten: bool, all_model_tensors: Iterable[Tensor] = (),
+) -> Plan:
+    """The plan for these pairs; `flatten` packs them first (`all_model_tensors`: every tensor of the model)."""
+    steps: list[Step] = []
+    rest = range(len(model_tensors))
+    if flatten:
+        packs, rest = _pack(ema_tensors, model_tensors, is_parameter, all_model_tensors)
+        for ema_flat, model_flat, kind in packs:
+            steps.append(PackedStep(ema_flat, model_flat, kernel_steps([ema_flat], [model_flat], [kind], foreach)))
+    steps += kernel_steps(
+        [ema_tensors[index] for index in rest], [model_tensors[index] for index in rest],
+        [is_parameter[index] for index in rest], foreach,
+    )
+    return Plan(steps)
+
+
+def kernel_steps(
+    ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], is_parameter: Sequence[bool], foreach: bool | None,
+) -> list[Step]:
+    """Group pairs by device and dtype and give each group its step.
+
+    Same device and dtype: `_foreach_lerp_` (or a loop). Same device, a wider EMA dtype:
+    `StagedStep`. Another device: `OffloadedStep` (a snapshot of the model on the EMA's device,
+    then the same choice there). `foreach=None` picks the fused kernels wherever they run,
+    `True` insists on them (raising where they cannot run), `False` uses per-tensor loops.
+    """
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for index, (ema_tensor, model_tensor) in enumerate(zip(ema_tensors, model_tensors, strict=True)):
+        buckets[(ema_tensor.device, ema_tensor.dtype, model_tensor.device, model_tensor.dtype)].append(index)
+    steps: list[Step] = []
+    for (ema_device, ema_dtype, model_device, model_dtype), indices in buckets.items():
+        ema_list = [ema_tensors[index] for index in indices]
+        model_list = [model_tensors[index] for index in indices]
+        if ema_device != model_device:
+            steps.append(OffloadedStep(
+                ema_list, model_list, [is_parameter[index] for index in indices],
+                lambda ema, mirror: kernel_steps(ema, mirror, [True] * len(ema), foreach),
+            ))
+            continue
+        averaged = is_averaged(ema_list[0])
+        if averaged and not loop_step_supported(ema_device, ema_dtype):
+            raise ValueError(f"Cannot average tensors of dtype {ema_dtype} on {ema_device}: lerp_ is not implemented")
+        fused_ok = fused_step_supported(ema_device, ema_dtype)
+        if foreach and not fused_ok:
+            raise ValueError(
+                f"Invalid foreach: True, but the fused multi-tensor step does not run for {ema_dtype} "
+                f"tensors on {ema_device}; use foreach=None (automatic) or False (for-loop)"
+            )
+        use_fused = fused_ok if foreach is None else foreach
+        if ema_dtype != model_dtype and averaged and is_averaged(model_list[0]):
+            steps.append(StagedStep(ema_list, model_list, use_fused))
+        elif ema_dtype != model_dtype:
+            steps.append(KernelStep(copy_loop, ema_list, model_list))  # copy_ converts; a count is never averaged
+        elif averaged:
+            steps.append(KernelStep(lerp_fused if use_fused else lerp_loop, ema_list, model_list))
+        else:
+            steps.append(KernelStep(copy_fused if use_fused else copy_loop, ema_list, model_list))
+    return steps
+
+
+# ---- packing -------------------------------------------------------------------------------------------
+
+
+def _byte_extent(tensor: Tensor) -> tuple[int, int]:
+    """First and one-past-last byte that `tensor` can touch."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()) if size > 0)
+    return tensor.data_ptr(), tensor.data_ptr() + span * tensor.element_size()
+
+
+def overlapping_tensors(tensors: Iterable[Tensor]) -> set[int]:
+    """`id`s of tensors whose memory overlaps another tensor's (packing them would break the aliasing)."""
+    by_storage: dict[int, list[Tensor]] = defaultdict(list)
+    for tensor in tensors:
+        if tensor.numel() > 0:
+            by_storage[tensor.untyped_storage().data_ptr()].append(tensor)
+    overlapping: set[int] = set()
+    for sharing in by_storage.values():
+        spans = sorted((*_byte_extent(tensor), id(tensor)) for tensor in sharing)
+        for (_, end, first_id), (start, _, second_id) in zip(spans, spans[1:]):
+            if start < end:
+                overlapping.update((first_id, second_id))
+    return overlapping
+
+
+def _adjacent_runs(tensors: list[tuple[int, Tensor]]) -> list[list[tuple[int, Tensor]]]:
+    """Tensors of one storage, split into runs that tile consecutive blocks with no gap between them."""
+    runs: list[list[tuple[int, Tensor]]] = []
+    end = None
+    for index, tensor in sorted(tensors, key=lambda pair: pair[1].storage_offset()):
+        if end != tensor.storage_offset():
+            runs.append([])
+        runs[-1].append((index, tensor))
+        end = tensor.storage_offset() + tensor.numel()
+    return runs
+
+
+def _pack(
+    ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], is_parameter: Sequence[bool],
+    all_model_tensors: Iterable[Tensor],
+) -> tuple[list[tuple[Tensor, Tensor, bool]], list[int]]:
+    """Packed (EMA buffer, model buffer, holds parameters) triples, and the indices left unpacked.
+
+    Packable: a non-empty dense model tensor with a fused step, of the EMA tensor's shape, with
+    no memory overlap with another tensor of the model. An EMA on another device or in another
+    dtype still packs (the buffers then get the staged or offloaded step); buffers and
+    parameters are packed apart when offloaded, as their copies run on different streams.
+    """
+    overlapping = overlapping_tensors(all_model_tensors)
+    buckets: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
+    rest: list[int] = []
+    for index, (ema_tensor, model_tensor) in enumerate(zip(ema_tensors, model_tensors, strict=True)):
+        packable = (
+            ema_tensor.shape == model_tensor.shape
+            and model_tensor.numel() > 0
+            and model_tensor.device.type != "meta"
+            and is_dense(model_tensor)
+            and id(model_tensor) not in overlapping
+            and fused_step_supported(model_tensor.device, model_tensor.dtype)
+        )
+        if not packable:
+            rest.append(index)
+            continue
+        offloaded = ema_tensor.device != model_tensor.device
+        key = (model_tensor.device, model_tensor.dtype, ema_tensor.device, ema_tensor.dtype,
+               is_parameter[index] if offloaded else None)
+        buckets[key].append((index, model_tensor))
+    packs: list[tuple[Tensor, Tensor, bool]] = []
+    for bucket in buckets.values():
+        by_storage: dict[int, list[tuple[int, Tensor]]] = defaultdict(list)
+        for index, model_tensor in bucket:
+            by_storage[model_tensor.untyped_storage().data_ptr()].append((index, model_tensor))
+        own: list[tuple[int, Tensor]] = []  # moved into a new buffer
+        runs: list[list[tuple[int, Tensor]]] = []  # read where they are
+        for sharing in by_storage.values():
+            # Tensors that are the only users of their storage (the count adds the handle made to ask)
+            # can move without anyone noticing; a storage with other users (a view, a `.data` alias, the
+            # user's own flat buffer, another EMA's packed buffer) stays where it is.
+            if storage_use_count(sharing[0][1]) == len(sharing) + 1:
+                own += sharing
+            else:
+                runs += _adjacent_runs(sharing)
+        for run in runs + [own]:
+            if len(run) < 2:  # one tensor is one kernel call already: nothing to gain, leave it in place
+                rest += [index for index, _ in run]
+                continue
+            indices = [index for index, _ in run]
+            model_flat = _model_buffer(run) if run is not own else _move_into_new_buffer([t for _, t in run])
+            ema_flat = _mirror_ema(model_flat, [ema_tensors[index] for index in indices], [t for _, t in run])
+            packs.append((ema_flat, model_flat, is_parameter[indices[0]]))
+    return packs, sorted(rest)
+
+
+def _model_buffer(run: list[tuple[int, Tensor]]) -> Tensor:
+    """A 1-D view over the block of storage that a run of tensors tiles (nothing is moved)."""
+    first = run[0][1]
+    total = sum(tensor.numel() for _, tensor in run)
+    return first.detach().as_strided((total,), (1,), first.storage_offset())
+
+
+def _move_into_new_buffer(tensors: list[Tensor]) -> Tensor:
+    """Move `tensors` into one new buffer, each keeping its object, shape, strides and autograd node."""
+    first = tensors[0]
+    flat = torch.empty(sum(tensor.numel() for tensor in tensors), device=first.device, dtype=first.dtype)
+    offset = 0
+    with torch.no_grad():
+        for tensor in tensors:
+            view = flat.as_strided(tensor.shape, tensor.stride(), offset)
+            view.copy_(tensor)
+            # `.data =` keeps the tensor's gradient accumulator (Tensor.set_ would make a new one and
+            # orphan the hooks DDP registered on the old one) and its own version counter.
+            tensor.data = view
+            offset += tensor.numel()
+    return flat
+
+
+def _mirror_ema(model_flat: Tensor, ema_tensors: list[Tensor], model_tensors: list[Tensor]) -> Tensor:
+    """Move the EMA tensors into one new buffer laid out as `model_flat`: element i of both is the same weight."""
+    base = model_flat.storage_offset()
+    first = ema_tensors[0]
+    ema_flat = torch.empty(model_flat.numel(), device=first.device, dtype=first.dtype)
+    with torch.no_grad():
+        for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+            view = ema_flat.as_strided(model_tensor.shape, model_tensor.stride(), model_tensor.storage_offset() - base)
+            view.copy_(ema_tensor)
+            ema_tensor.data = view
+    return ema_flat
+

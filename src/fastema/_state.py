@@ -1,0 +1,55 @@
+"""The `ModelEMA.state_dict()` format, and the checks a state must pass before anything is written."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_decay
+
+STATE_FORMAT = "fastema.ModelEMA"
+STATE_VERSION = 1
+
+
+def check_state_dict(
+    state_dict: object, expected: dict[str, Tensor], default_decay: float, ema_dtype: torch.dtype | None = None
+) -> tuple[dict[str, Tensor], tuple[int, int], float]:
+    """Check a `ModelEMA.state_dict()` against the EMA tensors it must fill (names, shapes, dtypes).
+
+    `ema_dtype` (if given) replaces the dtype of `expected`'s floating tensors. Returns the
+    tensors, (update count, step count) and latest decay, or raises one ValueError listing
+    every problem.
+    """
+    if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+        raise ValueError("Invalid state_dict: not a fastema.ModelEMA state (missing format marker)")
+    if state_dict.get("version") != STATE_VERSION:
+        raise ValueError(f"Invalid state_dict: version {state_dict.get('version')!r}, expected {STATE_VERSION}")
+    tensors = state_dict.get("tensors")
+    num_updates = state_dict.get("num_updates")
+    num_steps = state_dict.get("num_steps", num_updates)
+    counts_ok = all(isinstance(count, int) and count >= 0 for count in (num_updates, num_steps))
+    if not isinstance(tensors, dict) or not counts_ok:
+        raise ValueError("Invalid state_dict: 'tensors' must be a dict, 'num_updates' and 'num_steps' non-negative ints")
+    problems = []
+    missing = [name for name in expected if name not in tensors]
+    unexpected = [name for name in tensors if name not in expected]
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    for name, ema_tensor in expected.items():
+        saved = tensors.get(name)
+        if saved is None:
+            continue
+        if not isinstance(saved, Tensor):
+            problems.append(f"{name}: not a tensor")
+        elif saved.shape != ema_tensor.shape:
+            problems.append(f"{name}: shape {tuple(saved.shape)} != {tuple(ema_tensor.shape)}")
+        else:
+            dtype = ema_dtype if ema_dtype is not None and ema_tensor.is_floating_point() else ema_tensor.dtype
+            if saved.dtype != dtype:
+                problems.append(f"{name}: dtype {saved.dtype} != {dtype}")
+    if problems:
+        raise ValueError("Invalid state_dict for this ModelEMA (nothing was loaded): " + "; ".join(problems))
+    last_decay = check_decay(state_dict.get("last_decay", default_decay), "last_decay")
+    return tensors, (num_updates, num_steps), last_decay

@@ -1,0 +1,399 @@
+"""Every EMA step behind one protocol: fused, loop, staged (mixed dtypes), packed and offloaded.
+
+A step updates a fixed set of EMA tensors from the model's: floating tensors move toward the
+model by `weight` (`ema.lerp_(model, weight)` is `decay * ema + (1 - decay) * model` with
+`weight = 1 - decay`), integer and bool tensors are copied. `_plan` chooses the steps once;
+each implements:
+
+- `step(weight)`: one update; it never synchronises with the host and allocates nothing that
+  grows with the model;
+- `stale()`: whether views it computed once no longer see the model's tensors (cheap);
+- `wait()`: block until an update running in the background has finished;
+- `before_model_write()`: make the model's next writer wait for reads still in flight;
+- `close()`: release threads, streams and hooks.
+
+Steps read the model's tensors through the tensor objects themselves wherever they can, so a
+tensor whose data is replaced in place (`p.data = ...`, `torch.utils.swap_tensors`) keeps
+being read correctly; where a step computed views once (packed buffers, chunks of large
+tensors), `stale()` tells.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+Kernel = Callable[[list[Tensor], list[Tensor], float], None]
+
+
+def lerp_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
+    """One multi-tensor launch per chunk of tensors (same device and dtype on both sides)."""
+    torch._foreach_lerp_(ema_tensors, model_tensors, weight)
+
+
+def lerp_loop(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
+    """One `lerp_` per tensor: the reference implementation of `lerp_fused`."""
+    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+        ema_tensor.lerp_(model_tensor, weight)
+
+
+def copy_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
+    """Copy (and convert): integer/bool buffers such as `num_batches_tracked` are never averaged."""
+    torch._foreach_copy_(ema_tensors, model_tensors)
+
+
+def copy_loop(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
+    """Per-tensor copy (also converts device and dtype)."""
+    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+        ema_tensor.copy_(model_tensor)
+
+
+def is_averaged(tensor: Tensor) -> bool:
+    """Floating and complex tensors are averaged; integer and bool tensors are copied."""
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def is_dense(tensor: Tensor) -> bool:
+    """Whether `tensor` covers a gap-free block of memory (any dimension order, e.g. channels-last)."""
+    expected_stride = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda size_stride: size_stride[1]):
+        if size == 1:
+            continue
+        if stride != expected_stride:
+            return False
+        expected_stride *= size
+    return True
+
+
+def flat_view(tensor: Tensor) -> Tensor | None:
+    """`tensor`'s elements as one 1-D view in memory order, or None if they are not one gap-free block."""
+    if tensor.numel() == 0 or not is_dense(tensor):
+        return None
+    return tensor.detach().as_strided((tensor.numel(),), (1,), tensor.storage_offset())
+
+
+@functools.cache
+def fused_step_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the multi-tensor kernels run for this device and dtype (probed once)."""
+    try:
+        ema_probe = torch.zeros(2, device=device, dtype=dtype)
+        model_probe = torch.ones(2, device=device, dtype=dtype)
+        if is_averaged(ema_probe):
+            torch._foreach_lerp_([ema_probe], [model_probe], 0.5)
+        else:
+            torch._foreach_copy_([ema_probe], [model_probe])
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+@functools.cache
+def loop_step_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether plain `lerp_` runs for this device and dtype (float8 types, for one, do not)."""
+    try:
+        torch.zeros(2, device=device, dtype=dtype).lerp_(torch.ones(2, device=device, dtype=dtype), 0.5)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def storage_use_count(tensor: Tensor) -> int:
+    """How many tensors (and storage handles) share `tensor`'s storage."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+class Step:
+    """The step protocol; `step` is the one method every step must implement."""
+
+    def step(self, weight: float) -> None:
+        raise NotImplementedError
+
+    def stale(self) -> bool:
+        return False
+
+    def wait(self) -> None:
+        pass
+
+    def before_model_write(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class KernelStep(Step):
+    """Tensors on one device in one dtype on both sides, updated by one kernel: fused (`_foreach_*`) or a loop."""
+
+    def __init__(self, kernel: Kernel, ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor]) -> None:
+        self.kernel = kernel
+        self.ema_tensors = list(ema_tensors)
+        self.model_tensors = list(model_tensors)
+
+    def step(self, weight: float) -> None:
+        self.kernel(self.ema_tensors, self.model_tensors, weight)
+
+    def __repr__(self) -> str:
+        return f"KernelStep({self.kernel.__name__}, {len(self.ema_tensors)} tensors)"
+
+
+# Elements per staging buffer: 4 MiB of float32 stays in a CPU core's L2/L3; a GPU gets 16 MiB (its L2).
+STAGING_ELEMENTS = {"cpu": 1 << 20}
+DEFAULT_STAGING_ELEMENTS = 1 << 22
+
+
+class StagedStep(Step):
+    """An EMA kept in a wider floating dtype than the model (a float32 EMA of a bfloat16 model), on one device.
+
+    `lerp_` needs one dtype on both sides, and converting the whole model every step would
+    allocate a model-sized tensor. A staging buffer in the EMA's dtype, allocated once, takes
+    the model's values a batch at a time: one converting `_foreach_copy_` into it, then one
+    `_foreach_lerp_` into the EMA. Tensors that fit the buffer are read through their own
+    objects; larger ones are split into chunks once (views whose source `stale()` watches).
+    Tensors with gaps in their memory (a strided view) are converted one at a time (rare).
+    """
+
+    def __init__(self, ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], fused: bool) -> None:
+        device, dtype = ema_tensors[0].device, ema_tensors[0].dtype
+        self.copy: Kernel = copy_fused if fused else copy_loop
+        self.lerp: Kernel = lerp_fused if fused else lerp_loop
+        capacity = STAGING_ELEMENTS.get(device.type, DEFAULT_STAGING_ELEMENTS)
+        # Pieces: (EMA, model, shape, strides) to stage together; whole tensors, or 1-D chunks of large ones.
+        pieces: list[tuple[Tensor, Tensor, tuple[int, ...], tuple[int, ...]]] = []
+        self.chunked: list[tuple[Tensor, int]] = []  # (model tensor, data_ptr) behind precomputed chunks
+        self.unstaged: list[tuple[Tensor, Tensor]] = []
+        for ema_tensor, model_tensor in zip(ema_tensors, model_tensors, strict=True):
+            if not (is_dense(model_tensor) and is_dense(ema_tensor)) or model_tensor.numel() == 0:
+                self.unstaged.append((ema_tensor, model_tensor))
+            elif model_tensor.numel() <= capacity:
+                pieces.append((ema_tensor, model_tensor, tuple(model_tensor.shape), model_tensor.stride()))
+            elif ema_tensor.stride() != model_tensor.stride():
+                self.unstaged.append((ema_tensor, model_tensor))
+            else:
+                ema_flat, model_flat = flat_view(ema_tensor), flat_view(model_tensor)
+                self.chunked.append((model_tensor, model_tensor.data_ptr()))
+                for begin in range(0, model_flat.numel(), capacity):
+                    ema_chunk, model_chunk = ema_flat[begin : begin + capacity], model_flat[begin : begin + capacity]
+                    pieces.append((ema_chunk, model_chunk, (ema_chunk.numel(),), (1,)))
+        total = sum(ema_piece.numel() for ema_piece, *_ in pieces)
+        self.staging = torch.empty(min(total, capacity), device=device, dtype=dtype)
+        # Batches: consecutive pieces that fit the staging buffer together (one copy + one lerp launch each).
+        self.batches: list[tuple[list[Tensor], list[Tensor], list[Tensor]]] = []
+        used = capacity
+        for ema_piece, model_piece, shape, stride in pieces:
+            if used + ema_piece.numel() > capacity:
+                self.batches.append(([], [], []))
+                used = 0
+            ema_batch, model_batch, staging_batch = self.batches[-1]
+            ema_batch.append(ema_piece)
+            model_batch.append(model_piece)
+            # The staging view has the model's strides, so the conversion copy reads the model in memory order.
+            staging_batch.append(self.staging.as_strided(shape, stride, used))
+            used += ema_piece.numel()
+
+    def step(self, weight: float) -> None:
+        for ema_batch, model_batch, staging_batch in self.batches:
+            self.copy(staging_batch, model_batch, weight)  # converts to the EMA's dtype
+            self.lerp(ema_batch, staging_batch, weight)
+        for ema_tensor, model_tensor in self.unstaged:
+            ema_tensor.lerp_(model_tensor.to(ema_tensor.dtype), weight)  # allocates one tensor, never the model
+
+    def stale(self) -> bool:
+        return any(model_tensor.data_ptr() != address for model_tensor, address in self.chunked)
+
+
+class PackedStep(Step):
+    """A whole (device, dtype) group in one model buffer and one EMA buffer: one `lerp_` (or `copy_`) per update.
+
+    The buffers' storages are watched through their use counts: a tensor that leaves the
+    model's buffer (`model.to(...)`, `p.data = ...`) drops the count, which `stale()` sees
+    without looking at every tensor. `inner` is the step over the two buffers (fused, or
+    staged/offloaded when the EMA has another dtype or device).
+    """
+
+    def __init__(self, ema_flat: Tensor, model_flat: Tensor, inner: list[Step]) -> None:
+        self.ema_flat, self.model_flat, self.inner = ema_flat, model_flat, inner
+        self.baseline = self.use_counts()
+
+    def use_counts(self) -> tuple[int, int]:
+        return storage_use_count(self.model_flat), storage_use_count(self.ema_flat)
+
+    def rebaseline(self) -> None:
+        """Accept today's use counts (after a full check found every tensor where it belongs)."""
+        self.baseline = self.use_counts()
+
+    def step(self, weight: float) -> None:
+        for step in self.inner:
+            step.step(weight)
+
+    def stale(self) -> bool:
+        return self.use_counts() != self.baseline or any(step.stale() for step in self.inner)
+
+    def wait(self) -> None:
+        for step in self.inner:
+            step.wait()
+
+    def before_model_write(self) -> None:
+        for step in self.inner:
+            step.before_model_write()
+
+    def close(self) -> None:
+        for step in self.inner:
+            step.close()
+
+
+# ---- Offloading: the EMA on another device than the model ---------------------------------------------
+
+_offloaded_steps: weakref.WeakSet[OffloadedStep] = weakref.WeakSet()
+_hook_lock = threading.Lock()
+_optimizer_hook = None
+
+
+def _before_optimizer_step(optimizer, args, kwargs) -> None:
+    for step in list(_offloaded_steps):
+        step.before_model_write()
+
+
+def _watch_optimizer_steps(step: OffloadedStep) -> None:
+    """Register `step` with the global `torch.optim` step pre-hook (installed while any such step lives)."""
+    global _optimizer_hook
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    with _hook_lock:
+        _offloaded_steps.add(step)
+        if _optimizer_hook is None:
+            _optimizer_hook = register_optimizer_step_pre_hook(_before_optimizer_step)
+
+
+def _unwatch_optimizer_steps(step: OffloadedStep | None = None) -> None:
+    """Forget `step` (None: one that was garbage-collected); remove the hook when no step is left."""
+    global _optimizer_hook
+    with _hook_lock:
+        if step is not None:
+            _offloaded_steps.discard(step)
+        # Iterating skips entries whose object is gone, even before the set has pruned them.
+        if not any(True for _ in _offloaded_steps) and _optimizer_hook is not None:
+            _optimizer_hook.remove()
+            _optimizer_hook = None
+
+
+def optimizer_hook_installed() -> bool:
+    """Whether the global optimizer step pre-hook is installed (for tests and diagnostics)."""
+    return _optimizer_hook is not None
+
+
+def mirror_of(tensors: Sequence[Tensor], device: torch.device, pin_memory: bool) -> list[Tensor]:
+    """Uninitialised twins of `tensors` on `device` (same dtypes, shapes and, where dense, strides), one buffer per dtype."""
+    sizes: dict[torch.dtype, int] = {}
+    for tensor in tensors:
+        sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    flats = {
+        dtype: torch.empty(size, device=device, dtype=dtype, pin_memory=pin_memory) for dtype, size in sizes.items()
+    }
+    offsets = dict.fromkeys(sizes, 0)
+    mirror = []
+    for tensor in tensors:
+        stride = tensor.stride() if is_dense(tensor) else torch.empty(tensor.shape, device="meta").stride()
+        mirror.append(flats[tensor.dtype].as_strided(tensor.shape, stride, offsets[tensor.dtype]))
+        offsets[tensor.dtype] += tensor.numel()
+    return mirror
+
+
+class OffloadedStep(Step):
+    """EMA tensors on one device, the model's on another: a snapshot of the model into a mirror, then `inner`.
+
+    The mirror lives on the EMA's device, allocated once (pinned host memory for a CUDA model).
+    For a CUDA model with a CPU EMA the step does not wait for the GPU:
+
+    - buffers (BatchNorm statistics, which the next forward writes in place) are copied on the
+      training stream, so the forward is queued behind their copy;
+    - parameters are copied on a side stream that first waits for the training stream (it reads
+      what the optimizer has just written); only the next optimizer step writes them, and it
+      waits for the copy on the GPU (an event wait, never a host sync) through a global
+      `torch.optim` step pre-hook, or `before_model_write()`;
+    - the CPU update runs in a background thread once the copies have landed (a blocking event:
+      the thread sleeps instead of spinning).
+    """
+
+    def __init__(
+        self, ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], is_parameter: Sequence[bool],
+        make_inner: Callable[[list[Tensor], list[Tensor]], list[Step]], background: bool | None = None,
+    ) -> None:
+        ema_device, model_device = ema_tensors[0].device, model_tensors[0].device
+        pin_memory = model_device.type == "cuda" and ema_device.type == "cpu"
+        self.background = pin_memory if background is None else background
+        order = sorted(range(len(model_tensors)), key=lambda index: is_parameter[index])  # buffers first
+        self.model_tensors = [model_tensors[index] for index in order]
+        self.num_buffers = sum(not is_parameter[index] for index in order)
+        self.mirror = mirror_of(self.model_tensors, ema_device, pin_memory)
+        self.inner = make_inner([ema_tensors[index] for index in order], self.mirror)  # EMA vs mirror: one device
+        self._future: Future | None = None
+        self._stream = self._copied = None
+        self._executor: ThreadPoolExecutor | None = None
+        if self.background:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastema")
+        if self.background and model_device.type == "cuda":
+            self._stream = torch.cuda.Stream(model_device)
+            self._copied = torch.cuda.Event(blocking=True)
+            _watch_optimizer_steps(self)
+        self._finalizer = weakref.finalize(self, _release, self._executor, self._stream is not None)
+
+    def step(self, weight: float) -> None:
+        self.wait()  # the previous update must be done with the mirror before it is overwritten
+        if self._stream is None:
+            torch._foreach_copy_(self.mirror, self.model_tensors)
+        else:
+            current = torch.cuda.current_stream(self._stream.device)
+            buffers = slice(0, self.num_buffers)
+            if self.num_buffers:  # queued before the next forward, which writes them in place
+                torch._foreach_copy_(self.mirror[buffers], self.model_tensors[buffers], non_blocking=True)
+            self._stream.wait_stream(current)  # after the optimizer's writes and the buffer copies
+            with torch.cuda.stream(self._stream):
+                parameters = slice(self.num_buffers, None)
+                if len(self.model_tensors) > self.num_buffers:
+                    torch._foreach_copy_(self.mirror[parameters], self.model_tensors[parameters], non_blocking=True)
+                self._copied.record(self._stream)
+        if self.background:
+            self._future = self._executor.submit(self._update_from_mirror, weight)
+        else:
+            self._update_from_mirror(weight)
+
+    def _update_from_mirror(self, weight: float) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()  # blocks the background thread only, until the mirror has landed
+        with torch.no_grad():  # grad mode is per thread
+            for step in self.inner:
+                step.step(weight)
+
+    def wait(self) -> None:
+        """Block until a background update has finished (re-raising its error, if any)."""
+        if self._future is not None:
+            future, self._future = self._future, None
+            future.result()
+
+    def before_model_write(self) -> None:
+        if self._copied is not None:
+            torch.cuda.current_stream(self._stream.device).wait_event(self._copied)
+
+    def stale(self) -> bool:
+        return any(step.stale() for step in self.inner)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            _unwatch_optimizer_steps(self)
+            self._finalizer()
+
+
+def _release(executor: ThreadPoolExecutor | None, watched: bool) -> None:
+    """What an `OffloadedStep` holds outside itself: its thread and its place under the optimizer hook."""
+    if executor is not None:
+        executor.shutdown(wait=False)
+    if watched:
+        _unwatch_optimizer_steps()
