@@ -238,10 +238,12 @@ def test_validate_ema_false_uses_model_weights():
 
 
 def test_replace_weights_copies_ema_into_model():
+    recorder = StepRecorder(0, decay_of_step=lambda step: 0.9)
     ema = EMACallback(decay=0.9, replace_weights=True)
-    learn = make_learner(cbs=[ema])
+    learn = make_learner(cbs=[recorder, ema])
     learn.fit(1)
     assert not hasattr(learn, "model_ema")
+    assert_matches_reference(learn.model, recorder.reference)  # the model now holds the float64-checked EMA
     for name, value in ema.engine.state_dict()["tensors"].items():
         assert torch.equal(learn.model.state_dict()[name], value), name
 
@@ -272,13 +274,12 @@ def test_resume_continues_from_model_ema():
     learn = make_learner()
     learn.fit(1, cbs=[EMACallback(decay=0.9)])
     previous = {k: v.clone() for k, v in learn.model_ema.state_dict().items()}
-    recorder = StepRecorder()
-    resumed = EMACallback(decay=0.9, resume=True)
-    learn.fit(1, cbs=[recorder, resumed])
-    # Re-run the reference from the previous EMA: the first update must start from it, not from the model.
+    resumed = EMACallback(decay=1.0, resume=True)  # decay 1: the resumed EMA must not move at all
+    learn.fit(1, cbs=[resumed])
     assert resumed.engine.num_updates == N_ITER
-    assert not torch.equal(learn.model_ema.state_dict()["head.weight"], learn.model.state_dict()["head.weight"])
-    assert not torch.equal(learn.model_ema.state_dict()["head.weight"], previous["head.weight"])
+    for name, value in previous.items():
+        if value.is_floating_point():
+            assert torch.equal(learn.model_ema.state_dict()[name], value), name
 
 
 def test_resume_without_or_with_mismatched_model_ema_raises():
@@ -309,6 +310,19 @@ def test_resume_result_matches_reference():
     assert_matches_reference(learn.model_ema, reference)
 
 
+def test_lr_find_after_a_fit_leaves_that_fits_ema_alone(tmp_path):
+    ema = EMACallback(decay=0.9)
+    learn = make_learner(cbs=[ema], path=tmp_path)
+    learn.fit(1)
+    engine, model_ema = ema.engine, learn.model_ema
+    before = {k: v.clone() for k, v in model_ema.state_dict().items()}
+    learn.lr_find(num_it=10, show_plot=False)  # saves and loads `_tmp` around its own fit
+    assert ema.engine is engine and learn.model_ema is model_ema and engine.num_updates == N_ITER
+    for name, value in before.items():
+        assert torch.equal(model_ema.state_dict()[name], value), name
+    assert not (tmp_path / "models" / "_tmp.ema.pth").exists()
+
+
 def test_lr_find_neither_creates_nor_updates_an_ema():
     ema = EMACallback(decay=0.9)
     learn = make_learner(cbs=[ema])
@@ -320,11 +334,14 @@ def test_lr_find_neither_creates_nor_updates_an_ema():
 
 
 def test_fit_cbs_fit_one_cycle_and_foreach_loop():
+    from fastema import _steps
+
     ema = EMACallback(decay=0.9, foreach=False)
     learn = make_learner()
     learn.fit_one_cycle(2, cbs=[ema])
     assert ema.engine.num_updates == 2 * N_ITER and hasattr(learn, "model_ema")
     assert not hasattr(learn, "ema")  # removed with the fit's temporary callbacks
+    assert {step.kernel for step in ema.engine._plan.steps} == {_steps.lerp_loop, _steps.copy_loop}
 
 
 def test_fine_tune_starts_a_fresh_ema_for_the_unfrozen_fit():
@@ -474,3 +491,74 @@ def test_interrupted_validation_can_be_restored_exactly():
     learn.ema.restore_model_weights()
     for name, value in own_weights.items():
         assert torch.equal(learn.model.state_dict()[name], value), name
+
+
+def test_two_ema_callbacks_on_one_learner_are_refused_before_training():
+    learn = make_learner(cbs=[EMACallback(decay=0.99), EMASchedule(0.9, 0.999)])
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(ValueError, match="2 EMA callbacks on one Learner"):
+        learn.fit(1)
+    for name, value in before.items():
+        assert torch.equal(learn.model.state_dict()[name], value), name
+
+
+def assert_validate_and_get_preds_use_the_models_own_weights(learn):
+    own_loss, _ = evaluate(learn.model, learn.dls)
+    assert learn.validate()[0] == pytest.approx(own_loss, rel=1e-6)
+    preds, _ = learn.get_preds()
+    learn.model.eval()
+    with torch.no_grad():
+        expected = torch.softmax(torch.cat([learn.model(x) for x, _ in learn.dls.valid]), dim=1)
+    torch.testing.assert_close(preds, expected)
+
+
+def test_validate_after_a_refused_fit_uses_the_models_own_weights():
+    learn = make_learner(cbs=[EMACallback(decay=0.5, start=1)])
+    learn.fit(2)  # an EMA that has started, and differs from the model
+    with pytest.raises(ValueError, match="start"):
+        learn.fit(1)  # start=1 is past this fit's only epoch: refused before training
+    assert_validate_and_get_preds_use_the_models_own_weights(learn)
+
+
+class FailDuringTraining(Callback):
+    def after_batch(self):
+        if self.training and self.epoch == 1 and self.iter == 3:
+            raise Interrupted("stopped during training")
+
+
+def test_validate_after_a_fit_interrupted_during_training_uses_the_models_own_weights():
+    learn = make_learner(cbs=[EMACallback(decay=0.5)])
+    with pytest.raises(Interrupted):
+        learn.fit(3, cbs=[FailDuringTraining()])
+    assert_validate_and_get_preds_use_the_models_own_weights(learn)
+
+
+def test_validate_after_an_interrupted_validation_restores_the_model_first():
+    ema = EMACallback(decay=0.5)
+    learn = make_learner(cbs=[ema, WeightsAroundValidation(order=0)])
+    with pytest.raises(Interrupted):
+        learn.fit(1, cbs=[FailDuringValidation()])
+    own_weights = learn.cbs.filter(lambda cb: isinstance(cb, WeightsAroundValidation))[0].snapshots[0]
+    learn.validate()  # puts the model's own weights back before validating
+    for name, value in own_weights.items():
+        assert torch.equal(learn.model.state_dict()[name], value), name
+    assert_validate_and_get_preds_use_the_models_own_weights(learn)
+
+
+def test_schedule_given_as_a_warmup_class_uses_its_default_formula():
+    from fastema import InverseGammaWarmup
+
+    spy, recorder = DecaySpy(), StepRecorder(0, decay_of_step=lambda step: InverseGammaWarmup()(step + 1, 0.99))
+    callback = EMASchedule(final_decay=0.99, schedule=InverseGammaWarmup)
+    learn = make_learner(cbs=[recorder, callback, spy])
+    learn.fit(1)
+    assert [decay for _, decay in spy.decays] == [InverseGammaWarmup()(n, 0.99) for n in range(1, N_ITER + 1)]
+    assert_matches_reference(learn.model_ema, recorder.reference)
+
+
+def test_resumed_schedule_does_not_warm_up_again():
+    learn = make_learner()
+    learn.fit(1, cbs=[EMASchedule(0.5, 0.99, finish=0.5)])
+    spy = DecaySpy()
+    learn.fit(1, cbs=[EMASchedule(0.5, 0.99, finish=0.5, resume=True), spy])
+    assert [decay for _, decay in spy.decays] == [0.99] * N_ITER

@@ -85,11 +85,12 @@ class Slot:
     def owner(self, root: nn.Module) -> nn.Module:
         return root.get_submodule(self.path)
 
-    def get(self, root: nn.Module) -> Tensor | None:
-        """The tensor `root` holds here now (None if the module or the key is gone)."""
-        try:
-            owner = root.get_submodule(self.path)
-        except AttributeError:
+    def get(self, root: nn.Module, modules: dict[str, nn.Module] | None = None) -> Tensor | None:
+        """The tensor `root` holds here now (None if the module or the key is gone); `modules`: `root`'s by name."""
+        if modules is None:
+            modules = dict(root.named_modules())
+        owner = modules.get(self.path)
+        if owner is None:
             return None
         return (owner._parameters if self.is_parameter else owner._buffers).get(self.key)
 
@@ -240,12 +241,14 @@ class Binding:
 
     def _watched(self) -> Iterator[Tensor | None]:
         """Every tensor whose place or layout the binding depends on, in a fixed order."""
-        yield from (slot.get(self.model) for slot in self.slots)
+        model_modules = dict(self.model.named_modules())
+        yield from (slot.get(self.model, model_modules) for slot in self.slots)
         if self.ema_module is not None:
-            yield from (slot.get(self.ema_module) for slot in self.slots)
+            ema_modules = dict(self.ema_module.named_modules())
+            yield from (slot.get(self.ema_module, ema_modules) for slot in self.slots)
             for slot in self.untracked:
-                yield slot.get(self.model)
-                yield slot.get(self.ema_module)
+                yield slot.get(self.model, model_modules)
+                yield slot.get(self.ema_module, ema_modules)
 
     def _signatures(self) -> list:
         return [None if tensor is None else (id(tensor), _signature(tensor)) for tensor in self._watched()]

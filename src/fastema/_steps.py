@@ -218,10 +218,12 @@ class PackedStep(Step):
 
     def __init__(self, ema_flat: Tensor, model_flat: Tensor, inner: list[Step]) -> None:
         self.ema_flat, self.model_flat, self.inner = ema_flat, model_flat, inner
+        # The storages' handles, looked up once: they live as long as the two buffers held here.
+        self._storages = (model_flat.untyped_storage()._cdata, ema_flat.untyped_storage()._cdata)
         self.baseline = self.use_counts()
 
-    def use_counts(self) -> tuple[int, int]:
-        return storage_use_count(self.model_flat), storage_use_count(self.ema_flat)
+    def use_counts(self) -> tuple[int, ...]:
+        return tuple(map(torch._C._storage_Use_Count, self._storages))
 
     def rebaseline(self) -> None:
         """Accept today's use counts (after a full check found every tensor where it belongs)."""

@@ -179,22 +179,15 @@ class ModelEMA:
                 continue
             if self._module is None:
                 self._shards[name] = moved
-            elif isinstance(ema_tensor, nn.Parameter):
-                ema_tensor.data = moved
             else:
-                ema_slots[name][0].set(self._module, moved)
+                _replace_data(ema_tensor, moved)
         if self._module is None:
             return
         tracked = set(self.tensor_names)
         for name, (slot, model_tensor) in model_slots.items():
             ema_tensor = None if name in tracked else slot.get(self._module)
-            if ema_tensor is None:
-                continue
-            shared = self._placement.untracked(model_tensor, ema_tensor.dtype)
-            if isinstance(ema_tensor, nn.Parameter):
-                ema_tensor.data = shared
-            else:
-                slot.set(self._module, shared)
+            if ema_tensor is not None:
+                _replace_data(ema_tensor, self._placement.untracked(model_tensor, ema_tensor.dtype))
 
     def refresh(self) -> None:
         """Re-read the model's tensors now. Rarely needed: `update()` and every read notice changes by themselves."""
@@ -519,3 +512,11 @@ class ModelEMA:
             f"ema_dtype={self.ema_dtype}, update_every={self.update_every})"
         )
 
+
+def _replace_data(tensor: Tensor, data: Tensor) -> None:
+    """Give a tensor of the EMA's module new data, keeping the object (and so weights tied to it)."""
+    try:
+        tensor.data = data
+    except RuntimeError:  # another kind of tensor (meta -> real): `.data =` cannot, swapping can
+        replacement = nn.Parameter(data, requires_grad=False) if isinstance(tensor, nn.Parameter) else data
+        torch.utils.swap_tensors(tensor, replacement)
