@@ -78,13 +78,17 @@ def ema_bytes(ema) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in ema._binding.ema_tensors)
 
 
-def record_writes(module):
-    """Replace `module.atomic_save` by a wrapper that records the paths it writes (this process only)."""
+def record_writes(module, delay_s=0.0):
+    """Replace `module.atomic_save` by a wrapper that records the paths it writes (this process only).
+
+    `delay_s`: wait that long before each write, as a slow file system would.
+    """
     writes = []
     original = module.atomic_save
 
     def recording_save(obj, path, **kwargs):
         writes.append(str(path))
+        time.sleep(delay_s)
         return original(obj, path, **kwargs)
 
     module.atomic_save = recording_save
@@ -121,6 +125,52 @@ def ddp_worker(rank, out_dir):
     )
 
 
+def ddp_flatten_worker(rank, out_dir):
+    """DDP training with flattened EMAs built in every order must be bit-identical to plain DDP training."""
+    from fastema import ModelEMA
+
+    def train(setup):
+        torch.manual_seed(0)
+        model = Mlp().double()
+        ddp, emas = setup(model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
+        share = GLOBAL_BATCH // WORLD
+        for step, x in enumerate(global_batches()):
+            # Rank-dependent data: without DDP's all-reduce each rank would train on its own gradients.
+            loss_of(ddp, x[rank * share : (rank + 1) * share] * (rank + 1)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            for ema in emas:
+                ema.update()
+            if step == 2:
+                for ema in emas:
+                    ema.module.float()  # the EMA re-plans, packing the model again, now under DDP
+        return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+    def ddp(model):
+        return nn.parallel.DistributedDataParallel(model)
+
+    def ema_after_ddp(model):
+        wrapped = ddp(model)
+        return wrapped, [ModelEMA(wrapped, DECAY, flatten_model=True)]
+
+    def ema_before_ddp(model):
+        ema = ModelEMA(model, DECAY, flatten_model=True)
+        return ddp(model), [ema]
+
+    def two_emas(model):
+        wrapped = ddp(model)
+        return wrapped, [ModelEMA(wrapped, DECAY, flatten_model=True), ModelEMA(wrapped, 0.5, flatten_model=True)]
+
+    runs = {
+        "plain": train(lambda model: (ddp(model), [])),
+        "ema_after_ddp": train(ema_after_ddp),
+        "ema_before_ddp": train(ema_before_ddp),
+        "two_emas": train(two_emas),
+    }
+    torch.save(runs, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 def fsdp_worker(rank, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -131,10 +181,10 @@ def fsdp_worker(rank, out_dir):
     torch.manual_seed(0)
     model = Mlp().double()
     mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in model.layers:
+    for layer in list(model.layers)[:-1]:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the last Linear's parameters belong to the root group
     ema = ModelEMA(model, DECAY)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     share = GLOBAL_BATCH // WORLD
@@ -170,12 +220,19 @@ def fsdp_worker(rank, out_dir):
     probe = global_batches()[0]
     before = {name: p.full_tensor().clone() for name, p in model.named_parameters()}
     model.eval()
-    with ema.use_ema_weights():
-        with torch.no_grad():
+    with torch.no_grad():
+        model(probe)  # an eval forward first: the root's parameters stay unsharded after it
+        with ema.use_ema_weights():
             ema_output = model(probe)
+        model_output = model(probe)  # the first forward after the swap: the model's own weights again
     model.train()
+    model.reshard()  # the eval forward left the root's parameters unsharded
     after = {name: p.full_tensor() for name, p in model.named_parameters()}
     restored = all(torch.equal(before[name], after[name]) for name in before)
+    own_model = Mlp().double().eval()
+    own_model.load_state_dict({**before, "calls": model.calls}, strict=True)
+    with torch.no_grad():
+        own_output = own_model(probe)
     ema.save(os.path.join(out_dir, "ema.pth"))
     dist.barrier()
     fresh = ModelEMA(model, DECAY)  # starts from the model's weights...
@@ -186,6 +243,7 @@ def fsdp_worker(rank, out_dir):
     torch.save(
         {
             "full": {name: t for name, t in full["tensors"].items()}, "ema_output": ema_output,
+            "model_output": model_output, "own_output": own_output,
             "restored": restored, "reloaded_equal": reloaded_equal, "bytes": ema_bytes(ema),
             "full_bytes": full_model_bytes, "replicated_bytes": replicated_bytes, "collectives_in_update": collectives_in_update,
             "collectives_in_state_dict": collectives_in_state_dict,
@@ -234,22 +292,25 @@ def fastai_worker(rank, out_dir):
             if self.training and self.reference is None:
                 self.start = {n: t.detach().clone() for n, t in expected_tracked(self.learn.model.module).items()}
 
-    writes = record_writes(learner_checkpoint)
     defaults.cpus = 0  # no DataLoader worker processes inside the ranks
+    plain = make_learner(path=out_dir)  # the same training without an EMA
+    with plain.distrib_ctx(sync_bn=False, cpu=True):
+        plain.fit(2)
+    writes = record_writes(learner_checkpoint, delay_s=1.0 if rank == 0 else 0.0)
     reference = Reference()
-    learn = make_learner(cbs=[EMACallback(decay=DECAY), reference], path=out_dir)
+    # flatten_model: the callback builds its engine after distrib_ctx has wrapped the model in DDP.
+    learn = make_learner(cbs=[EMACallback(decay=DECAY, flatten_model=True), reference], path=out_dir)
     with learn.distrib_ctx(sync_bn=False, cpu=True):  # multi-CPU (gloo); SyncBatchNorm needs GPUs
         learn.fit(2)
     own_ema = {name: tensor.clone() for name, tensor in learn.model_ema.state_dict().items()}
-    learn.save("run")  # fastai: only rank 0 writes
-    dist.barrier()
-    learn.load("run")  # every rank loads
+    learn.save("run")  # fastai: only rank 0 writes (slowly here), the other ranks return at once...
+    learn.load("run")  # ...and load straight away: learn.load must wait for rank 0's files itself
     torch.save(
         {
             "ema": own_ema, "loaded": dict(learn.model_ema.state_dict()), "reference": reference.reference.state,
             "parameters": [name for name, _ in learn.model.named_parameters()],
             "wrapped": reference.wrapped, "writes": writes, "num_updates": learn.ema.engine.num_updates,
-            "steps": reference.steps,
+            "steps": reference.steps, "model": dict(learn.model.state_dict()), "plain": dict(plain.model.state_dict()),
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )

@@ -41,6 +41,15 @@ def test_ddp_ema_is_identical_on_every_rank_and_equals_the_single_process_refere
             assert torch.equal(result["loaded"][name], tensor), name  # every rank loads rank 0's file
 
 
+def test_flattened_emas_leave_ddp_training_bit_identical_in_every_construction_order(tmp_path):
+    workers.launch(workers.ddp_flatten_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers.WORLD)]
+    for result in ranks:
+        for run in ("ema_after_ddp", "ema_before_ddp", "two_emas"):
+            for name, tensor in result[run].items():
+                assert torch.equal(tensor, ranks[0]["plain"][name]), (run, name)  # and so, identical across ranks
+
+
 def test_fsdp2_ema_is_shard_local_and_gathers_to_the_reference(tmp_path):
     workers.launch(workers.fsdp_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers.WORLD)]
@@ -62,6 +71,8 @@ def test_fsdp2_ema_is_shard_local_and_gathers_to_the_reference(tmp_path):
         expected = ema_model.eval()(workers.global_batches()[0])
     for result in ranks:
         torch.testing.assert_close(result["ema_output"], expected, rtol=1e-10, atol=1e-12)
+        # After the swap the model computes with its own weights, root-owned parameters included.
+        torch.testing.assert_close(result["model_output"], result["own_output"], rtol=1e-12, atol=1e-12)
 
 
 def test_fastai_distrib_ctx_ema_on_every_rank_and_rank0_writes(tmp_path):
@@ -70,6 +81,8 @@ def test_fastai_distrib_ctx_ema_on_every_rank_and_rank0_writes(tmp_path):
     assert ranks[0]["wrapped"] == "DistributedDataParallel"  # the callback saw the model wrapped by Accelerate
     assert len(ranks[0]["writes"]) == 2 and ranks[1]["writes"] == []  # model + EMA file, by rank 0 only
     for result in ranks:
+        for name, tensor in result["model"].items():  # the flattened EMA left DDP training exactly as it was
+            assert torch.equal(tensor, result["plain"][name]), name
         assert result["num_updates"] == result["steps"] == 8  # 2 epochs of 4 batches: each rank has half the data
         assert_state_matches(result["ema"], result["reference"], rtol=1e-5, atol=1e-6)  # float32 model
         for name in result["parameters"]:  # DDP keeps the weights, hence their EMA, identical
