@@ -2,6 +2,8 @@
 
 import os
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -149,6 +151,51 @@ def test_killed_save_leaves_the_previous_checkpoint_intact(tmp_path):
     loaded = ModelEMA(ToyNet(), 0.5)
     loaded.load(path)
     assert_same_tensors(ema_tensors(loaded), ema_tensors(expected))
+    loaded.save(path)  # the next save cleans up after the killed writer
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.pt"]
+
+
+def test_save_leaves_another_live_writers_temporary_alone(tmp_path):
+    path = tmp_path / "ema.pt"
+    live = tmp_path / f".ema.pt.{socket.gethostname()}.{os.getpid()}.0badc0de.tmp"  # this (live) process's
+    elsewhere = tmp_path / ".ema.pt.another-host.1.0badc0de.tmp"  # another machine's: its pid means nothing here
+    for temporary in (live, elsewhere):
+        temporary.write_bytes(b"in progress")
+    trained_ema()[1].save(path)
+    assert live.exists() and elsewhere.exists()
+
+
+def test_files_get_the_permissions_of_a_plain_torch_save(tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        ema_path = trained_ema()[1].save(tmp_path / "ema.pt")
+        learn = make_learner(path=tmp_path)  # a Learner without an EMA: Learner.save is patched for it too
+        model_path = learn.save("plain")
+        torch.save({}, tmp_path / "reference.pt")
+        expected = stat.S_IMODE((tmp_path / "reference.pt").stat().st_mode)
+        assert expected == 0o644
+        assert stat.S_IMODE(ema_path.stat().st_mode) == stat.S_IMODE(model_path.stat().st_mode) == expected
+        os.chmod(ema_path, 0o640)  # an existing file keeps its mode, as torch.save over it would
+        trained_ema()[1].save(ema_path)
+        assert stat.S_IMODE(ema_path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old_umask)
+
+
+def test_an_unwritable_target_is_named_in_the_error(tmp_path, monkeypatch):
+    from fastema import checkpoint
+
+    real_open = os.open
+
+    def refusing_open(path, flags, *args):
+        if str(path).endswith(".tmp"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(checkpoint.os, "open", refusing_open)
+    with pytest.raises(PermissionError, match=r"Cannot write checkpoint .*ema\.pt: Permission denied") as info:
+        trained_ema()[1].save(tmp_path / "ema.pt")
+    assert ".tmp" not in str(info.value)
 
 
 @pytest.mark.cuda
@@ -165,14 +212,19 @@ def test_checkpoint_made_on_cuda_loads_on_cpu(tmp_path):
     assert_same_tensors(ema_tensors(cpu), {k: v.cpu() for k, v in ema_tensors(ema).items()})
 
 
-def test_checkpoint_made_with_another_ema_device_loads(tmp_path):
+@pytest.mark.cuda
+def test_checkpoint_made_with_an_offloaded_ema_loads_beside_a_cuda_model_and_back(tmp_path):
     _, ema = trained_ema()
-    offloaded = ModelEMA(ToyNet(), 0.7, device="cpu")  # explicit ema_device at save, None at load
+    offloaded = ModelEMA(ToyNet().cuda(), 0.7, device="cpu")  # a CUDA model with its EMA in host memory
     offloaded.load_state_dict(ema.state_dict())
-    offloaded.save(tmp_path / "ema.pt")
-    beside = ModelEMA(ToyNet(), 0.7)
-    beside.load(tmp_path / "ema.pt")
-    assert_same_tensors(ema_tensors(beside), ema_tensors(ema))
+    offloaded.save(tmp_path / "offloaded.pt")
+    beside = ModelEMA(ToyNet().cuda(), 0.7)  # the EMA on the GPU, beside the model
+    beside.load(tmp_path / "offloaded.pt")
+    assert all(t.device.type == "cuda" for t in beside.state_dict()["tensors"].values())
+    assert_same_tensors({k: v.cpu() for k, v in ema_tensors(beside).items()}, ema_tensors(ema))
+    beside.save(tmp_path / "beside.pt")
+    offloaded.load(tmp_path / "beside.pt")
+    assert_same_tensors(ema_tensors(offloaded), ema_tensors(ema))
 
 
 # --- fastai: learn.save / learn.load and SaveModelCallback ------------------------------------------
@@ -223,6 +275,25 @@ def test_learn_load_with_an_ema_of_another_model_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="run.ema.pth.*missing keys"):
         fresh.load("run")
     assert_same_tensors(dict(fresh.model.state_dict()), model_before)
+
+
+def test_learn_load_refuses_an_ema_file_written_by_another_save(tmp_path):
+    learn = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path)
+    learn.fit(1)
+    model_file = learn.save("run")
+    first_model = model_file.read_bytes()
+    learn.fit(1)
+    learn.save("run")
+    model_file.write_bytes(first_model)  # as if the second save crashed after its EMA file, before its model file
+    fresh = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path, seed=1)
+    model_before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"run\.ema\.pth: it was not written by the save that wrote .*run\.pth"):
+        fresh.load("run")
+    assert_same_tensors(dict(fresh.model.state_dict()), model_before)
+    assert not hasattr(fresh, "model_ema")
+    learn.save("run")  # a complete pair loads
+    fresh.load("run")
+    assert_same_tensors(dict(fresh.model_ema.state_dict()), dict(learn.model_ema.state_dict()))
 
 
 def test_save_model_callback_keeps_the_best_ema_model(tmp_path):
