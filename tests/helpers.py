@@ -61,6 +61,39 @@ def make_learner(cbs=None, n_train: int = 64, bs: int = 8, lr: float = 0.05, see
     )
 
 
+EMA_KERNELS = {"_foreach_lerp_", "_foreach_copy_", "lerp_", "copy_"}
+
+
+def calls_during(function):
+    """Every torch function called (Python level: `Tensor.cpu`, `.item`, `torch._foreach_lerp_`, ...) and every
+    aten op dispatched while `function()` runs: what a host sync or an allocation would have to go through."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Functions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            functions.add(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    functions, ops = set(), set()
+    with Functions(), Ops():
+        function()
+    return functions, ops
+
+
+def assert_update_runs_only_ema_kernels(ema, *args):
+    """`ema.update()` calls the lerp/copy kernels and nothing else: no `.item()`, `.cpu()`, tensor-to-bool
+    (host syncs), no `empty`/`.to()` (allocations)."""
+    functions, ops = calls_during(lambda: ema.update(*args))
+    assert functions - {"_set_grad_enabled"} <= EMA_KERNELS, functions
+    assert ops and ops <= EMA_KERNELS, ops
+
+
 def update_forbidding_cuda_sync(ema, *args):
     """`ema.update(*args)` under `torch.cuda.set_sync_debug_mode("error")`: any host sync raises."""
     torch.cuda.set_sync_debug_mode("error")

@@ -70,6 +70,44 @@ def test_background_error_is_raised_by_the_next_wait():
     group.wait()  # reported once
 
 
+def test_a_failed_background_update_surfaces_on_the_next_call_and_blocks_reads_until_reset():
+    from fastema._plan import Plan
+
+    torch.manual_seed(0)
+    model = ToyNet()
+    ema = ModelEMA(model, 0.5)
+    failures = [RuntimeError("kernel failed")]
+
+    class FailsOnce(_steps.Step):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def step(self, weight):
+            if failures:
+                raise failures.pop()
+            for step in self.inner:
+                step.step(weight)
+
+    binding = ema._binding
+    ema._plan = Plan([OffloadedStep(  # a background step, as an offloaded EMA has, on CPU
+        binding.ema_tensors, binding.model_locals, binding.is_parameter,
+        lambda e, m: [FailsOnce(kernel_steps(e, m, [True] * len(e), None))], background=True,
+    )])
+    ema.update()  # returns at once; the update fails in the background thread
+    for call in (ema.update, lambda: ema.module, ema.state_dict, ema.use_ema_weights().__enter__):
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            call()
+    assert ema.num_updates == 1
+    ema.reset()  # the EMA starts again from the model: usable again
+    reference = ReferenceEMA(expected_tracked(model))
+    with torch.no_grad():
+        model.head.weight.add_(1)
+    ema.update()
+    reference.update(expected_tracked(model), 0.5)
+    ema.synchronize()
+    assert_matches_reference(ema, reference)
+
+
 # ---- CUDA: a CUDA model with its EMA offloaded to host memory --------------------------------------------
 
 
@@ -121,6 +159,23 @@ def test_offloaded_snapshot_is_not_overwritten_by_the_next_optimizer_step():
     # the last update's copy is still in flight when this step is queued; had the copy read its result,
     # every weight would be off by 0.5 (decay 0.5 times the step of 1.0)
     optimizer.step()
+    assert_matches_reference(ema, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_offloaded_snapshot_of_buffers_is_not_overwritten_by_the_next_forward():
+    """BatchNorm writes its running statistics in place in the next forward, queued right behind the update."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.BatchNorm1d(4096)).cuda()
+    ema = ModelEMA(model, 0.5, device="cpu")
+    reference = ReferenceEMA(expected_tracked(model))
+    x = torch.randn(64, 4096, device="cuda")
+    for step in range(5):
+        model.train()(x * (step + 2))
+        reference.update(expected_tracked(model), 0.5)
+        ema.update()
+        model.train()(x)  # had the copy of the statistics waited on the side stream, it could read these
+    ema.synchronize()
     assert_matches_reference(ema, reference, rtol=1e-5, atol=1e-5)
 
 

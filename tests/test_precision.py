@@ -82,6 +82,25 @@ def test_warning_depends_on_the_decay_and_the_dtype():
         ModelEMA(ToyNet().half(), 0.9998).update()
 
 
+def test_decay_one_does_not_warn_and_does_not_silence_a_later_real_stall():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ModelEMA(ToyNet(), 0.9).update(decay=1.0)  # weight 0: nothing to round, nothing to say
+    mixed = nn.ModuleDict(dict(wide=nn.Linear(2, 2), narrow=nn.Linear(2, 2).bfloat16()))
+    ema = ModelEMA(mixed, 0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ema.update(decay=1.0)
+    with pytest.warns(UserWarning, match=r"round to nothing in torch\.bfloat16:") as caught:
+        ema.update(decay=0.999)  # stalls bfloat16, not float32: the warning names the one that stalls
+    assert len(caught) == 1
+    with pytest.warns(UserWarning, match=r"round to nothing in torch\.float32:"):
+        ema.update(decay=1 - 1e-8)  # float32 stalls now too: its own warning, once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ema.update(decay=1 - 1e-8)
+
+
 def test_channels_last_conv_model_in_bfloat16_with_float32_ema(monkeypatch):
     monkeypatch.setitem(_steps.STAGING_ELEMENTS, "cpu", 50)
     torch.manual_seed(0)

@@ -74,10 +74,13 @@ def run_demo(epochs: int = 12, lr: float = 0.03, output: Path | str = "demo_outp
 
         def after_epoch(self):
             engine = self.learn.ema_schedule.engine
+            raw_weights = torch.cat([p.detach().flatten() for p in self.learn.model.parameters()])
+            ema_weights = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
             self.rows.append(dict(
                 epoch=self.epoch,
                 raw=_accuracy(self.learn.model, self.dls.valid),
                 ema=_accuracy(engine.module, self.dls.valid),
+                gap=(ema_weights - raw_weights).abs().mean().item(),  # how far the EMA trails the weights
             ))
 
     set_seed(seed)  # Python's `random` too: fastai's DataLoader shuffles with it
@@ -89,9 +92,9 @@ def run_demo(epochs: int = 12, lr: float = 0.03, output: Path | str = "demo_outp
           "(the 'accuracy' column is measured with the EMA weights)")
     learn.fit(epochs, lr)  # a constant, rather high learning rate: the raw weights stay noisy
 
-    print("\nepoch | raw accuracy | EMA accuracy")
+    print("\nepoch | raw accuracy | EMA accuracy | mean |EMA - raw| weight")
     for row in tracker.rows:
-        print(f"{row['epoch']:5d} | {row['raw']:12.4f} | {row['ema']:12.4f}")
+        print(f"{row['epoch']:5d} | {row['raw']:12.4f} | {row['ema']:12.4f} | {row['gap']:.5f}")
     tail = tracker.rows[-max(2, epochs // 2):]
     if len(tail) >= 2:
         raw_std = torch.tensor([row["raw"] for row in tail]).std().item()

@@ -236,11 +236,12 @@ class ModelEMA:
         self.last_decay = decay
 
     def _warn_underflow(self, decay: float, weight: float) -> None:
-        dtypes = sorted(str(dtype) for dtype, threshold in self._underflow.items() if weight < threshold)
+        stalled = [dtype for dtype, threshold in self._underflow.items() if weight < threshold]
+        narrow = any(torch.finfo(dtype).bits < 32 for dtype in stalled)
+        remedy = "Keep it in float32 with ema_dtype=torch.float32" if narrow else "Use ema_dtype=torch.float64"
         warnings.warn(
             f"EMA updates with decay={decay} (update_every={self.update_every}) mostly round to nothing in "
-            f"{', '.join(dtypes)}: the EMA will barely move. Keep it in float32 with ema_dtype=torch.float32, "
-            "or use a smaller decay.",
+            f"{', '.join(sorted(map(str, stalled)))}: the EMA will barely move. {remedy}, or a smaller decay.",
             UserWarning,
             stacklevel=3,
         )
