@@ -41,7 +41,10 @@ class Plan:
             step.step(weight)
 
     def stale(self) -> bool:
-        return any(step.stale() for step in self._watching)
+        for step in self._watching:
+            if step.stale():
+                return True
+        return False
 
     def rebaseline(self) -> None:
         for step in self.steps:

@@ -219,11 +219,13 @@ class PackedStep(Step):
     def __init__(self, ema_flat: Tensor, model_flat: Tensor, inner: list[Step]) -> None:
         self.ema_flat, self.model_flat, self.inner = ema_flat, model_flat, inner
         # The storages' handles, looked up once: they live as long as the two buffers held here.
-        self._storages = (model_flat.untyped_storage()._cdata, ema_flat.untyped_storage()._cdata)
+        self._model_storage = model_flat.untyped_storage()._cdata
+        self._ema_storage = ema_flat.untyped_storage()._cdata
+        self._watching = [step for step in inner if type(step).stale is not Step.stale]
         self.baseline = self.use_counts()
 
-    def use_counts(self) -> tuple[int, ...]:
-        return tuple(map(torch._C._storage_Use_Count, self._storages))
+    def use_counts(self) -> tuple[int, int]:
+        return torch._C._storage_Use_Count(self._model_storage), torch._C._storage_Use_Count(self._ema_storage)
 
     def rebaseline(self) -> None:
         """Accept today's use counts (after a full check found every tensor where it belongs)."""
@@ -234,7 +236,7 @@ class PackedStep(Step):
             step.step(weight)
 
     def stale(self) -> bool:
-        return self.use_counts() != self.baseline or any(step.stale() for step in self.inner)
+        return self.use_counts() != self.baseline or any(step.stale() for step in self._watching)
 
     def wait(self) -> None:
         for step in self.inner:
