@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fastema import ModelEMA, _binding
-from helpers import ConvNet, ToyNet, all_tensors, assert_matches_reference
+from helpers import ConvNet, ToyNet, all_tensors, assert_matches_reference, assert_update_runs_only_ema_kernels
 from reference import ReferenceEMA, expected_tracked
 
 LAYOUTS = [
@@ -392,3 +392,176 @@ def test_tracked_names_match_the_reference_choice(all_parameters, all_buffers):
     assert _binding.tracked_tensors(model, all_parameters, all_buffers).keys() == expected_tracked(
         model, all_parameters, all_buffers
     ).keys()
+
+
+def tied_model():
+    model = nn.Module()
+    model.emb = nn.Embedding(5, 4)
+    model.out = nn.Linear(4, 5, bias=False)
+    model.out.weight = model.emb.weight
+    return model
+
+
+@pytest.mark.parametrize("options", LAYOUTS)
+@pytest.mark.parametrize("untie", ["load_state_dict(assign=True)", "meta + to_empty"])
+def test_weights_untied_after_construction_are_never_written_by_the_ema(options, untie):
+    if untie == "meta + to_empty":
+        with torch.device("meta"):
+            model = tied_model()
+        ema = ModelEMA(model, 0.5, **options)
+        model.to_empty(device="cpu")  # materialises the two names as two tensors
+        with torch.no_grad():
+            model.emb.weight.normal_()
+            model.out.weight.normal_()
+    else:
+        torch.manual_seed(0)
+        model = tied_model()
+        ema = ModelEMA(model, 0.5, **options)
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    assert model.out.weight is not model.emb.weight
+    model_before = {name: t.detach().clone() for name, t in all_tensors(model).items()}
+    ema.update()
+    for name, tensor in all_tensors(model).items():
+        assert torch.equal(tensor, model_before[name]), name  # update() only reads the model
+    assert ema.module.out.weight is not ema.module.emb.weight  # the EMA's module is untied alike
+    assert torch.equal(ema.module.out.weight, model.out.weight.to(ema.module.out.weight.dtype))  # now untracked
+    if "ema_dtype" not in options:  # ...and, in the model's dtype, the model's own storage
+        assert ema.module.out.weight.data_ptr() == model.out.weight.data_ptr()
+
+
+def test_tied_weights_stay_tied_in_the_ema_module():
+    torch.manual_seed(0)
+    model = tied_model()
+    ema, reference = start(model)
+    step_and_compare(model, ema, reference)
+    assert ema.module.out.weight is ema.module.emb.weight and ema.tensor_names == ["emb.weight"]
+
+
+def test_packing_leaves_shared_memory_and_foreign_storage_where_they_are():
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model.share_memory()  # Hogwild: other processes see these storages
+    ModelEMA(model, 0.5, flatten_model=True)
+    assert all(p.is_shared() for p in model.parameters())
+    array = np.zeros((3, 3), dtype=np.float32)
+    numpy_backed = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    numpy_backed[0].weight = nn.Parameter(torch.from_numpy(array))
+    ModelEMA(numpy_backed, 0.5, flatten_model=True)
+    with torch.no_grad():
+        numpy_backed[0].weight.fill_(2.0)
+    assert (array == 2.0).all()  # still the array's memory
+
+
+def test_a_frozen_parameter_replaced_by_hand_is_shared_again_when_the_ema_module_is_read():
+    model = ToyNet()
+    ema = ModelEMA(model, 0.9)
+    model.frozen.weight.data = torch.ones(16, 16)  # no module API sees this
+    ema.update()
+    assert torch.equal(ema.module.frozen.weight, model.frozen.weight)
+    assert ema.module.frozen.weight.data_ptr() == model.frozen.weight.data_ptr()
+
+
+def test_an_untracked_submodule_replaced_is_followed_by_the_ema_module():
+    model = ToyNet()
+    ema = ModelEMA(model, 0.9)
+    model.frozen = nn.Linear(16, 16).requires_grad_(False)
+    ema.update()
+    assert ema.module.frozen.weight.data_ptr() == model.frozen.weight.data_ptr()
+
+
+@pytest.mark.parametrize("flatten_model", [False, True])
+def test_ema_module_re_laid_out_by_the_user_follows_the_models_layout_again(flatten_model):
+    torch.manual_seed(0)
+    model = ConvNet()
+    ema, reference = start(model, flatten_model=flatten_model)
+    ema.module.to(memory_format=torch.channels_last)
+    step_and_compare(model, ema, reference)
+    assert ema.module.conv.weight.stride() == model.conv.weight.stride()
+
+
+def test_a_model_made_channels_last_after_the_ema_keeps_the_staged_step_allocation_free(monkeypatch):
+    from fastema import _steps
+
+    monkeypatch.setitem(_steps.STAGING_ELEMENTS, "cpu", 100)  # the conv weight (648 elements) is chunked
+    torch.manual_seed(0)
+    model = ConvNet().bfloat16()
+    model.conv = nn.Conv2d(3, 24, 3, padding=1).bfloat16()
+    ema = ModelEMA(model, 0.5, ema_dtype=torch.float32)
+    model.to(memory_format=torch.channels_last)
+    ema.update()  # follows: the EMA takes the model's layout
+    assert ema.module.conv.weight.stride() == model.conv.weight.stride()
+    assert_update_runs_only_ema_kernels(ema)
+
+
+def test_a_large_tensor_replaced_by_hand_is_followed_by_the_staged_step(monkeypatch):
+    from fastema import _steps
+
+    monkeypatch.setitem(_steps.STAGING_ELEMENTS, "cpu", 10)  # every weight is split into precomputed chunks
+    torch.manual_seed(0)
+    model = ConvNet().bfloat16()
+    ema, reference = start(model, ema_dtype=torch.float32)
+    model.head.weight.data = torch.full((4, 6), 3.0, dtype=torch.bfloat16)
+    step_and_compare(model, ema, reference)
+
+
+def test_swap_tensors_alone_is_followed_by_a_packed_step():
+    torch.manual_seed(0)
+    model = ConvNet()
+    ema, reference = start(model, flatten_model=True)
+    torch.utils.swap_tensors(model.head.weight, nn.Parameter(torch.full((4, 6), 2.0)))
+    step_and_compare(model, ema, reference)
+
+
+@pytest.mark.parametrize("options", LAYOUTS)
+def test_a_buffer_reassigned_in_every_forward_is_followed_without_a_new_plan_each_step(options, monkeypatch):
+    class RunningAverage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+            self.register_buffer("average", torch.zeros(8))
+
+        def forward(self, x):
+            y = self.linear(x)
+            self.average = 0.9 * self.average + 0.1 * y.detach().mean(0)  # a new tensor every call
+            return y
+
+    torch.manual_seed(0)
+    model = nn.Sequential(RunningAverage(), nn.Linear(8, 2))
+    ema, reference = start(model, **options)
+    checks = []
+    real_current = _binding.Binding.current
+    monkeypatch.setattr(_binding.Binding, "current", lambda self: checks.append(1) or real_current(self))
+    step_and_compare(model, ema, reference, steps=10, make_input=lambda: torch.randn(4, 8))
+    assert len(checks) <= 3  # learning that `average` is replaced each step, then reading it through its slot
+    model(torch.randn(4, 8))
+    if not options:  # reading shape, dtype and device of the reassigned buffer (`__get__`) is all it adds
+        assert_update_runs_only_ema_kernels(ema, also={"__get__"})
+
+
+def test_a_refused_update_does_not_count_as_a_step():
+    model = ConvNet()
+    ema = ModelEMA(model, 0.5, update_every=2)
+    model.head = nn.Linear(6, 7)
+    ema.update()  # counts the step (update_every=2): nothing to read yet
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="changed shape"):
+            ema.update()
+    assert ema.num_steps == 1  # the first call only counted (update_every=2); the refused ones did not
+
+
+def test_tensor_names_chooses_exactly_what_is_averaged():
+    torch.manual_seed(0)
+    model = ToyNet()
+    ema = ModelEMA(model, 0.5, tensor_names=["head.weight", "frozen.weight", "body.1.num_batches_tracked"])
+    reference = ReferenceEMA({name: t for name, t in all_tensors(model).items() if name in ema.tensor_names})
+    with torch.no_grad():
+        model.frozen.weight.add_(1.0)
+        model.head.weight.add_(1.0)
+    model(torch.randn(4, 8))
+    ema.update()
+    reference.update({name: t for name, t in all_tensors(model).items() if name in ema.tensor_names}, 0.5)
+    assert_matches_reference(ema, reference)
+    for bad, error in ((["nope"], ValueError), ([], ValueError), ("head.weight", TypeError)):
+        with pytest.raises(error, match="tensor_names"):
+            ModelEMA(model, tensor_names=bad)

@@ -26,12 +26,13 @@ class StepRecorder(Callback):
 
     order = -5
 
-    def __init__(self, start_step=0, decay_of_step=None):
+    def __init__(self, start_step=0, decay_of_step=None, nested_validation=True):
         self.start_step, self.decay_of_step = start_step, decay_of_step
+        self.nested_validation = nested_validation  # False: the lock tells nothing (a test holds it)
         self.steps, self.batches, self.reference = [], 0, None
 
     def before_fit(self):
-        if self.learn.lock.locked():  # a learn.validate() inside the fit fires before_fit too
+        if self.nested_validation and self.learn.lock.locked():  # learn.validate() inside a fit fires before_fit
             return
         self.steps, self.batches, self.reference = [], 0, None
         original_step = self.learn.opt.step
@@ -54,7 +55,7 @@ class StepRecorder(Callback):
             self.reference = ReferenceEMA(expected_tracked(self.learn.model))
 
     def after_fit(self):
-        if not self.learn.lock.locked():
+        if not (self.nested_validation and self.learn.lock.locked()):
             del self.learn.opt.step
 
 
@@ -282,14 +283,44 @@ def test_resume_continues_from_model_ema():
             assert torch.equal(learn.model_ema.state_dict()[name], value), name
 
 
-def test_resume_without_or_with_mismatched_model_ema_raises():
-    learn = make_learner(cbs=[EMACallback(resume=True)])
-    with pytest.raises(ValueError, match="resume"):
-        learn.fit(1)
+def test_resume_with_a_mismatched_model_ema_raises_and_without_one_starts_afresh():
     learn = make_learner(cbs=[EMACallback(resume=True)])
     learn.model_ema = torch.nn.Linear(3, 3)
     with pytest.raises(ValueError, match="resume"):
         learn.fit(1)
+    recorder = StepRecorder(0, decay_of_step=lambda step: 0.9)
+    learn = make_learner(cbs=[recorder, EMACallback(decay=0.9, resume=True)])
+    learn.fit(1)  # no earlier EMA (the first fit of fine_tune): a fresh one, started with the fit
+    assert_matches_reference(learn.model_ema, recorder.reference)
+
+
+def test_fine_tune_with_resume_continues_the_frozen_fits_ema_into_the_unfrozen_one():
+    from fastai.torch_core import params
+
+    class ContinueFromFrozen(StepRecorder):
+        """The unfrozen fit's reference starts from the EMA the frozen fit left (every tensor it now tracks)."""
+
+        frozen_ema = None
+
+        def before_fit(self):
+            super().before_fit()
+            if self.frozen_ema is not None and not self.learn.lock.locked():
+                self.reference = ReferenceEMA({n: self.frozen_ema[n] for n in expected_tracked(self.learn.model)})
+
+        def after_fit(self):
+            super().after_fit()
+            if self.frozen_ema is None and not self.learn.lock.locked():
+                self.frozen_ema = {k: v.clone() for k, v in self.learn.model_ema.state_dict().items()}
+
+    recorder = ContinueFromFrozen(start_step=-1, decay_of_step=lambda step: 0.9)
+    ema = EMACallback(decay=0.9, resume=True)
+    learn = make_learner(
+        cbs=[ema], splitter=lambda m: [params(m.body) + params(m.frozen), params(m.head)]
+    )
+    ContinueFromFrozen.order = EMACallback.order + 1  # after the EMA callback has set learn.model_ema
+    learn.fine_tune(1, freeze_epochs=1, cbs=[recorder])
+    assert ema.engine.num_updates == N_ITER == recorder.reference.num_updates
+    assert_matches_reference(learn.model_ema, recorder.reference)
 
 
 def test_resume_result_matches_reference():
@@ -539,10 +570,37 @@ def test_validate_after_an_interrupted_validation_restores_the_model_first():
     with pytest.raises(Interrupted):
         learn.fit(1, cbs=[FailDuringValidation()])
     own_weights = learn.cbs.filter(lambda cb: isinstance(cb, WeightsAroundValidation))[0].snapshots[0]
-    learn.validate()  # puts the model's own weights back before validating
+    own_model = make_learner().model
+    own_model.load_state_dict(own_weights)
+    own_loss, _ = evaluate(own_model, learn.dls)
+    assert learn.validate()[0] == pytest.approx(own_loss, rel=1e-6)  # the model's weights are back before it runs
     for name, value in own_weights.items():
         assert torch.equal(learn.model.state_dict()[name], value), name
     assert_validate_and_get_preds_use_the_models_own_weights(learn)
+
+
+def test_learn_save_after_an_interrupted_validation_writes_the_models_own_weights(tmp_path):
+    learn = make_learner(cbs=[EMACallback(decay=0.5), WeightsAroundValidation(order=0)], path=tmp_path)
+    with pytest.raises(Interrupted):
+        learn.fit(1, cbs=[FailDuringValidation()])
+    own_weights = learn.cbs.filter(lambda cb: isinstance(cb, WeightsAroundValidation))[0].snapshots[0]
+    learn.save("after", with_opt=False)
+    saved = torch.load(tmp_path / "models" / "after.pth", weights_only=True)
+    for name, value in own_weights.items():
+        assert torch.equal(saved[name], value), name
+
+
+def test_a_learner_lock_left_held_does_not_switch_the_ema_off():
+    """fastcore leaves `learn.lock` held when a callback raises in get_preds' before_fit; fits must still average."""
+    recorder = StepRecorder(0, decay_of_step=lambda step: 0.9, nested_validation=False)
+    learn = make_learner(cbs=[recorder, EMACallback(decay=0.9)])
+    learn.lock.acquire()
+    try:
+        learn.fit(1)
+    finally:
+        learn.lock.release()
+    assert learn.ema.engine.num_updates == N_ITER
+    assert_matches_reference(learn.model_ema, recorder.reference)
 
 
 def test_schedule_given_as_a_warmup_class_uses_its_default_formula():

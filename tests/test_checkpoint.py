@@ -157,12 +157,30 @@ def test_killed_save_leaves_the_previous_checkpoint_intact(tmp_path):
 
 def test_save_leaves_another_live_writers_temporary_alone(tmp_path):
     path = tmp_path / "ema.pt"
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])  # a pid that no process has any more
+    dead_pid.wait()
     live = tmp_path / f".ema.pt.{socket.gethostname()}.{os.getpid()}.0badc0de.tmp"  # this (live) process's
-    elsewhere = tmp_path / ".ema.pt.another-host.1.0badc0de.tmp"  # another machine's: its pid means nothing here
-    for temporary in (live, elsewhere):
+    # Another machine's, from a pid that is dead here: it may well be alive there.
+    elsewhere = tmp_path / f".ema.pt.another-host.{dead_pid.pid}.0badc0de.tmp"
+    abandoned = tmp_path / f".ema.pt.{socket.gethostname()}.{dead_pid.pid}.0badc0de.tmp"
+    for temporary in (live, elsewhere, abandoned):
         temporary.write_bytes(b"in progress")
     trained_ema()[1].save(path)
-    assert live.exists() and elsewhere.exists()
+    assert live.exists() and elsewhere.exists() and not abandoned.exists()
+
+
+def test_save_writes_through_a_symlink_as_torch_save_does(tmp_path):
+    target = tmp_path / "runs" / "ema-final.pt"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "ema.pt"
+    link.symlink_to(target)
+    _, ema = trained_ema()
+    ema.save(link)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    loaded = trained_ema(steps=1, seed=1)[1]
+    loaded.load(target)
+    assert_same_tensors(ema_tensors(loaded), ema_tensors(ema))
 
 
 def test_files_get_the_permissions_of_a_plain_torch_save(tmp_path):
@@ -268,13 +286,37 @@ def test_learn_load_with_an_ema_of_another_model_changes_nothing(tmp_path):
     learn = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path)
     learn.fit(1)
     learn.save("run")
-    torch.save(learn.ema.ema_checkpoint() | {"engine": trained_ema()[1].state_dict() | {"tensors": {}}},
-               tmp_path / "models" / "run.ema.pth")
-    fresh = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path, seed=1)
-    model_before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
-    with pytest.raises(ValueError, match="run.ema.pth.*missing keys"):
-        fresh.load("run")
-    assert_same_tensors(dict(fresh.model.state_dict()), model_before)
+    other = ModelEMA(ToyNet(n_hidden=4)).state_dict()  # another model: other shapes, one name it lacks
+    other["tensors"]["extra.weight"] = torch.zeros(1)
+    for engine, problem in ((other, r"unexpected keys \['extra.weight'\]; body.0.weight: shape \(4, 8\) != \(16, 8\)"),
+                            (other | {"tensors": {}}, "holds no EMA tensors")):
+        torch.save(learn.ema.ema_checkpoint() | {"engine": engine}, tmp_path / "models" / "run.ema.pth")
+        fresh = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path, seed=1)
+        model_before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+        with pytest.raises(ValueError, match="run.ema.pth: .*" + problem):
+            fresh.load("run")
+        assert_same_tensors(dict(fresh.model.state_dict()), model_before)
+        assert not hasattr(fresh, "model_ema")
+
+
+def test_a_checkpoint_saved_unfrozen_loads_into_a_frozen_learner_and_resumes(tmp_path):
+    from fastai.torch_core import params
+
+    splitter = lambda m: [params(m.body) + params(m.frozen), params(m.head)]  # noqa: E731
+    learn = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path, splitter=splitter)
+    learn.fine_tune(1, freeze_epochs=1)  # ends unfrozen: the EMA tracks the body too
+    learn.save("tuned")
+    frozen = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path, splitter=splitter, seed=1)
+    frozen.freeze()  # as vision_learner starts
+    frozen.load("tuned")
+    assert_same_tensors(dict(frozen.model_ema.state_dict()), dict(learn.model_ema.state_dict()))
+    assert sorted(frozen.ema.engine.tensor_names) == sorted(learn.ema.engine.tensor_names)
+    frozen.fit(2, start_epoch=1)  # continues the loaded EMA, with the tensors it tracked
+    assert frozen.ema.engine.num_updates == learn.ema.engine.num_updates + N_ITER_RESUMED
+    assert "body.0.weight" in frozen.ema.engine.tensor_names
+
+
+N_ITER_RESUMED = 8  # one epoch of make_learner's 64 samples in batches of 8
 
 
 def test_learn_load_refuses_an_ema_file_written_by_another_save(tmp_path):

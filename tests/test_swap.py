@@ -108,11 +108,21 @@ def test_writes_to_parameters_inside_the_swap_go_into_the_ema_with_a_warning(opt
         assert torch.equal(value, own_weights[name]), name
 
 
-def test_moving_the_model_inside_the_swap_raises_on_exit():
+@pytest.mark.parametrize("change", ["model.double()", "p.data = ..."])
+def test_model_changed_inside_the_swap_gets_its_own_weights_back_and_the_ema_keeps_its_own(change):
     model, ema = moved_apart({})
-    with pytest.raises(RuntimeError, match="moved or replaced inside use_ema_weights"):
-        with ema.use_ema_weights():
-            model.double()
+    expected, own_weights = ema_state(ema), model_state(model)
+    with ema.use_ema_weights():
+        if change == "model.double()":
+            model.double()  # parameters converted in place, buffers replaced by new objects
+        else:
+            model.head.weight.data = torch.zeros(4, 6)  # the model lets go of the storage the EMA was put in
+    for name, value in model_state(model).items():
+        assert torch.equal(value, own_weights[name]), name  # converted exactly (float32 -> float64)
+    for name, value in ema_state(ema).items():
+        assert torch.equal(value, expected[name]), name
+    ema.update()  # and the EMA follows the model from there
+    assert ema.num_updates == 2
 
 
 def test_an_exception_inside_the_swap_restores_the_model_and_propagates():

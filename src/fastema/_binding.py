@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .distributed import is_sharded, local_part
+from .distributed import local_part
 
 # ---- a counter of module changes -----------------------------------------------------------------------
 
 _changes = [0]
+# The latest changes: (module id, tensor name) of a registration, (None, None) for a conversion.
+_recent: deque[tuple[int, int | None, str | None]] = deque(maxlen=1024)
 
 
 def changes() -> int:
@@ -36,8 +39,16 @@ def changes() -> int:
     return _changes[0]
 
 
-def _count_change(*args) -> None:
+def changes_since(seen: int) -> list[tuple[int | None, str | None]] | None:
+    """The changes after `seen` as (module id, name) pairs, or None if too many happened to keep them all."""
+    if _changes[0] - seen > len(_recent):
+        return None
+    return [(module_id, name) for count, module_id, name in _recent if count > seen]
+
+
+def _count_registration(module: nn.Module, name: str, value: object) -> None:
     _changes[0] += 1
+    _recent.append((_changes[0], id(module), name))
 
 
 @functools.cache
@@ -49,9 +60,9 @@ def watch_module_changes() -> None:
     """
     from torch.nn.modules import module as torch_module
 
-    torch_module.register_module_parameter_registration_hook(_count_change)
-    torch_module.register_module_buffer_registration_hook(_count_change)
-    torch_module.register_module_module_registration_hook(_count_change)
+    torch_module.register_module_parameter_registration_hook(_count_registration)
+    torch_module.register_module_buffer_registration_hook(_count_registration)
+    torch_module.register_module_module_registration_hook(_count_registration)
     original_apply = nn.Module._apply
     if getattr(original_apply, "_fastema_counts_changes", False):
         return
@@ -62,6 +73,7 @@ def watch_module_changes() -> None:
             return original_apply(self, *args, **kwargs)
         finally:
             _changes[0] += 1
+            _recent.append((_changes[0], None, None))
 
     _apply._fastema_counts_changes = True
     nn.Module._apply = _apply
@@ -88,7 +100,7 @@ class Slot:
     def get(self, root: nn.Module, modules: dict[str, nn.Module] | None = None) -> Tensor | None:
         """The tensor `root` holds here now (None if the module or the key is gone); `modules`: `root`'s by name."""
         if modules is None:
-            modules = dict(root.named_modules())
+            modules = dict(root.named_modules(remove_duplicate=False))
         owner = modules.get(self.path)
         if owner is None:
             return None
@@ -122,6 +134,17 @@ def tensor_slots(module: nn.Module) -> dict[str, tuple[Slot, Tensor]]:
                 slot = Slot(path, key, is_parameter)
                 slots[slot.name] = (slot, tensor)
     return slots
+
+
+def all_slots(module: nn.Module) -> list[tuple[Slot, Tensor]]:
+    """Every place a tensor is held, tied tensors and shared submodules included (unlike `tensor_slots`)."""
+    return [
+        (Slot(path, key, is_parameter), tensor)
+        for path, owner in module.named_modules(remove_duplicate=False)
+        for is_parameter, members in ((True, owner._parameters), (False, owner._buffers))
+        for key, tensor in members.items()
+        if tensor is not None
+    ]
 
 
 def is_tracked(module: nn.Module, slot: Slot, tensor: Tensor, all_parameters: bool, all_buffers: bool) -> bool:
@@ -200,6 +223,16 @@ def copy_of_model(model: nn.Module, tracked: dict[str, Tensor], placement: Place
 # ---- the binding ---------------------------------------------------------------------------------------
 
 
+def check_tracked_present(names: list[str], model_slots: dict[str, tuple[Slot, Tensor]]) -> None:
+    """A RuntimeError if the model lost tensors that the EMA averages (its structure changed)."""
+    missing = [name for name in names if name not in model_slots]
+    if missing:
+        raise RuntimeError(
+            f"The model no longer has the tensors {missing} that this EMA averages: its structure changed. "
+            "Build a new ModelEMA for the new model (or load its state into one)."
+        )
+
+
 def _signature(tensor: Tensor) -> tuple:
     """What a step depends on: the storage address, device, dtype, shape and strides."""
     tensor = local_part(tensor)
@@ -211,52 +244,80 @@ class Binding:
 
     def __init__(
         self, model: nn.Module, ema_module: nn.Module | None, shards: dict[str, Tensor], tracked_names: list[str],
+        volatile: frozenset[str] = frozenset(),
     ) -> None:
         self.model, self.ema_module = model, ema_module
         model_slots = tensor_slots(model)
-        missing = [name for name in tracked_names if name not in model_slots]
-        if missing:
-            raise RuntimeError(
-                f"The model no longer has the tensors {missing} that this EMA averages: its structure changed. "
-                "Build a new ModelEMA for the new model (or load its state into one)."
-            )
+        check_tracked_present(tracked_names, model_slots)
         self.names = list(tracked_names)
         self.slots = [model_slots[name][0] for name in self.names]
         self.model_tensors = [model_slots[name][1] for name in self.names]  # DTensors stay DTensors here
         self.model_locals = [local_part(tensor) for tensor in self.model_tensors]  # what the steps read
         self.is_parameter = [slot.is_parameter for slot in self.slots]
+        # Tensors that the model replaces all the time (`self.avg = ...` in forward): read through their
+        # slots at every update (`_steps.SlotStep`), so their replacement needs no new binding.
+        self.volatile = volatile
         if ema_module is None:
             self.ema_tensors = [shards[name] for name in self.names]
             self.untracked: list[Slot] = []
         else:
-            ema_slots = tensor_slots(ema_module)
-            self.ema_tensors = [ema_slots[name][1] for name in self.names]
+            ema_modules = dict(ema_module.named_modules(remove_duplicate=False))
+            self.ema_tensors = [slot.get(ema_module, ema_modules) for slot in self.slots]
             tracked = set(self.names)
             self.untracked = [slot for name, (slot, _) in model_slots.items() if name not in tracked]
         self.record()
 
+    def slot_of(self, name: str) -> tuple[Slot, nn.Module, int]:
+        """(slot, owner module, index) of a tracked tensor, for a step that reads it through its slot."""
+        index = self.names.index(name)
+        slot = self.slots[index]
+        return slot, slot.owner(self.model), index
+
+    def objects(self) -> dict[str, Tensor]:
+        """The model's tensor objects by name, tracked and untracked (to see which ones get replaced)."""
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        found = {slot.name: slot.get(self.model, modules) for slot in (*self.slots, *self.untracked)}
+        return {name: tensor for name, tensor in found.items() if tensor is not None}
+
     def record(self) -> None:
         """Remember where every tensor is now (after packing, which moves them)."""
         self.signatures = self._signatures()
+        self.untracked_signatures = self._untracked_signatures()
+        self.recorded_objects = self.objects()
+
+    def _untracked_signatures(self) -> list:
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        tensors = [slot.get(self.model, modules) for slot in self.untracked]
+        return [None if tensor is None else (id(tensor), tensor.data_ptr()) for tensor in tensors]
+
+    def untracked_current(self) -> bool:
+        """Whether the model's untracked tensors are where the EMA's module shares or copied them from.
+
+        `p.data = ...` on a frozen parameter moves no counter; reading `ema.module` checks this.
+        """
+        return self._untracked_signatures() == self.untracked_signatures
 
     def _watched(self) -> Iterator[Tensor | None]:
         """Every tensor whose place or layout the binding depends on, in a fixed order."""
-        model_modules = dict(self.model.named_modules())
-        yield from (slot.get(self.model, model_modules) for slot in self.slots)
+        model_modules = dict(self.model.named_modules(remove_duplicate=False))
+        steady = [slot for slot in self.slots if slot.name not in self.volatile]
+        yield from (slot.get(self.model, model_modules) for slot in steady)
         if self.ema_module is not None:
-            ema_modules = dict(self.ema_module.named_modules())
+            ema_modules = dict(self.ema_module.named_modules(remove_duplicate=False))
             yield from (slot.get(self.ema_module, ema_modules) for slot in self.slots)
             for slot in self.untracked:
-                yield slot.get(self.model, model_modules)
-                yield slot.get(self.ema_module, ema_modules)
+                if slot.name not in self.volatile:
+                    yield slot.get(self.model, model_modules)
+                    yield slot.get(self.ema_module, ema_modules)
 
     def _signatures(self) -> list:
         return [None if tensor is None else (id(tensor), _signature(tensor)) for tensor in self._watched()]
 
     def current(self) -> bool:
         """Whether every tensor is still the same object, in the same place, with the same layout (one pass)."""
-        # Comparing ids is sound: the binding holds the tracked tensors, so their ids cannot be reused,
-        # and an untracked tensor shared with the EMA's module keeps its storage (and address) alive.
+        # Ids of the tracked tensors cannot be reused: the binding holds them. An untracked one could be
+        # freed and its id reused, but then with another storage address too (unless the allocator hands
+        # the same address back, which at worst leaves an untracked copy in the EMA's module stale).
         return self._signatures() == self.signatures
 
     def pairs(self) -> Iterator[tuple[str, Tensor, Tensor, bool]]:

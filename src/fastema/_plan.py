@@ -20,10 +20,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ._binding import Slot
 from ._steps import (
-    KernelStep, OffloadedStep, PackedStep, StagedStep, Step, copy_fused, copy_loop, fused_step_supported, is_averaged,
+    KernelStep, OffloadedStep, PackedStep, SlotStep, StagedStep, Step, copy_fused, copy_loop, fused_step_supported, is_averaged,
     is_dense, lerp_fused, lerp_loop, loop_step_supported, storage_use_count,
 )
 
@@ -71,12 +72,22 @@ class Plan:
 def plan_update(
     ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], is_parameter: Sequence[bool], *,
     foreach: bool | None, flatten: bool, all_model_tensors: Iterable[Tensor] = (),
+    volatile: Sequence[tuple[Slot, nn.Module, int]] = (),
 ) -> Plan:
-    """The plan for these pairs; `flatten` packs them first (`all_model_tensors`: every tensor of the model)."""
+    """The plan for these pairs; `flatten` packs them first (`all_model_tensors`: every tensor of the model).
+
+    `volatile`: (slot, owner, index) of tensors the model keeps replacing, read through their slots.
+    """
     steps: list[Step] = []
-    rest = range(len(model_tensors))
+    if volatile:
+        steps.append(SlotStep(
+            [ema_tensors[index] for _, _, index in volatile],
+            [(owner, slot.key, slot.is_parameter) for slot, owner, _ in volatile],
+        ))
+    skipped = {index for _, _, index in volatile}
+    rest: Sequence[int] = [index for index in range(len(model_tensors)) if index not in skipped]
     if flatten:
-        packs, rest = _pack(ema_tensors, model_tensors, is_parameter, all_model_tensors)
+        packs, rest = _pack(ema_tensors, model_tensors, is_parameter, all_model_tensors, rest)
         for ema_flat, model_flat, kind in packs:
             steps.append(PackedStep(ema_flat, model_flat, kernel_steps([ema_flat], [model_flat], [kind], foreach)))
     steps += kernel_steps(
@@ -168,7 +179,7 @@ def _adjacent_runs(tensors: list[tuple[int, Tensor]]) -> list[list[tuple[int, Te
 
 def _pack(
     ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], is_parameter: Sequence[bool],
-    all_model_tensors: Iterable[Tensor],
+    all_model_tensors: Iterable[Tensor], candidates: Sequence[int],
 ) -> tuple[list[tuple[Tensor, Tensor, bool]], list[int]]:
     """Packed (EMA buffer, model buffer, holds parameters) triples, and the indices left unpacked.
 
@@ -180,7 +191,8 @@ def _pack(
     overlapping = overlapping_tensors(all_model_tensors)
     buckets: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
     rest: list[int] = []
-    for index, (ema_tensor, model_tensor) in enumerate(zip(ema_tensors, model_tensors, strict=True)):
+    for index in candidates:
+        ema_tensor, model_tensor = ema_tensors[index], model_tensors[index]
         packable = (
             ema_tensor.shape == model_tensor.shape
             and model_tensor.numel() > 0
@@ -206,8 +218,13 @@ def _pack(
         for sharing in by_storage.values():
             # Tensors that are the only users of their storage (the count adds the handle made to ask)
             # can move without anyone noticing; a storage with other users (a view, a `.data` alias, the
-            # user's own flat buffer, another EMA's packed buffer) stays where it is.
-            if storage_use_count(sharing[0][1]) == len(sharing) + 1:
+            # user's own flat buffer, another EMA's packed buffer) stays where it is, and so does one in
+            # shared memory (other processes see it: Hogwild) or pinned memory (asynchronous copies).
+            first = sharing[0][1]
+            storage = first.untyped_storage()
+            # Not resizable: memory that torch does not own (numpy arrays, `frombuffer`, shared memory).
+            private = storage.resizable() and not (first.is_shared() or (first.device.type == "cpu" and first.is_pinned()))
+            if private and storage_use_count(first) == len(sharing) + 1:
                 own += sharing
             else:
                 runs += _adjacent_runs(sharing)

@@ -142,6 +142,39 @@ class KernelStep(Step):
         return f"KernelStep({self.kernel.__name__}, {len(self.ema_tensors)} tensors)"
 
 
+class SlotStep(Step):
+    """Tensors the model keeps replacing (`self.avg = ...` in forward), read through the slots that hold them.
+
+    `stale()` fetches the current objects (one dict lookup each) and reports a change of shape,
+    dtype or device; `step()` then averages them one at a time.
+    """
+
+    def __init__(self, ema_tensors: Sequence[Tensor], slots: Sequence[tuple[torch.nn.Module, str, bool]]) -> None:
+        self.ema_tensors = list(ema_tensors)
+        self.holders = [owner._parameters if is_parameter else owner._buffers for owner, _, is_parameter in slots]
+        self.keys = [key for _, key, _ in slots]
+        self.current = [holder[key] for holder, key in zip(self.holders, self.keys)]
+        self.kinds = [(tensor.shape, tensor.dtype, tensor.device) for tensor in self.current]
+        self.averaged = [is_averaged(tensor) for tensor in self.ema_tensors]
+
+    def stale(self) -> bool:
+        current = [holder.get(key) for holder, key in zip(self.holders, self.keys)]
+        for tensor, kind in zip(current, self.kinds):
+            if tensor is None or (tensor.shape, tensor.dtype, tensor.device) != kind:
+                return True
+        self.current = current
+        return False
+
+    def step(self, weight: float) -> None:
+        for ema_tensor, model_tensor, averaged in zip(self.ema_tensors, self.current, self.averaged):
+            if model_tensor.dtype != ema_tensor.dtype or model_tensor.device != ema_tensor.device:
+                model_tensor = model_tensor.to(ema_tensor.device, ema_tensor.dtype)  # a few small tensors
+            if averaged:
+                ema_tensor.lerp_(model_tensor, weight)
+            else:
+                ema_tensor.copy_(model_tensor)
+
+
 # Elements per staging buffer: 4 MiB of float32 stays in a CPU core's L2/L3; a GPU gets 16 MiB (its L2).
 STAGING_ELEMENTS = {"cpu": 1 << 20}
 DEFAULT_STAGING_ELEMENTS = 1 << 22
@@ -254,12 +287,15 @@ class PackedStep(Step):
 # ---- Offloading: the EMA on another device than the model ---------------------------------------------
 
 _offloaded_steps: weakref.WeakSet[OffloadedStep] = weakref.WeakSet()
-_hook_lock = threading.Lock()
+# Re-entrant: a garbage collection inside a locked section can run a finalizer that takes it again.
+_hook_lock = threading.RLock()
 _optimizer_hook = None
 
 
 def _before_optimizer_step(optimizer, args, kwargs) -> None:
-    for step in list(_offloaded_steps):
+    with _hook_lock:  # another thread may be adding or removing steps
+        steps = list(_offloaded_steps)
+    for step in steps:
         step.before_model_write()
 
 

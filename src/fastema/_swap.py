@@ -8,8 +8,8 @@ updates them, so they are never exchanged: writes to them inside the swap are di
 parameters kept in another dtype or on another device (a cast would lose EMA precision).
 
 Inside the swap the model's parameters *are* the EMA's: an in-place write to one of them
-(found through its version counter) is kept in the EMA on the way out, whichever way it was
-swapped, and reported to the caller.
+(found through its version counter; writes through `.data` bypass it) is kept in the EMA on
+the way out, whichever way it was swapped, and reported to the caller.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ class WeightSwap:
     def __init__(self, pairs: Sequence[tuple[str, Tensor, Tensor, bool]]) -> None:
         self.pairs = list(pairs)  # (name, model tensor, EMA tensor, is a parameter)
         self.backups: list[Tensor | None] = []  # None: exchanged
+        # What the EMA's values were written into: kept even if the model lets go of it (`p.data = ...`).
+        self.written_into: list[Tensor] = []
         self.versions: list[int] = []
 
     @torch.no_grad()
@@ -42,25 +44,39 @@ class WeightSwap:
         except BaseException:
             self._restore()
             raise
+        self.written_into = [model_tensor.detach() for _, model_tensor, _, _ in self.pairs]
         self.versions = [model_tensor._version for _, model_tensor, _, _ in self.pairs]
 
     def ema_value(self, index: int) -> Tensor:
         """Where the EMA's value of pair `index` is during the swap (in the model when exchanged)."""
-        _, model_tensor, ema_tensor, _ = self.pairs[index]
-        return model_tensor if self.backups[index] is None else ema_tensor
+        ema_tensor = self.pairs[index][2]
+        return self.written_into[index] if self.backups[index] is None else ema_tensor
 
     @torch.no_grad()
-    def exit(self) -> list[str]:
-        """Put the model's weights back; return the parameters written in place inside the swap."""
+    def exit(self, targets: Sequence[Tensor] | None = None) -> list[str]:
+        """Put the model's weights back; return the parameters written in place inside the swap.
+
+        `targets`: where the model now keeps each tensor, if it was moved or replaced inside the
+        swap (`model.to(...)`); the EMA's values are read from the tensors the swap wrote them
+        into, the model's own are written, converted, wherever the model keeps them now.
+        """
         written = []
-        for (name, model_tensor, ema_tensor, is_parameter), backup, version in zip(
-            self.pairs, self.backups, self.versions
+        for index, ((name, model_tensor, ema_tensor, is_parameter), backup, version) in enumerate(
+            zip(self.pairs, self.backups, self.versions)
         ):
-            if is_parameter and model_tensor._version != version:
+            target = model_tensor if targets is None else targets[index]
+            ema_values = self.written_into[index]
+            changed = is_parameter and ema_values._version != version
+            if changed:
                 written.append(name)
-                if backup is not None:  # an exchanged tensor carries the write back by itself
-                    ema_tensor.copy_(model_tensor)
-        self._restore()
+            if backup is None:  # exchanged: the EMA's values are in the model's storage, the model's in the EMA's
+                own = ema_tensor.clone()
+                ema_tensor.copy_(ema_values)
+                target.copy_(own)
+            else:
+                if changed:
+                    ema_tensor.copy_(ema_values)
+                target.copy_(backup)
         return written
 
     def _restore(self) -> None:

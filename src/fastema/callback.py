@@ -12,7 +12,7 @@ from fastai.learner import Learner, Recorder
 from fastcore.basics import store_attr
 
 from . import learner_checkpoint
-from ._binding import tracked_tensors
+from ._binding import tensor_slots
 from ._checks import (
     DeviceLike, check_decay, check_device, check_ema_dtype, check_flag, check_flatten_model, check_foreach,
     check_update_every,
@@ -60,14 +60,32 @@ def _position_to_step(value: int | float, name: str, n_epoch: int, n_iter: int) 
     return round(value * n_epoch * n_iter)
 
 
-def _fit_running(learn) -> bool:
-    """Whether `learn.fit` is executing now (fastai fires no event when an exception ends a fit)."""
+def _innermost_call(learn, functions) -> object | None:
+    """The innermost of `functions` (Learner methods) running now on `learn`, by walking the call stack.
+
+    fastai fires no event when an exception ends a fit, and `learn.validate()`/`get_preds()` fire
+    `before_fit`/`after_fit` from the Learner's own context manager: the stack tells them apart.
+    """
+    codes = {function.__code__: function for function in functions}
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is Learner._do_fit.__code__ and frame.f_locals.get("self") is learn:
-            return True
+        function = codes.get(frame.f_code)
+        if function is not None and frame.f_locals.get("self") is learn:
+            return function
         frame = frame.f_back
-    return False
+    return None
+
+
+def _fit_running(learn) -> bool:
+    """Whether `learn.fit` is executing now."""
+    return _innermost_call(learn, (Learner._do_fit,)) is not None
+
+
+def _in_validation_context(learn) -> bool:
+    """Whether fit events come from `learn.validate()`/`get_preds()` (the Learner used as a context manager)."""
+    return _innermost_call(learn, (Learner._do_fit, Learner.__enter__, Learner.__exit__)) in (
+        Learner.__enter__, Learner.__exit__,
+    )
 
 
 def _resumed_epoch(learn) -> int:
@@ -149,14 +167,8 @@ class EMACallback(Callback, EMACheckpointing):
         if self._start_step >= n_epoch * n_iter:
             raise ValueError(f"Invalid start: {self.start} falls after the last of this fit's {n_epoch * n_iter} steps")
 
-    def _in_validation_context(self) -> bool:
-        # `learn.validate()`/`get_preds()` fire before_fit/after_fit themselves, inside fastai's
-        # validation context, which holds `learn.lock`; a real fit never does.
-        lock = getattr(self.learn, "lock", None)
-        return lock is not None and lock.locked()
-
     def before_fit(self):
-        if self._in_validation_context():
+        if _in_validation_context(self.learn):
             self._ignored_fit_events += 1
             if not _fit_running(self.learn):  # learn.validate()/get_preds() after an interrupted validation
                 self.restore_model_weights()
@@ -175,30 +187,32 @@ class EMACallback(Callback, EMACheckpointing):
         self._compute_steps(self.n_epoch, len(self.dls.train))
         loaded_engine, loaded, self._loaded = self.engine, self._loaded, None
         self._resumed = False
-        engine, started = self._new_engine(self._decay_at(self._start_step)), False
+        decay = self._decay_at(self._start_step)
         if loaded is not None and _resumed_epoch(self.learn) > 0:
-            # `learn.load(...)` then `fit(..., start_epoch=k)`: continue exactly where the checkpoint stood.
+            # `learn.load(...)` then `fit(..., start_epoch=k)`: continue exactly where the checkpoint stood,
+            # with the tensors it tracked (a checkpoint saved unfrozen can be resumed in a frozen Learner).
+            engine = self._new_engine(decay, tensor_names=loaded_engine.tensor_names)
             engine.load_state_dict(loaded_engine.state_dict())
             started = loaded["started"]
-        elif self.resume:
+        else:
+            engine, started = self._new_engine(decay), False
             previous = getattr(self.learn, "model_ema", None)
-            if previous is None:
-                raise ValueError("Invalid resume: True, but learn.model_ema holds no EMA from an earlier fit")
-            try:
-                engine.copy_from(previous)
-            except ValueError as error:
-                raise ValueError(f"Invalid resume: learn.model_ema does not match the model ({error})") from error
-            started = self._resumed = True
+            if self.resume and previous is not None:  # without one (the first fit of fine_tune), start afresh
+                try:
+                    engine.copy_from(previous)
+                except ValueError as error:
+                    raise ValueError(f"Invalid resume: learn.model_ema does not match the model ({error})") from error
+                started = self._resumed = True
         self.engine, self._started = engine, started
         self._step_cancelled = self._updated = False
         self._validation_depth = 0
         self._active = True  # only once everything above succeeded: a refused fit leaves the callback idle
 
-    def _new_engine(self, decay: float) -> ModelEMA:
+    def _new_engine(self, decay: float, tensor_names: list[str] | None = None) -> ModelEMA:
         return ModelEMA(
             self.learn.model, decay, all_parameters=self.all_parameters, all_buffers=self.all_buffers,
             foreach=self.foreach, device=self.ema_device, flatten_model=self.flatten_model, ema_dtype=self.ema_dtype,
-            update_every=self.update_every,
+            update_every=self.update_every, tensor_names=tensor_names,
         )
 
     def ema_checkpoint(self) -> dict | None:
@@ -221,16 +235,22 @@ class EMACallback(Callback, EMACheckpointing):
             or state.get("version") != CHECKPOINT_VERSION or not isinstance(state.get("started"), bool)
         ):
             raise ValueError(f"Invalid EMA checkpoint {path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file")
-        # The EMA that `restore_ema_checkpoint` builds averages these tensors (in `ema_dtype`, if set).
-        expected = tracked_tensors(unwrap_model(self.learn.model), self.all_parameters, self.all_buffers)
+        # The EMA that `restore_ema_checkpoint` builds averages the tensors the checkpoint names (which
+        # parameters were trainable when it was saved may differ from now), in `ema_dtype` if set.
+        engine_state = state.get("engine")
+        saved = engine_state.get("tensors") if isinstance(engine_state, dict) else None
+        if not isinstance(saved, dict) or not saved:
+            raise ValueError(f"Invalid EMA checkpoint {path}: it holds no EMA tensors")
+        model_tensors = {name: tensor for name, (_, tensor) in tensor_slots(unwrap_model(self.learn.model)).items()}
+        expected = {name: model_tensors[name] for name in saved if name in model_tensors}
         try:
-            check_state_dict(state["engine"], expected, self.decay, self.ema_dtype)
+            check_state_dict(engine_state, expected, self.decay, self.ema_dtype)
         except ValueError as error:
             raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
 
     def restore_ema_checkpoint(self, state: dict) -> None:
         "Install a checked checkpoint: `learn.model_ema` is its EMA; `fit(..., start_epoch=k)` continues it"
-        self.engine = self._new_engine(self.decay)
+        self.engine = self._new_engine(self.decay, tensor_names=list(state["engine"]["tensors"]))
         self.engine.load_state_dict(state["engine"])
         self._loaded = {"started": state["started"]}
         self.learn.model_ema = self.engine.module

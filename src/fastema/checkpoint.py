@@ -40,11 +40,14 @@ def atomic_save(obj: object, path: str | os.PathLike, **torch_save_kwargs) -> Pa
     """`torch.save` to a temporary file beside `path`, fsync it, then rename it over `path`.
 
     A crash or kill at any moment leaves either the previous file or the new one, never a
-    truncated mix: the rename is atomic on POSIX and Windows file systems. The file gets the
+    truncated mix: the rename is atomic on POSIX and Windows file systems (a symlink is written
+    through; a hard link to the old file keeps the old contents). The file gets the
     permissions a plain `torch.save` would give it (the umask's, or those of the file it
     replaces), and temporaries that killed writers left behind are removed.
     """
     path = Path(path)
+    if path.is_symlink():  # write through the link, as torch.save does, not over it
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_temporaries(path)
     temporary = path.parent / _temporary_name(path)
@@ -81,13 +84,13 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> object:
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
     """`torch.load(weights_only=True)`; a missing, truncated or corrupt file raises an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # zip, pickle and EOF errors all mean the same to the caller
         raise RuntimeError(
             f"Cannot read checkpoint {path}: truncated, corrupt or not a weights-only torch file ({error})"

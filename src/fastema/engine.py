@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ._binding import Binding, Placement, changes, copy_of_model, tensor_slots, tracked_tensors, watch_module_changes
+from ._binding import (
+    Binding, Placement, all_slots, changes, changes_since, check_tracked_present, copy_of_model, tensor_slots,
+    tracked_tensors, watch_module_changes,
+)
 from ._checks import (
     DeviceLike, check_decay, check_device, check_ema_dtype, check_flag, check_flatten_model, check_foreach,
     check_update_every,
 )
 from ._plan import Plan, plan_update
+from ._steps import is_dense
 from ._state import STATE_FORMAT, STATE_VERSION, check_state_dict
 from ._swap import WeightSwap
 from .checkpoint import atomic_save, read_checkpoint
@@ -71,6 +75,7 @@ class ModelEMA:
         ema_dtype: torch.dtype | None = None,  # dtype of the EMA's floating tensors; None = the model's
         update_every: int = 1,  # update on every N-th call of `update()` only, with decay**N
         warmup: DecayWarmup | None = None,  # decay as a function of the step count, e.g. ExponentialWarmup()
+        tensor_names: Sequence[str] | None = None,  # average exactly these (state-dict names); None = by the flags
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -86,7 +91,11 @@ class ModelEMA:
         watch_module_changes()
         self.model = unwrap_model(model)
         reshard(self.model)  # FSDP2: read the shards, not a forward's unsharded copies
-        tracked = tracked_tensors(self.model, self.all_parameters, self.all_buffers)
+        tracked = (
+            tracked_tensors(self.model, self.all_parameters, self.all_buffers)
+            if tensor_names is None
+            else _named_tensors(self.model, tensor_names)
+        )
         # FSDP2 (`fully_shard`): DTensor parameters; the EMA keeps this rank's shard of each, no module copy.
         self.sharded = any(is_sharded(tensor) for tensor in tracked.values())
         if self.sharded and self.flatten_model:
@@ -105,6 +114,8 @@ class ModelEMA:
         self._swap: WeightSwap | None = None
         self._failure: BaseException | None = None
         self._plan: Plan | None = None
+        self._replacements: dict[str, int] = {}  # how often the model replaced each tensor object
+        self._volatile: frozenset[str] = frozenset()
         self._bind()
 
     # ---- binding and plan --------------------------------------------------------------------------
@@ -112,13 +123,19 @@ class ModelEMA:
     def _bind(self) -> None:
         """Pair the model's tensors with the EMA's and plan the update (done once, and after the model changed)."""
         self._plan = None  # dropped first: the buffers it packed are free to move again
-        binding = self._binding = Binding(self.model, self._module, self._shards, self.tensor_names)
-        all_model_tensors = [tensor for _, tensor in tensor_slots(self.model).values()] if self.flatten_model else []
+        binding = self._binding = Binding(self.model, self._module, self._shards, self.tensor_names, self._volatile)
+        all_model_tensors = [local_part(tensor) for _, tensor in all_slots(self.model)]
         self._plan = plan_update(
             binding.ema_tensors, binding.model_locals, binding.is_parameter, foreach=self.foreach,
             flatten=self.flatten_model, all_model_tensors=all_model_tensors,
+            volatile=[binding.slot_of(name) for name in binding.names if name in self._volatile],
         )
+        self._volatile_keys = {
+            (id(slot.owner(self.model)), slot.key) for slot in (*binding.slots, *binding.untracked)
+            if slot.name in self._volatile
+        }
         binding.record()  # packing gave tensors new addresses
+        _check_no_shared_storage(binding.ema_tensors, all_model_tensors)
         # For sharded tensors, the DTensor whose layout gathers the EMA shards into a full tensor.
         self._layouts = {
             name: tensor for name, tensor in zip(self.tensor_names, self._binding.model_tensors) if is_sharded(tensor)
@@ -134,60 +151,88 @@ class ModelEMA:
         self._plan.rebaseline()
         self._seen_changes = changes()
 
-    def _follow_model(self) -> None:
+    def _follow_model(self, force: bool = False) -> None:
         """Something may have moved: check the binding, and if it is out of date move the EMA along and re-plan."""
         self.synchronize()
         reshard(self.model)
-        if self._binding.current():
+        if not force and self._binding.current():
             self._plan.rebaseline()
             self._seen_changes = changes()
             return
+        before = self._binding.recorded_objects
         self._plan.close()
         self._relocate()
         self._bind()
+        # Tensors the model keeps replacing (`self.avg = ...` in forward) are read through their slots
+        # from now on: each replacement would otherwise cost a new binding and plan.
+        replaced = [name for name, tensor in self._binding.objects().items() if before.get(name, tensor) is not tensor]
+        for name in replaced:
+            self._replacements[name] = self._replacements.get(name, 0) + 1
+        volatile = frozenset(name for name, count in self._replacements.items() if count >= 2)
+        if volatile != self._volatile:
+            self._volatile = volatile
+            self._bind()
 
     @torch.no_grad()
     def _relocate(self) -> None:
-        """Put each EMA tensor beside its model tensor (or on `device`), keeping its dtype and values.
+        """Put each EMA tensor beside its model tensor (or on `device`), in its layout, keeping its dtype and values.
 
         An EMA tensor still on the meta device (the model was built there, then materialised
-        with `to_empty()`) starts from the model's values. Untracked tensors of the EMA's module
-        are shared with, or copied from, the model's current ones again.
+        with `to_empty()`) starts from the model's values. Every place of the EMA's module then
+        holds what the model's does: the EMA tensor where the model holds a tracked tensor (so
+        weights the model ties or unties are tied or untied alike), and the model's own storage
+        (or a copy) where it holds an untracked one.
         """
         model_slots = tensor_slots(self.model)
-        problems = [name for name in self.tensor_names if name not in model_slots]
-        if problems:
-            raise RuntimeError(
-                f"The model no longer has the tensors {problems} that this EMA averages: its structure changed. "
-                "Build a new ModelEMA for the new model (or load its state into one)."
-            )
-        ema_slots = {} if self._module is None else tensor_slots(self._module)
+        check_tracked_present(self.tensor_names, model_slots)
+        ema_modules = {} if self._module is None else dict(self._module.named_modules(remove_duplicate=False))
+        ema_by_model_tensor: dict[int, Tensor] = {}
         for name in self.tensor_names:
             slot, model_tensor = model_slots[name]
-            model_tensor = local_part(model_tensor)
-            ema_tensor = self._shards[name] if self._module is None else ema_slots[name][1]
-            if ema_tensor.shape != model_tensor.shape:
+            ema_tensor = self._shards[name] if self._module is None else slot.get(self._module, ema_modules)
+            local = local_part(model_tensor)
+            if ema_tensor is None or ema_tensor.shape != local.shape:
                 raise RuntimeError(
-                    f"The model's tensor {name} changed shape from {tuple(ema_tensor.shape)} to "
-                    f"{tuple(model_tensor.shape)}: its structure changed. Build a new ModelEMA for the new model."
+                    f"The model's tensor {name} changed shape from "
+                    f"{None if ema_tensor is None else tuple(ema_tensor.shape)} to {tuple(local.shape)}: its structure "
+                    "changed. Build a new ModelEMA for the new model."
                 )
-            if ema_tensor.device.type == "meta" and model_tensor.device.type != "meta":
-                moved = self._placement.twin(model_tensor, ema_tensor.dtype)
-            elif ema_tensor.device != self._placement.device_for(model_tensor):
-                moved = ema_tensor.detach().to(self._placement.device_for(model_tensor))
-            else:
-                continue
-            if self._module is None:
-                self._shards[name] = moved
-            else:
+            moved = self._follow_placement(ema_tensor, local)
+            if moved is not None and self._module is None:
+                self._shards[name] = ema_tensor = moved
+            elif moved is not None:
                 _replace_data(ema_tensor, moved)
+            ema_by_model_tensor[id(model_tensor)] = ema_tensor
         if self._module is None:
             return
-        tracked = set(self.tensor_names)
-        for name, (slot, model_tensor) in model_slots.items():
-            ema_tensor = None if name in tracked else slot.get(self._module)
-            if ema_tensor is not None:
-                _replace_data(ema_tensor, self._placement.untracked(model_tensor, ema_tensor.dtype))
+        untracked: dict[int, Tensor] = {}  # one EMA-side tensor per model tensor, so ties stay ties
+        for slot, model_tensor in all_slots(self.model):
+            current = slot.get(self._module, ema_modules)
+            if slot.path not in ema_modules:
+                continue  # a submodule the model gained: not part of this EMA
+            wanted = ema_by_model_tensor.get(id(model_tensor))
+            if wanted is None:
+                wanted = untracked.get(id(model_tensor))
+            if wanted is None:
+                dtype = current.dtype if current is not None else self._placement.dtype_for(model_tensor)
+                wanted = self._placement.untracked(model_tensor, dtype)
+                if slot.is_parameter:
+                    wanted = nn.Parameter(wanted, requires_grad=False)
+                untracked[id(model_tensor)] = wanted
+            if current is not wanted:
+                slot.set(self._module, wanted)
+
+    def _follow_placement(self, ema_tensor: Tensor, model_tensor: Tensor) -> Tensor | None:
+        """The EMA tensor's data moved beside `model_tensor` and laid out like it (None: nothing to do)."""
+        if ema_tensor.device.type == "meta" and model_tensor.device.type != "meta":
+            return self._placement.twin(model_tensor, ema_tensor.dtype)
+        device = self._placement.device_for(model_tensor)
+        laid_out = not is_dense(model_tensor) or ema_tensor.stride() == model_tensor.stride()
+        if ema_tensor.device == device and laid_out:
+            return None
+        stride = model_tensor.stride() if is_dense(model_tensor) else ema_tensor.contiguous().stride()
+        moved = torch.empty_strided(ema_tensor.shape, stride, dtype=ema_tensor.dtype, device=device)
+        return moved.copy_(ema_tensor)
 
     def refresh(self) -> None:
         """Re-read the model's tensors now. Rarely needed: `update()` and every read notice changes by themselves."""
@@ -196,8 +241,20 @@ class ModelEMA:
 
     def _ensure_current(self) -> None:
         # One counter and a few storage use counts, whatever the number of tensors.
-        if self._seen_changes != changes() or self._plan.stale():
+        if self._seen_changes != changes():
+            if not self._only_volatile_changes():
+                self._follow_model()
+                return
+            self._seen_changes = changes()
+        if self._plan.stale():
             self._follow_model()
+
+    def _only_volatile_changes(self) -> bool:
+        """Whether every module change since the last check re-registered a tensor read through its slot."""
+        if not self._volatile_keys:
+            return False
+        recent = changes_since(self._seen_changes)
+        return recent is not None and all(change in self._volatile_keys for change in recent)
 
     # ---- the update ----------------------------------------------------------------------------------
 
@@ -214,12 +271,14 @@ class ModelEMA:
         self._check_intact()
         if decay is not None:
             decay = check_decay(decay, "decay")
-        self.num_steps += 1
-        if self.num_steps % self.update_every:
+        step = self.num_steps + 1
+        if step % self.update_every:
+            self.num_steps = step
             return
         if decay is None:
-            decay = self.decay if self.warmup is None else self.warmup(self.num_steps, self.decay)
-        self._ensure_current()
+            decay = self.decay if self.warmup is None else self.warmup(step, self.decay)
+        self._ensure_current()  # may raise (a changed structure): then this call did not count
+        self.num_steps = step
         weight = 1.0 - decay**self.update_every
         if 0.0 < weight < self._underflow_weight:
             self._warn_underflow(decay, weight)
@@ -312,6 +371,8 @@ class ModelEMA:
             )
         self._check_outside_swap("ModelEMA.module")
         self._readable()
+        if not self._binding.untracked_current():  # a frozen tensor replaced by hand: share the new one
+            self._follow_model()
         return self._module
 
     def _ema_values(self) -> list[Tensor]:
@@ -394,18 +455,17 @@ class ModelEMA:
         swap = WeightSwap(list(self._binding.pairs()))
         swap.enter()
         self._swap = swap
-        seen_changes = changes()
         try:
             yield self.model
         finally:
             self._swap = None
             reshard(self.model)  # FSDP2: drop unsharded copies that hold EMA values
-            if seen_changes != changes() and not self._binding.current():
-                raise RuntimeError(
-                    "The model's tensors were moved or replaced inside use_ema_weights(); its own weights could "
-                    "not be put back, and it holds the EMA weights. Move the model outside the with block."
-                )
-            written = swap.exit()
+            targets = None
+            if not self._binding.current():  # one pass: `p.data = ...` inside moves no counter
+                # The model was moved or replaced inside: its own weights go where it keeps them now.
+                slots = tensor_slots(self.model)
+                targets = [local_part(slots[name][1]) for name in self.tensor_names]
+            written = swap.exit(targets)
             if written:
                 warnings.warn(
                     f"Parameters {written} were written in place inside use_ema_weights(); the writes went into "
@@ -519,5 +579,36 @@ def _replace_data(tensor: Tensor, data: Tensor) -> None:
     try:
         tensor.data = data
     except RuntimeError:  # another kind of tensor (meta -> real): `.data =` cannot, swapping can
-        replacement = nn.Parameter(data, requires_grad=False) if isinstance(tensor, nn.Parameter) else data
-        torch.utils.swap_tensors(tensor, replacement)
+        swap_tensors = getattr(torch.utils, "swap_tensors", None)  # torch >= 2.3
+        if swap_tensors is None:
+            raise RuntimeError(
+                "An EMA built on the meta device can follow the model to real memory with torch >= 2.3 only; "
+                "with this torch, build the ModelEMA after to_empty() and the initialisation."
+            ) from None
+        swap_tensors(tensor, nn.Parameter(data, requires_grad=False) if isinstance(tensor, nn.Parameter) else data)
+
+
+def _named_tensors(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
+    """The model's tensors with these state-dict names, or a clear error."""
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"Invalid tensor_names: {names!r}; expected a sequence of state-dict names")
+    available = {name: tensor for name, (_, tensor) in tensor_slots(model).items()}
+    missing = [name for name in names if name not in available]
+    if missing or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"Invalid tensor_names: {list(names)!r}; expected distinct names of the model's parameters and buffers "
+            f"(not found: {missing})"
+        )
+    return {name: available[name] for name in names}
+
+
+def _check_no_shared_storage(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor]) -> None:
+    """The EMA must never average into the model's own storage (an internal invariant, checked at each binding)."""
+    model_storages = {local_part(tensor).untyped_storage().data_ptr() for tensor in model_tensors}
+    model_storages.discard(0)  # meta and empty tensors have no storage
+    shared = [tensor for tensor in ema_tensors if tensor.untyped_storage().data_ptr() in model_storages]
+    if shared:
+        raise RuntimeError(
+            "fastema internal error: an EMA tensor shares storage with the model, so updates would write into the "
+            "model. Please report this with the model's structure; build a new ModelEMA meanwhile."
+        )
