@@ -62,8 +62,12 @@ def launch(worker, out_dir, timeout_s=120.0, *args):
 
 def _entry(rank, worker, port, out_dir, *args):
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_WORLD_SIZE=str(WORLD),
     )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -118,8 +122,12 @@ def ddp_worker(rank, out_dir):
     loaded.load(os.path.join(out_dir, "ema.pth"))
     torch.save(
         {
-            "ema": dict(ema.module.state_dict()), "loaded": dict(loaded.module.state_dict()),
-            "names": ema.tensor_names, "bytes": ema_bytes(ema), "num_updates": ema.num_updates, "writes": writes,
+            "ema": dict(ema.module.state_dict()),
+            "loaded": dict(loaded.module.state_dict()),
+            "names": ema.tensor_names,
+            "bytes": ema_bytes(ema),
+            "num_updates": ema.num_updates,
+            "writes": writes,
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
@@ -188,6 +196,7 @@ def fsdp_worker(rank, out_dir):
     ema = ModelEMA(model, DECAY)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     share = GLOBAL_BATCH // WORLD
+
     class Collectives(TorchDispatchMode):
         """Records every communication op (c10d and functional collectives) dispatched inside it."""
 
@@ -242,12 +251,19 @@ def fsdp_worker(rank, out_dir):
     replicated_bytes = 8  # buffers are not sharded by FSDP: every rank keeps the count
     torch.save(
         {
-            "full": {name: t for name, t in full["tensors"].items()}, "ema_output": ema_output,
-            "model_output": model_output, "own_output": own_output,
-            "restored": restored, "reloaded_equal": reloaded_equal, "bytes": ema_bytes(ema),
-            "full_bytes": full_model_bytes, "replicated_bytes": replicated_bytes, "collectives_in_update": collectives_in_update,
+            "full": dict(full["tensors"].items()),
+            "ema_output": ema_output,
+            "model_output": model_output,
+            "own_output": own_output,
+            "restored": restored,
+            "reloaded_equal": reloaded_equal,
+            "bytes": ema_bytes(ema),
+            "full_bytes": full_model_bytes,
+            "replicated_bytes": replicated_bytes,
+            "collectives_in_update": collectives_in_update,
             "collectives_in_state_dict": collectives_in_state_dict,
-            "sharded": ema.sharded, "num_updates": ema.num_updates,
+            "sharded": ema.sharded,
+            "num_updates": ema.num_updates,
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
@@ -307,10 +323,16 @@ def fastai_worker(rank, out_dir):
     learn.load("run")  # ...and load straight away: learn.load must wait for rank 0's files itself
     torch.save(
         {
-            "ema": own_ema, "loaded": dict(learn.model_ema.state_dict()), "reference": reference.reference.state,
+            "ema": own_ema,
+            "loaded": dict(learn.model_ema.state_dict()),
+            "reference": reference.reference.state,
             "parameters": [name for name, _ in learn.model.named_parameters()],
-            "wrapped": reference.wrapped, "writes": writes, "num_updates": learn.ema.engine.num_updates,
-            "steps": reference.steps, "model": dict(learn.model.state_dict()), "plain": dict(plain.model.state_dict()),
+            "wrapped": reference.wrapped,
+            "writes": writes,
+            "num_updates": learn.ema.engine.num_updates,
+            "steps": reference.steps,
+            "model": dict(learn.model.state_dict()),
+            "plain": dict(plain.model.state_dict()),
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )

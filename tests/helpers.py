@@ -56,8 +56,14 @@ def make_learner(cbs=None, n_train: int = 64, bs: int = 8, lr: float = 0.05, see
 
     torch.manual_seed(seed)
     return Learner(
-        make_dls(n_train=n_train, bs=bs), ToyNet(), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
-        opt_func=SGD, lr=lr, cbs=cbs, **kwargs,
+        make_dls(n_train=n_train, bs=bs),
+        ToyNet(),
+        loss_func=CrossEntropyLossFlat(),
+        metrics=accuracy,
+        opt_func=SGD,
+        lr=lr,
+        cbs=cbs,
+        **kwargs,
     )
 
 

@@ -39,8 +39,11 @@ def test_competitor_steps_match_the_reference():
             bench.for_loop_step(loop_tensors, model_tensors, 0.9)
             bench.mul_add_step(mul_add_module, model, 0.9)
             bench.foreach_lerp_step(
-                [lerp_tensors[i] for i in floats], [model_tensors[i] for i in floats],
-                [lerp_tensors[i] for i in ints], [model_tensors[i] for i in ints], 0.9,
+                [lerp_tensors[i] for i in floats],
+                [model_tensors[i] for i in floats],
+                [lerp_tensors[i] for i in ints],
+                [model_tensors[i] for i in ints],
+                0.9,
             )
             reference.update(tracked, 0.9)
     for module in (loop_module, mul_add_module, lerp_module):
@@ -55,7 +58,11 @@ def test_competitor_steps_match_the_reference():
 def test_json_report_plot_and_memory(tmp_path, capsys):
     plot = tmp_path / "bench.png"
     results = bench.run_bench(
-        models=["small_cnn"], as_json=True, plot=str(plot), budget_s=0.001, train_batch=1,
+        models=["small_cnn"],
+        as_json=True,
+        plot=str(plot),
+        budget_s=0.001,
+        train_batch=1,
         custom_models={"small_cnn": (lambda: initialised(small_cnn()), "image")},
     )
     report = json.loads(capsys.readouterr().out)
@@ -77,7 +84,10 @@ def initialised(model):
 
 def test_markdown_report_and_model_catalogue(capsys):
     bench.run_bench(
-        models=["toy"], budget_s=0.001, train_batch=None, custom_models={"toy": (ToyNet, "image")},
+        models=["toy"],
+        budget_s=0.001,
+        train_batch=None,
+        custom_models={"toy": (ToyNet, "image")},
     )
     out = capsys.readouterr().out
     assert "| toy |" in out and "fastema / floor" in out
@@ -100,7 +110,11 @@ def test_bad_arguments():
 
 def test_bfloat16_model_with_float32_ema(capsys):
     (result,) = bench.run_bench(
-        models=["toy"], dtype="bfloat16", ema_dtype="float32", budget_s=0.001, train_batch=None,
+        models=["toy"],
+        dtype="bfloat16",
+        ema_dtype="float32",
+        budget_s=0.001,
+        train_batch=None,
         custom_models={"toy": (ToyNet, "image")},
     )
     out = capsys.readouterr().out
@@ -114,8 +128,14 @@ def test_bfloat16_model_with_float32_ema(capsys):
 @pytest.mark.cuda
 def test_offloaded_bench_on_cuda(capsys):
     (result,) = bench.run_bench(
-        models=["toy"], device="cuda", dtype="bfloat16", ema_dtype="float32", ema_device="cpu", budget_s=0.01,
-        train_batch=None, custom_models={"toy": (ToyNet, "image")},
+        models=["toy"],
+        device="cuda",
+        dtype="bfloat16",
+        ema_dtype="float32",
+        ema_device="cpu",
+        budget_s=0.01,
+        train_batch=None,
+        custom_models={"toy": (ToyNet, "image")},
     )
     assert result.ms[bench.OFFLOAD_METHOD] > 0 and result.ms["fastema"] > 0
     assert "ema_device: cpu" in capsys.readouterr().out

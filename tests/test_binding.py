@@ -54,8 +54,7 @@ def test_partial_channels_last_conversion_of_a_partly_channels_last_model(option
     if options.get("flatten_model"):  # followed and packed again: one buffer, strides of the model
         packed = ema._plan.packed[0]
         assert all(
-            p.untyped_storage().data_ptr() == packed.model_flat.untyped_storage().data_ptr()
-            for p in model.parameters()
+            p.untyped_storage().data_ptr() == packed.model_flat.untyped_storage().data_ptr() for p in model.parameters()
         )
         assert ema.module[2].weight.stride() == model[2].weight.stride()
 
@@ -178,7 +177,7 @@ def test_structure_change_raises_instead_of_averaging_something_else():
     model = ConvNet()
     ema = ModelEMA(model, 0.5)
     model.head = nn.Linear(6, 7)  # another shape
-    with pytest.raises(RuntimeError, match="head.weight changed shape"):
+    with pytest.raises(RuntimeError, match=r"head\.weight changed shape"):
         ema.update()
     model = ConvNet()
     ema = ModelEMA(model, 0.5)
@@ -326,7 +325,9 @@ def test_a_view_held_by_the_user_keeps_its_tensor_out_of_the_packed_buffer():
 def test_lora_style_ema_shares_the_frozen_base_and_costs_only_the_adapters():
     torch.manual_seed(0)
     base = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)]).requires_grad_(False)
-    adapters = nn.ModuleList(nn.Sequential(nn.Linear(64, 2, bias=False), nn.Linear(2, 64, bias=False)) for _ in range(4))
+    adapters = nn.ModuleList(
+        nn.Sequential(nn.Linear(64, 2, bias=False), nn.Linear(2, 64, bias=False)) for _ in range(4)
+    )
     model = nn.ModuleDict(dict(base=base, adapters=adapters))
     ema = ModelEMA(model)
     model_storages = {t.untyped_storage().data_ptr() for t in all_tensors(model).values()}
@@ -389,9 +390,10 @@ def test_every_model_change_event_moves_the_counter():
 @pytest.mark.parametrize("all_parameters,all_buffers", list(itertools.product([False, True], [False, True])))
 def test_tracked_names_match_the_reference_choice(all_parameters, all_buffers):
     model = ToyNet()
-    assert _binding.tracked_tensors(model, all_parameters, all_buffers).keys() == expected_tracked(
-        model, all_parameters, all_buffers
-    ).keys()
+    assert (
+        _binding.tracked_tensors(model, all_parameters, all_buffers).keys()
+        == expected_tracked(model, all_parameters, all_buffers).keys()
+    )
 
 
 def tied_model():

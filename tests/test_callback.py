@@ -150,7 +150,7 @@ SCHEDULES = {
     "lin": (SchedLin, lambda s, e, p: s + p * (e - s)),
     "exp": (SchedExp, lambda s, e, p: s * (e / s) ** p),
     "poly": (partial(SchedPoly, power=0.5), lambda s, e, p: s + (e - s) * p**0.5),
-    "custom": (lambda s, e: (lambda p: s + (e - s) * p * p), lambda s, e, p: s + (e - s) * p * p),
+    "custom": (lambda s, e: lambda p: s + (e - s) * p * p, lambda s, e, p: s + (e - s) * p * p),
 }
 
 
@@ -314,9 +314,7 @@ def test_fine_tune_with_resume_continues_the_frozen_fits_ema_into_the_unfrozen_o
 
     recorder = ContinueFromFrozen(start_step=-1, decay_of_step=lambda step: 0.9)
     ema = EMACallback(decay=0.9, resume=True)
-    learn = make_learner(
-        cbs=[ema], splitter=lambda m: [params(m.body) + params(m.frozen), params(m.head)]
-    )
+    learn = make_learner(cbs=[ema], splitter=lambda m: [params(m.body) + params(m.frozen), params(m.head)])
     ContinueFromFrozen.order = EMACallback.order + 1  # after the EMA callback has set learn.model_ema
     learn.fine_tune(1, freeze_epochs=1, cbs=[recorder])
     assert ema.engine.num_updates == N_ITER == recorder.reference.num_updates
@@ -442,7 +440,11 @@ def test_bad_arguments_raise_at_construction(cls, kwargs, error, name):
 
 @pytest.mark.parametrize(
     "callback,name",
-    [(EMACallback(start=5), "start"), (EMASchedule(start=0, finish=6), "finish"), (EMASchedule(start=0.5, finish=1), "finish")],
+    [
+        (EMACallback(start=5), "start"),
+        (EMASchedule(start=0, finish=6), "finish"),
+        (EMASchedule(start=0.5, finish=1), "finish"),
+    ],
 )
 def test_positions_outside_the_fit_raise_before_training(callback, name):
     learn = make_learner(cbs=[callback])

@@ -94,7 +94,7 @@ def test_mismatched_checkpoint_lists_every_problem_and_changes_nothing(tmp_path)
 
 def test_missing_file_raises_file_not_found(tmp_path):
     _, ema = trained_ema()
-    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+    with pytest.raises(FileNotFoundError, match=r"nothing\.pt"):
         ema.load(tmp_path / "nothing.pt")
 
 
@@ -276,7 +276,7 @@ def test_learn_load_with_a_damaged_ema_file_changes_nothing(tmp_path):
     ema_file.write_bytes(ema_file.read_bytes()[:100])
     fresh = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path, seed=1)
     model_before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
-    with pytest.raises(RuntimeError, match="run.ema.pth"):
+    with pytest.raises(RuntimeError, match=r"run\.ema\.pth"):
         fresh.load("run")
     assert_same_tensors(dict(fresh.model.state_dict()), model_before)
     assert not hasattr(fresh, "model_ema")
@@ -288,8 +288,10 @@ def test_learn_load_with_an_ema_of_another_model_changes_nothing(tmp_path):
     learn.save("run")
     other = ModelEMA(ToyNet(n_hidden=4)).state_dict()  # another model: other shapes, one name it lacks
     other["tensors"]["extra.weight"] = torch.zeros(1)
-    for engine, problem in ((other, r"unexpected keys \['extra.weight'\]; body.0.weight: shape \(4, 8\) != \(16, 8\)"),
-                            (other | {"tensors": {}}, "holds no EMA tensors")):
+    for engine, problem in (
+        (other, r"unexpected keys \['extra.weight'\]; body.0.weight: shape \(4, 8\) != \(16, 8\)"),
+        (other | {"tensors": {}}, "holds no EMA tensors"),
+    ):
         torch.save(learn.ema.ema_checkpoint() | {"engine": engine}, tmp_path / "models" / "run.ema.pth")
         fresh = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path, seed=1)
         model_before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
@@ -391,7 +393,9 @@ RESUME_CASES = [
     pytest.param(lambda: EMASchedule(0.5, 0.99, start=0.1, finish=0.6), True, "fit", id="float-grad-accum"),
     pytest.param(
         lambda: EMASchedule(final_decay=0.99, start=1, schedule=InverseGammaWarmup(power=0.75), update_every=3),
-        False, "fit", id="warmup-update-every",
+        False,
+        "fit",
+        id="warmup-update-every",
     ),
 ]
 
@@ -419,8 +423,9 @@ def test_resume_mid_schedule_is_bit_identical(tmp_path, make_callback, accumulat
 
     assert_same_tensors(dict(resumed.model_ema.state_dict()), dict(straight.model_ema.state_dict()))
     assert_same_tensors(dict(resumed.model.state_dict()), dict(straight.model.state_dict()))
-    straight_log, first_log, resumed_log = (x.cbs.filter(lambda cb: isinstance(cb, UpdateLog))[0].rows
-                                            for x in (straight, first, resumed))
+    straight_log, first_log, resumed_log = (
+        x.cbs.filter(lambda cb: isinstance(cb, UpdateLog))[0].rows for x in (straight, first, resumed)
+    )
     assert first_log + resumed_log == straight_log  # same steps, decays and update counts
     start_step = {1: 8, 0.1: 5}[straight.ema_schedule.start]  # epoch 1, or round(0.1 * 48 steps)
     optimizer_steps = [b for b in range(48) if b >= start_step and (not accumulate or b % 2 == 1)]

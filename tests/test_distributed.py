@@ -53,7 +53,7 @@ def test_flattened_emas_leave_ddp_training_bit_identical_in_every_construction_o
 def test_fsdp2_ema_is_shard_local_and_gathers_to_the_reference(tmp_path):
     workers.launch(workers.fsdp_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers.WORLD)]
-    model, reference = single_process_reference()
+    _model, reference = single_process_reference()
     for result in ranks:
         assert result["sharded"] and result["num_updates"] == workers.STEPS
         assert result["collectives_in_update"] == []  # no all-gather (or any collective) in the step
@@ -66,7 +66,7 @@ def test_fsdp2_ema_is_shard_local_and_gathers_to_the_reference(tmp_path):
     assert sum(result["bytes"] for result in ranks) == ranks[0]["full_bytes"] + extra_copies
     # Validation with the EMA weights: the sharded model computes what the reference EMA model computes.
     ema_model = workers.Mlp().double()
-    ema_model.load_state_dict({name: t for name, t in reference.state.items()}, strict=True)
+    ema_model.load_state_dict(dict(reference.state.items()), strict=True)
     with torch.no_grad():
         expected = ema_model.eval()(workers.global_batches()[0])
     for result in ranks:

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastema import ModelEMA
-from fastema import _plan, _steps
+from fastema import ModelEMA, _plan, _steps
 from helpers import ToyNet, assert_update_runs_only_ema_kernels, update_forbidding_cuda_sync
 from reference import ReferenceEMA, expected_tracked, snapshot
 
@@ -166,9 +165,8 @@ def test_use_ema_weights_restores_after_an_exception():
     with torch.no_grad():
         model.head.weight.add_(3.0)
     before = model.head.weight.clone()
-    with pytest.raises(KeyError):
-        with ema.use_ema_weights():
-            raise KeyError("interrupted validation")
+    with pytest.raises(KeyError), ema.use_ema_weights():
+        raise KeyError("interrupted validation")
     assert torch.equal(model.head.weight, before)
     assert not ema.ema_weights_in_use
 

@@ -8,10 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from fastema import ModelEMA
-from fastema import _steps
+from fastema import ModelEMA, _steps
 from helpers import (
-    ConvNet, ToyNet, all_tensors, assert_matches_reference, assert_update_runs_only_ema_kernels, sgd_steps,
+    ConvNet,
+    ToyNet,
+    all_tensors,
+    assert_matches_reference,
+    assert_update_runs_only_ema_kernels,
+    sgd_steps,
     update_forbidding_cuda_sync,
 )
 from reference import ReferenceEMA, expected_tracked, snapshot
@@ -28,7 +32,10 @@ def test_packed_step_matches_reference_with_an_optimizer_built_before_packing(ch
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    make_input = lambda g: torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+
+    def make_input(generator):
+        return torch.randn(4, 3, 5, 5, generator=generator, dtype=torch.float64)
+
     model(make_input(torch.Generator())).sum().backward()
     optimizer.step()  # optimizer state exists before the parameters are packed
 

@@ -56,15 +56,16 @@ def read_wandb_history(path):
             record.ParseFromString(pending)
             pending = b""
             if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
     return rows
 
 
 def test_wandb_offline_run_history_holds_ema_decay(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    from fastai.callback.wandb import WandbCallback
-
     import fastai.callback.wandb as fastai_wandb
+    from fastai.callback.wandb import WandbCallback
 
     # fastai 2.8.12's config formatter calls vars() on plain ints and strings ("batch size",
     # "device") and crashes WandbCallback.before_fit with or without fastema; let it skip those.

@@ -89,10 +89,17 @@ def test_a_failed_background_update_surfaces_on_the_next_call_and_blocks_reads_u
                 step.step(weight)
 
     binding = ema._binding
-    ema._plan = Plan([OffloadedStep(  # a background step, as an offloaded EMA has, on CPU
-        binding.ema_tensors, binding.model_locals, binding.is_parameter,
-        lambda e, m: [FailsOnce(kernel_steps(e, m, [True] * len(e), None))], background=True,
-    )])
+    ema._plan = Plan(
+        [
+            OffloadedStep(  # a background step, as an offloaded EMA has, on CPU
+                binding.ema_tensors,
+                binding.model_locals,
+                binding.is_parameter,
+                lambda e, m: [FailsOnce(kernel_steps(e, m, [True] * len(e), None))],
+                background=True,
+            )
+        ]
+    )
     ema.update()  # returns at once; the update fails in the background thread
     for call in (ema.update, lambda: ema.module, ema.state_dict, ema.use_ema_weights().__enter__):
         with pytest.raises(RuntimeError, match="kernel failed"):
@@ -256,4 +263,4 @@ def test_fastai_callback_lets_the_engine_guard_every_optimizer_step(monkeypatch)
     monkeypatch.setattr(ModelEMA, "before_model_write", lambda self: guarded.append(self.num_steps))
     learn = make_learner(cbs=[EMACallback(decay=0.9)])
     learn.fit(1)  # 8 optimizer steps, then a validation that swaps the EMA into the model
-    assert guarded == list(range(8)) + [8]  # before each step (after the previous update), and before the swap
+    assert guarded == [*range(8), 8]  # before each step (after the previous update), and before the swap

@@ -112,7 +112,10 @@ def test_channels_last_conv_model_in_bfloat16_with_float32_ema(monkeypatch):
     tracked = expected_tracked(model)
     reference = ReferenceEMA(tracked)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
-    make_input = lambda g: torch.randn(2, 3, 5, 5, generator=g).bfloat16().to(memory_format=torch.channels_last)
+
+    def make_input(generator):
+        return torch.randn(2, 3, 5, 5, generator=generator).bfloat16().to(memory_format=torch.channels_last)
+
     sgd_steps(model, optimizer, ema, reference, tracked, 30, 0.95, make_input)
     assert_matches_reference(ema, reference, rtol=1e-5, atol=1e-6)
 
@@ -148,7 +151,7 @@ def test_state_dict_keeps_float32_and_rejects_another_dtype(tmp_path):
     for a, b in zip(twin._binding.ema_tensors, ema._binding.ema_tensors):
         assert a.dtype == b.dtype and torch.equal(a, b)
     bf16 = ModelEMA(model, 0.9)
-    with pytest.raises(ValueError, match="dtype torch.float32 != torch.bfloat16"):
+    with pytest.raises(ValueError, match=r"dtype torch\.float32 != torch\.bfloat16"):
         bf16.load(tmp_path / "ema.pth")
 
 

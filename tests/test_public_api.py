@@ -7,7 +7,12 @@ import fastema
 
 def test_all_lists_the_public_api():
     assert sorted(fastema.__all__) == [
-        "DecayWarmup", "EMACallback", "EMASchedule", "ExponentialWarmup", "InverseGammaWarmup", "ModelEMA",
+        "DecayWarmup",
+        "EMACallback",
+        "EMASchedule",
+        "ExponentialWarmup",
+        "InverseGammaWarmup",
+        "ModelEMA",
         "__version__",
     ]
     for name in fastema.__all__:
@@ -21,18 +26,37 @@ ADDED_ARGUMENTS = [("flatten_model", False), ("ema_dtype", None), ("update_every
 def test_callback_signatures_match_the_contract():
     ema = inspect.signature(fastema.EMACallback).parameters
     assert [(n, p.default) for n, p in ema.items()] == [
-        ("decay", 0.9998), ("start", 0), ("ema_device", None), ("validate_ema", True),
-        ("replace_weights", False), ("foreach", None), ("resume", False), ("all_parameters", False),
-        ("all_buffers", False), ("skip_ema", True),
-    ] + ADDED_ARGUMENTS
+        ("decay", 0.9998),
+        ("start", 0),
+        ("ema_device", None),
+        ("validate_ema", True),
+        ("replace_weights", False),
+        ("foreach", None),
+        ("resume", False),
+        ("all_parameters", False),
+        ("all_buffers", False),
+        ("skip_ema", True),
+        *ADDED_ARGUMENTS,
+    ]
     from fastai.callback.schedule import SchedCos
 
     schedule = inspect.signature(fastema.EMASchedule).parameters
     assert [(n, p.default) for n, p in schedule.items()] == [
-        ("start_decay", 0.9), ("final_decay", 0.9998), ("start", 0), ("finish", 0.3), ("schedule", SchedCos),
-        ("ema_device", None), ("validate_ema", True), ("replace_weights", False), ("foreach", None),
-        ("resume", False), ("all_parameters", False), ("all_buffers", False), ("skip_ema", True),
-    ] + ADDED_ARGUMENTS
+        ("start_decay", 0.9),
+        ("final_decay", 0.9998),
+        ("start", 0),
+        ("finish", 0.3),
+        ("schedule", SchedCos),
+        ("ema_device", None),
+        ("validate_ema", True),
+        ("replace_weights", False),
+        ("foreach", None),
+        ("resume", False),
+        ("all_parameters", False),
+        ("all_buffers", False),
+        ("skip_ema", True),
+        *ADDED_ARGUMENTS,
+    ]
 
 
 def test_engine_does_not_import_fastai():

@@ -1,4 +1,4 @@
-"""use_ema_weights(): every read of the EMA inside the swap gives the EMA or raises, and the model comes back exactly."""
+"""use_ema_weights(): each read of the EMA inside the swap gives the EMA or raises; the model comes back exactly."""
 
 import pytest
 import torch
@@ -81,9 +81,8 @@ def test_calls_that_would_read_or_write_the_wrong_weights_raise_and_change_nothi
     model, ema = moved_apart(options)
     ema.save(tmp_path / "ema.pt")
     expected, own_weights = ema_state(ema), model_state(model)
-    with ema.use_ema_weights():
-        with pytest.raises(RuntimeError, match="inside use_ema_weights"):
-            MUTATIONS[call](ema, tmp_path)
+    with ema.use_ema_weights(), pytest.raises(RuntimeError, match="inside use_ema_weights"):
+        MUTATIONS[call](ema, tmp_path)
     for name, value in model_state(model).items():
         assert torch.equal(value, own_weights[name]), name
     for name, value in ema_state(ema).items():
@@ -94,11 +93,10 @@ def test_calls_that_would_read_or_write_the_wrong_weights_raise_and_change_nothi
 def test_writes_to_parameters_inside_the_swap_go_into_the_ema_with_a_warning(options):
     model, ema = moved_apart(options)
     expected, own_weights = ema_state(ema), model_state(model)
-    with pytest.warns(UserWarning, match=r"\['head.bias'\] were written in place"):
-        with ema.use_ema_weights():
-            with torch.no_grad():
-                model.head.bias.add_(10.0)
-            model.train()(torch.randn(4, 3, 5, 5))  # BatchNorm statistics: discarded, no warning
+    with pytest.warns(UserWarning, match=r"\['head.bias'\] were written in place"), ema.use_ema_weights():
+        with torch.no_grad():
+            model.head.bias.add_(10.0)
+        model.train()(torch.randn(4, 3, 5, 5))  # BatchNorm statistics: discarded, no warning
     after = ema_state(ema)
     torch.testing.assert_close(after["head.bias"], expected["head.bias"] + 10.0)
     for name, value in after.items():
@@ -128,9 +126,8 @@ def test_model_changed_inside_the_swap_gets_its_own_weights_back_and_the_ema_kee
 def test_an_exception_inside_the_swap_restores_the_model_and_propagates():
     model, ema = moved_apart({})
     own_weights = model_state(model)
-    with pytest.raises(KeyError):
-        with ema.use_ema_weights():
-            raise KeyError("interrupted validation")
+    with pytest.raises(KeyError), ema.use_ema_weights():
+        raise KeyError("interrupted validation")
     for name, value in model_state(model).items():
         assert torch.equal(value, own_weights[name]), name
     assert not ema.ema_weights_in_use

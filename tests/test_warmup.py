@@ -106,7 +106,9 @@ def test_update_every_state_round_trip_mid_window_is_exact():
 @pytest.mark.parametrize(
     "kwargs,error",
     [
-        (dict(update_every=0), ValueError), (dict(update_every=2.0), TypeError), (dict(update_every=True), TypeError),
+        (dict(update_every=0), ValueError),
+        (dict(update_every=2.0), TypeError),
+        (dict(update_every=True), TypeError),
         (dict(warmup=lambda n, d: d), TypeError),
     ],
 )
@@ -117,9 +119,13 @@ def test_bad_update_every_or_warmup_raises_naming_it(kwargs, error):
 
 
 @pytest.mark.parametrize(
-    "make,name", [(lambda: ExponentialWarmup(tau=0), "tau"), (lambda: InverseGammaWarmup(power=-1), "power"),
-                  (lambda: InverseGammaWarmup(inv_gamma=math.inf), "inv_gamma"),
-                  (lambda: InverseGammaWarmup(min_decay=2), "min_decay")],
+    "make,name",
+    [
+        (lambda: ExponentialWarmup(tau=0), "tau"),
+        (lambda: InverseGammaWarmup(power=-1), "power"),
+        (lambda: InverseGammaWarmup(inv_gamma=math.inf), "inv_gamma"),
+        (lambda: InverseGammaWarmup(min_decay=2), "min_decay"),
+    ],
 )
 def test_bad_warmup_arguments_raise(make, name):
     with pytest.raises(ValueError, match=name):

@@ -6,7 +6,13 @@ from .schedules import DecayWarmup, ExponentialWarmup, InverseGammaWarmup
 __version__ = "0.1.0"
 
 __all__ = [
-    "DecayWarmup", "EMACallback", "EMASchedule", "ExponentialWarmup", "InverseGammaWarmup", "ModelEMA", "__version__",
+    "DecayWarmup",
+    "EMACallback",
+    "EMASchedule",
+    "ExponentialWarmup",
+    "InverseGammaWarmup",
+    "ModelEMA",
+    "__version__",
 ]
 
 

@@ -35,9 +35,16 @@ def main(argv: list[str] | None = None) -> None:
         from .bench import run_bench
 
         run_bench(
-            models=args.models.split(",") if args.models else None, device=args.device, dtype=args.dtype,
-            channels_last=args.channels_last, as_json=args.json, plot=args.plot, budget_s=args.budget,
-            train_batch=args.train_batch or None, ema_dtype=args.ema_dtype, ema_device=args.ema_device,
+            models=args.models.split(",") if args.models else None,
+            device=args.device,
+            dtype=args.dtype,
+            channels_last=args.channels_last,
+            as_json=args.json,
+            plot=args.plot,
+            budget_s=args.budget,
+            train_batch=args.train_batch or None,
+            ema_dtype=args.ema_dtype,
+            ema_device=args.ema_device,
         )
 
 

@@ -75,8 +75,8 @@ def watch_module_changes() -> None:
             _changes[0] += 1
             _recent.append((_changes[0], None, None))
 
-    _apply._fastema_counts_changes = True
-    nn.Module._apply = _apply
+    setattr(_apply, "_fastema_counts_changes", True)  # noqa: B010 - a marker attribute on a function
+    nn.Module._apply = _apply  # type: ignore[method-assign]  # the point: _apply has no hook to register
 
 
 # ---- where tensors live ----------------------------------------------------------------------------------
@@ -110,8 +110,8 @@ class Slot:
         """Hold `tensor` here (in the EMA's own module; never used on the user's model)."""
         owner = root.get_submodule(self.path)
         if self.is_parameter:
-            owner._parameters[self.key] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(
-                tensor, requires_grad=False
+            owner._parameters[self.key] = (
+                tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
             )
         else:
             owner._buffers[self.key] = tensor
@@ -243,7 +243,11 @@ class Binding:
     """Tracked tensors of `model` paired by name with the EMA's (in `ema_module`, or `shards` for a sharded model)."""
 
     def __init__(
-        self, model: nn.Module, ema_module: nn.Module | None, shards: dict[str, Tensor], tracked_names: list[str],
+        self,
+        model: nn.Module,
+        ema_module: nn.Module | None,
+        shards: dict[str, Tensor],
+        tracked_names: list[str],
         volatile: frozenset[str] = frozenset(),
     ) -> None:
         self.model, self.ema_module = model, ema_module
@@ -262,7 +266,10 @@ class Binding:
             self.untracked: list[Slot] = []
         else:
             ema_modules = dict(ema_module.named_modules(remove_duplicate=False))
-            self.ema_tensors = [slot.get(ema_module, ema_modules) for slot in self.slots]
+            held = [slot.get(ema_module, ema_modules) for slot in self.slots]
+            self.ema_tensors = [tensor for tensor in held if tensor is not None]
+            if len(self.ema_tensors) != len(held):
+                raise RuntimeError("fastema internal error: the EMA's module lost tensors that it averages")
             tracked = set(self.names)
             self.untracked = [slot for name, (slot, _) in model_slots.items() if name not in tracked]
         self.record()

@@ -65,9 +65,7 @@ def check_device(value: object, name: str) -> torch.device | None:
             raise ValueError(f"Invalid {name}: {device}; no {device.type} device is available on this machine")
         device_count = getattr(backend, "device_count", None)
         if device.index is not None and device_count is not None and device.index >= device_count():
-            raise ValueError(
-                f"Invalid {name}: {device}; this machine has {device_count()} {device.type} device(s)"
-            )
+            raise ValueError(f"Invalid {name}: {device}; this machine has {device_count()} {device.type} device(s)")
     return device
 
 

@@ -16,6 +16,7 @@ it can into one buffer per group (`PackedStep`), so an update is a single `lerp_
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -24,8 +25,21 @@ from torch import Tensor, nn
 
 from ._binding import Slot
 from ._steps import (
-    KernelStep, OffloadedStep, PackedStep, SlotStep, StagedStep, Step, copy_fused, copy_loop, fused_step_supported, is_averaged,
-    is_dense, lerp_fused, lerp_loop, loop_step_supported, storage_use_count,
+    KernelStep,
+    OffloadedStep,
+    PackedStep,
+    SlotStep,
+    StagedStep,
+    Step,
+    copy_fused,
+    copy_loop,
+    fused_step_supported,
+    is_averaged,
+    is_dense,
+    lerp_fused,
+    lerp_loop,
+    loop_step_supported,
+    storage_use_count,
 )
 
 
@@ -42,10 +56,7 @@ class Plan:
             step.step(weight)
 
     def stale(self) -> bool:
-        for step in self._watching:
-            if step.stale():
-                return True
-        return False
+        return any(step.stale() for step in self._watching)
 
     def rebaseline(self) -> None:
         for step in self.steps:
@@ -70,8 +81,13 @@ class Plan:
 
 
 def plan_update(
-    ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], is_parameter: Sequence[bool], *,
-    foreach: bool | None, flatten: bool, all_model_tensors: Iterable[Tensor] = (),
+    ema_tensors: Sequence[Tensor],
+    model_tensors: Sequence[Tensor],
+    is_parameter: Sequence[bool],
+    *,
+    foreach: bool | None,
+    flatten: bool,
+    all_model_tensors: Iterable[Tensor] = (),
     volatile: Sequence[tuple[Slot, nn.Module, int]] = (),
 ) -> Plan:
     """The plan for these pairs; `flatten` packs them first (`all_model_tensors`: every tensor of the model).
@@ -80,10 +96,12 @@ def plan_update(
     """
     steps: list[Step] = []
     if volatile:
-        steps.append(SlotStep(
-            [ema_tensors[index] for _, _, index in volatile],
-            [(owner, slot.key, slot.is_parameter) for slot, owner, _ in volatile],
-        ))
+        steps.append(
+            SlotStep(
+                [ema_tensors[index] for _, _, index in volatile],
+                [(owner, slot.key, slot.is_parameter) for slot, owner, _ in volatile],
+            )
+        )
     skipped = {index for _, _, index in volatile}
     rest: Sequence[int] = [index for index in range(len(model_tensors)) if index not in skipped]
     if flatten:
@@ -91,14 +109,19 @@ def plan_update(
         for ema_flat, model_flat, kind in packs:
             steps.append(PackedStep(ema_flat, model_flat, kernel_steps([ema_flat], [model_flat], [kind], foreach)))
     steps += kernel_steps(
-        [ema_tensors[index] for index in rest], [model_tensors[index] for index in rest],
-        [is_parameter[index] for index in rest], foreach,
+        [ema_tensors[index] for index in rest],
+        [model_tensors[index] for index in rest],
+        [is_parameter[index] for index in rest],
+        foreach,
     )
     return Plan(steps)
 
 
 def kernel_steps(
-    ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], is_parameter: Sequence[bool], foreach: bool | None,
+    ema_tensors: Sequence[Tensor],
+    model_tensors: Sequence[Tensor],
+    is_parameter: Sequence[bool],
+    foreach: bool | None,
 ) -> list[Step]:
     """Group pairs by device and dtype and give each group its step.
 
@@ -115,10 +138,14 @@ def kernel_steps(
         ema_list = [ema_tensors[index] for index in indices]
         model_list = [model_tensors[index] for index in indices]
         if ema_device != model_device:
-            steps.append(OffloadedStep(
-                ema_list, model_list, [is_parameter[index] for index in indices],
-                lambda ema, mirror: kernel_steps(ema, mirror, [True] * len(ema), foreach),
-            ))
+            steps.append(
+                OffloadedStep(
+                    ema_list,
+                    model_list,
+                    [is_parameter[index] for index in indices],
+                    lambda ema, mirror: kernel_steps(ema, mirror, [True] * len(ema), foreach),
+                )
+            )
             continue
         averaged = is_averaged(ema_list[0])
         if averaged and not loop_step_supported(ema_device, ema_dtype):
@@ -159,7 +186,7 @@ def overlapping_tensors(tensors: Iterable[Tensor]) -> set[int]:
     overlapping: set[int] = set()
     for sharing in by_storage.values():
         spans = sorted((*_byte_extent(tensor), id(tensor)) for tensor in sharing)
-        for (_, end, first_id), (start, _, second_id) in zip(spans, spans[1:]):
+        for (_, end, first_id), (start, _, second_id) in itertools.pairwise(spans):
             if start < end:
                 overlapping.update((first_id, second_id))
     return overlapping
@@ -178,8 +205,11 @@ def _adjacent_runs(tensors: list[tuple[int, Tensor]]) -> list[list[tuple[int, Te
 
 
 def _pack(
-    ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], is_parameter: Sequence[bool],
-    all_model_tensors: Iterable[Tensor], candidates: Sequence[int],
+    ema_tensors: Sequence[Tensor],
+    model_tensors: Sequence[Tensor],
+    is_parameter: Sequence[bool],
+    all_model_tensors: Iterable[Tensor],
+    candidates: Sequence[int],
 ) -> tuple[list[tuple[Tensor, Tensor, bool]], list[int]]:
     """Packed (EMA buffer, model buffer, holds parameters) triples, and the indices left unpacked.
 
@@ -205,8 +235,13 @@ def _pack(
             rest.append(index)
             continue
         offloaded = ema_tensor.device != model_tensor.device
-        key = (model_tensor.device, model_tensor.dtype, ema_tensor.device, ema_tensor.dtype,
-               is_parameter[index] if offloaded else None)
+        key = (
+            model_tensor.device,
+            model_tensor.dtype,
+            ema_tensor.device,
+            ema_tensor.dtype,
+            is_parameter[index] if offloaded else None,
+        )
         buckets[key].append((index, model_tensor))
     packs: list[tuple[Tensor, Tensor, bool]] = []
     for bucket in buckets.values():
@@ -223,12 +258,14 @@ def _pack(
             first = sharing[0][1]
             storage = first.untyped_storage()
             # Not resizable: memory that torch does not own (numpy arrays, `frombuffer`, shared memory).
-            private = storage.resizable() and not (first.is_shared() or (first.device.type == "cpu" and first.is_pinned()))
+            private = storage.resizable() and not (
+                first.is_shared() or (first.device.type == "cpu" and first.is_pinned())
+            )
             if private and storage_use_count(first) == len(sharing) + 1:
                 own += sharing
             else:
                 runs += _adjacent_runs(sharing)
-        for run in runs + [own]:
+        for run in [*runs, own]:
             if len(run) < 2:  # one tensor is one kernel call already: nothing to gain, leave it in place
                 rest += [index for index, _ in run]
                 continue
@@ -273,4 +310,3 @@ def _mirror_ema(model_flat: Tensor, ema_tensors: list[Tensor], model_tensors: li
             view.copy_(ema_tensor)
             ema_tensor.data = view
     return ema_flat
-

@@ -27,9 +27,15 @@ def check_state_dict(
     tensors = state_dict.get("tensors")
     num_updates = state_dict.get("num_updates")
     num_steps = state_dict.get("num_steps", num_updates)
-    counts_ok = all(isinstance(count, int) and count >= 0 for count in (num_updates, num_steps))
-    if not isinstance(tensors, dict) or not counts_ok:
-        raise ValueError("Invalid state_dict: 'tensors' must be a dict, 'num_updates' and 'num_steps' non-negative ints")
+    if not (
+        isinstance(tensors, dict)
+        and isinstance(num_updates, int)
+        and isinstance(num_steps, int)
+        and min(num_updates, num_steps) >= 0
+    ):
+        raise ValueError(
+            "Invalid state_dict: 'tensors' must be a dict, 'num_updates' and 'num_steps' non-negative ints"
+        )
     problems = []
     missing = [name for name in expected if name not in tensors]
     unexpected = [name for name in tensors if name not in expected]

@@ -71,10 +71,8 @@ def is_dense(tensor: Tensor) -> bool:
     return True
 
 
-def flat_view(tensor: Tensor) -> Tensor | None:
-    """`tensor`'s elements as one 1-D view in memory order, or None if they are not one gap-free block."""
-    if tensor.numel() == 0 or not is_dense(tensor):
-        return None
+def memory_order_view(tensor: Tensor) -> Tensor:
+    """A dense tensor's elements as one 1-D view, in the order they lie in memory."""
     return tensor.detach().as_strided((tensor.numel(),), (1,), tensor.storage_offset())
 
 
@@ -153,15 +151,21 @@ class SlotStep(Step):
         self.ema_tensors = list(ema_tensors)
         self.holders = [owner._parameters if is_parameter else owner._buffers for owner, _, is_parameter in slots]
         self.keys = [key for _, key, _ in slots]
-        self.current = [holder[key] for holder, key in zip(self.holders, self.keys)]
+        self.current: list[Tensor] = []
+        for holder, key in zip(self.holders, self.keys):
+            tensor = holder[key]
+            assert tensor is not None  # the binding found it there a moment ago
+            self.current.append(tensor)
         self.kinds = [(tensor.shape, tensor.dtype, tensor.device) for tensor in self.current]
         self.averaged = [is_averaged(tensor) for tensor in self.ema_tensors]
 
     def stale(self) -> bool:
-        current = [holder.get(key) for holder, key in zip(self.holders, self.keys)]
-        for tensor, kind in zip(current, self.kinds):
+        current = []
+        for holder, key, kind in zip(self.holders, self.keys, self.kinds):
+            tensor = holder.get(key)
             if tensor is None or (tensor.shape, tensor.dtype, tensor.device) != kind:
                 return True
+            current.append(tensor)
         self.current = current
         return False
 
@@ -208,7 +212,7 @@ class StagedStep(Step):
             elif ema_tensor.stride() != model_tensor.stride():
                 self.unstaged.append((ema_tensor, model_tensor))
             else:
-                ema_flat, model_flat = flat_view(ema_tensor), flat_view(model_tensor)
+                ema_flat, model_flat = memory_order_view(ema_tensor), memory_order_view(model_tensor)
                 self.chunked.append((model_tensor, model_tensor.data_ptr()))
                 for begin in range(0, model_flat.numel(), capacity):
                     ema_chunk, model_chunk = ema_flat[begin : begin + capacity], model_flat[begin : begin + capacity]
@@ -328,7 +332,7 @@ def optimizer_hook_installed() -> bool:
 
 
 def mirror_of(tensors: Sequence[Tensor], device: torch.device, pin_memory: bool) -> list[Tensor]:
-    """Uninitialised twins of `tensors` on `device` (same dtypes, shapes and, where dense, strides), one buffer per dtype."""
+    """Uninitialised twins of `tensors` on `device`: same dtypes, shapes and (if dense) strides, a buffer per dtype."""
     sizes: dict[torch.dtype, int] = {}
     for tensor in tensors:
         sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
@@ -361,8 +365,12 @@ class OffloadedStep(Step):
     """
 
     def __init__(
-        self, ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], is_parameter: Sequence[bool],
-        make_inner: Callable[[list[Tensor], list[Tensor]], list[Step]], background: bool | None = None,
+        self,
+        ema_tensors: Sequence[Tensor],
+        model_tensors: Sequence[Tensor],
+        is_parameter: Sequence[bool],
+        make_inner: Callable[[list[Tensor], list[Tensor]], list[Step]],
+        background: bool | None = None,
     ) -> None:
         ema_device, model_device = ema_tensors[0].device, model_tensors[0].device
         pin_memory = model_device.type == "cuda" and ema_device.type == "cpu"
@@ -373,7 +381,8 @@ class OffloadedStep(Step):
         self.mirror = mirror_of(self.model_tensors, ema_device, pin_memory)
         self.inner = make_inner([ema_tensors[index] for index in order], self.mirror)  # EMA vs mirror: one device
         self._future: Future | None = None
-        self._stream = self._copied = None
+        self._stream: torch.cuda.Stream | None = None
+        self._copied: torch.cuda.Event | None = None
         self._executor: ThreadPoolExecutor | None = None
         if self.background:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastema")
@@ -385,20 +394,21 @@ class OffloadedStep(Step):
 
     def step(self, weight: float) -> None:
         self.wait()  # the previous update must be done with the mirror before it is overwritten
-        if self._stream is None:
+        stream, copied = self._stream, self._copied
+        if stream is None or copied is None:
             torch._foreach_copy_(self.mirror, self.model_tensors)
         else:
-            current = torch.cuda.current_stream(self._stream.device)
+            current = torch.cuda.current_stream(stream.device)
             buffers = slice(0, self.num_buffers)
             if self.num_buffers:  # queued before the next forward, which writes them in place
                 torch._foreach_copy_(self.mirror[buffers], self.model_tensors[buffers], non_blocking=True)
-            self._stream.wait_stream(current)  # after the optimizer's writes and the buffer copies
-            with torch.cuda.stream(self._stream):
+            stream.wait_stream(current)  # after the optimizer's writes and the buffer copies
+            with torch.cuda.stream(stream):
                 parameters = slice(self.num_buffers, None)
                 if len(self.model_tensors) > self.num_buffers:
                     torch._foreach_copy_(self.mirror[parameters], self.model_tensors[parameters], non_blocking=True)
-                self._copied.record(self._stream)
-        if self.background:
+                copied.record(stream)
+        if self._executor is not None:
             self._future = self._executor.submit(self._update_from_mirror, weight)
         else:
             self._update_from_mirror(weight)
@@ -417,7 +427,7 @@ class OffloadedStep(Step):
             future.result()
 
     def before_model_write(self) -> None:
-        if self._copied is not None:
+        if self._stream is not None and self._copied is not None:
             torch.cuda.current_stream(self._stream.device).wait_event(self._copied)
 
     def stale(self) -> bool:

@@ -99,11 +99,12 @@ class ModelResult:
             "fastema flat / floor": ("fastema flat", "floor"),
             "flat speedup vs mul+add": ("mul+add", "fastema flat"),
         }
-        self.ratios = {
-            name: ms[top] / ms[bottom] for name, (top, bottom) in pairs.items() if ms[top] is not None
-        }
+        for name, (top, bottom) in pairs.items():
+            numerator, denominator = ms[top], ms[bottom]
+            if numerator is not None and denominator is not None:
+                self.ratios[name] = numerator / denominator
         ours = ms["fastema"]
-        if self.train_step_ms is not None:
+        if self.train_step_ms is not None and ours is not None:
             self.ratios["EMA share of train step"] = ours / (self.train_step_ms + ours)
 
 
@@ -120,16 +121,19 @@ def for_loop_step(ema_tensors: list[Tensor], model_tensors: list[Tensor], decay:
 
 def tensors_by_name(module: nn.Module) -> dict[str, Tensor]:
     """Parameters and buffers of `module` by state-dict name."""
-    tensors = dict(module.named_parameters())
+    tensors: dict[str, Tensor] = dict(module.named_parameters())
     tensors.update(module.named_buffers())
     return tensors
 
 
 def mul_add_step(ema_module: nn.Module, model: nn.Module, decay: float) -> None:
     """The seed's fused step: re-group floating tensors every step, then `_foreach_mul_` + `_foreach_add_`."""
-    ema_floats, model_floats, ema_ints, model_ints = [], [], [], []
+    ema_floats: list[Tensor] = []
+    model_floats: list[Tensor] = []
+    ema_ints: list[Tensor] = []
+    model_ints: list[Tensor] = []
     ema_by_name = tensors_by_name(ema_module)
-    model_tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    model_tensors: dict[str, Tensor] = {name: p for name, p in model.named_parameters() if p.requires_grad}
     model_tensors.update(model.named_buffers())
     for name, model_tensor in model_tensors.items():
         ema_tensor = ema_by_name[name]
@@ -172,7 +176,9 @@ class Timer:
 
     def _samples_ms(self, step: Callable[[], None], repeats: int) -> list[float]:
         if self.device.type == "cuda":
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)
+            ]
             for start, end in events:
                 start.record()
                 step()
@@ -225,7 +231,7 @@ def extra_memory_bytes(step: Callable[[], None], device: torch.device) -> int:
     return sum(event.self_cpu_memory_usage for event in profiler.key_averages() if event.self_cpu_memory_usage > 0)
 
 
-def example_input(kind: str, batch_size: int, device: torch.device) -> dict[str, Tensor] | Tensor:
+def example_input(kind: str, batch_size: int, device: torch.device) -> Tensor:
     generator = torch.Generator().manual_seed(0)
     if kind == "tokens":
         return torch.randint(0, 1000, (batch_size, 128), generator=generator).to(device)
@@ -252,18 +258,24 @@ def train_step_ms(model: nn.Module, kind: str, batch_size: int, timer: Timer, dt
 
 
 def bench_model(
-    name: str, model: nn.Module, kind: str, device: torch.device, dtype: torch.dtype,
-    channels_last: bool, timer: Timer, train_batch: int | None,
-    ema_dtype: torch.dtype | None = None, ema_device: torch.device | None = None,
+    name: str,
+    model: nn.Module,
+    kind: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    channels_last: bool,
+    timer: Timer,
+    train_batch: int | None,
+    ema_dtype: torch.dtype | None = None,
+    ema_device: torch.device | None = None,
 ) -> ModelResult:
     """Every method on the same model, in one run."""
     model = model.to(device=device, dtype=dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    options = dict(ema_dtype=ema_dtype, device=ema_device)
-    ours = ModelEMA(model, DECAY, **options)
+    ours = ModelEMA(model, DECAY, ema_dtype=ema_dtype, device=ema_device)
     flat_model = copy.deepcopy(model)  # packing changes the model's storage, so it gets its own copy
-    flat = ModelEMA(flat_model, DECAY, flatten_model=True, **options)
+    flat = ModelEMA(flat_model, DECAY, flatten_model=True, ema_dtype=ema_dtype, device=ema_device)
     loop_ema = copy.deepcopy(ours.module)
     mul_add_ema = copy.deepcopy(ours.module)
     lerp_ema = copy.deepcopy(ours.module)
@@ -281,13 +293,16 @@ def bench_model(
     floor_ema = torch.zeros(elements, device=ema_device or device, dtype=ema_dtype or dtype)
     floor_model = torch.ones(elements, device=ema_device or device, dtype=ema_dtype or dtype)
 
+    def floor_lerp() -> None:
+        floor_ema.lerp_(floor_model, 1 - DECAY)
+
     steps: dict[str, Callable[[], None]] = {
         "for-loop": lambda: for_loop_step(loop_tensors, model_tensors, DECAY),
         "mul+add": lambda: mul_add_step(mul_add_ema, model, DECAY),
         "foreach_lerp": lambda: foreach_lerp_step(lerp_floats, lerp_model_floats, lerp_ints, lerp_model_ints, DECAY),
         "fastema": ours.update,
         "fastema flat": flat.update,
-        "floor": lambda: floor_ema.lerp_(floor_model, 1 - DECAY),
+        "floor": floor_lerp,
     }
     if lerp_floats[0].dtype != lerp_model_floats[0].dtype or offloaded:
         del steps["foreach_lerp"]  # `_foreach_lerp_` needs one dtype and one device on both sides
@@ -340,7 +355,10 @@ def _training_thread_ms(ema: ModelEMA, timer: Timer) -> float:
 
 
 def machine_description(
-    device: torch.device, dtype_name: str, channels_last: bool, ema_dtype: str | None = None,
+    device: torch.device,
+    dtype_name: str,
+    channels_last: bool,
+    ema_dtype: str | None = None,
     ema_device: str | None = None,
 ) -> dict[str, str]:
     if device.type == "cuda":
@@ -411,7 +429,7 @@ def plot_results(path: str, machine: dict[str, str], results: list[ModelResult])
     height = 0.8 / len(methods)
     for index, method in enumerate(methods):
         positions = [row - 0.4 + height * (index + 0.5) for row in range(len(results))]
-        ratios = [float("nan") if r.ms[method] is None else r.ms[method] / r.ms["floor"] for r in results]
+        ratios = [_ratio(result.ms[method], result.ms["floor"]) for result in results]
         ax.barh(positions, ratios, height=height, label=method)
     ax.axvline(1.0, color="black", linewidth=1, linestyle="--", label="floor (one flat lerp_)")
     ax.set_yticks(range(len(results)), [r.model for r in results])
@@ -423,6 +441,11 @@ def plot_results(path: str, machine: dict[str, str], results: list[ModelResult])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float:
+    """numerator / denominator, or NaN (no bar) where a method could not run."""
+    return float("nan") if numerator is None or denominator is None else numerator / denominator
 
 
 def run_bench(
@@ -454,15 +477,23 @@ def run_bench(
         raise ValueError(f"Invalid ema_device: {ema_device!r}; expected None, or 'cpu' with device='cuda' (offloading)")
     timer = Timer(torch_device, budget_s=budget_s)
     machine = machine_description(torch_device, dtype, channels_last, ema_dtype, ema_device)
-    options = dict(
-        ema_dtype=DTYPES[ema_dtype] if ema_dtype else None, ema_device=torch.device(ema_device) if ema_device else None
-    )
     results = []
     for name in names:
         builder, kind = catalogue[name]
         torch.manual_seed(0)
         results.append(
-            bench_model(name, builder(), kind, torch_device, DTYPES[dtype], channels_last, timer, train_batch, **options)
+            bench_model(
+                name,
+                builder(),
+                kind,
+                torch_device,
+                DTYPES[dtype],
+                channels_last,
+                timer,
+                train_batch,
+                ema_dtype=DTYPES[ema_dtype] if ema_dtype else None,
+                ema_device=torch.device(ema_device) if ema_device else None,
+            )
         )
         if not as_json:
             print(f"measured {name}", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from contextlib import ExitStack
 from numbers import Integral, Real
+from types import FrameType
 
 import torch
 from fastai.callback.core import Callback
@@ -14,7 +15,13 @@ from fastcore.basics import store_attr
 from . import learner_checkpoint
 from ._binding import tensor_slots
 from ._checks import (
-    DeviceLike, check_decay, check_device, check_ema_dtype, check_flag, check_flatten_model, check_foreach,
+    DeviceLike,
+    check_decay,
+    check_device,
+    check_ema_dtype,
+    check_flag,
+    check_flatten_model,
+    check_foreach,
     check_update_every,
 )
 from ._state import check_state_dict
@@ -67,7 +74,7 @@ def _innermost_call(learn, functions) -> object | None:
     `before_fit`/`after_fit` from the Learner's own context manager: the stack tells them apart.
     """
     codes = {function.__code__: function for function in functions}
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         function = codes.get(frame.f_code)
         if function is not None and frame.f_locals.get("self") is learn:
@@ -84,7 +91,8 @@ def _fit_running(learn) -> bool:
 def _in_validation_context(learn) -> bool:
     """Whether fit events come from `learn.validate()`/`get_preds()` (the Learner used as a context manager)."""
     return _innermost_call(learn, (Learner._do_fit, Learner.__enter__, Learner.__exit__)) in (
-        Learner.__enter__, Learner.__exit__,
+        Learner.__enter__,
+        Learner.__exit__,
     )
 
 
@@ -123,18 +131,41 @@ class EMACallback(Callback, EMACheckpointing):
         self.decay = check_decay(decay, "decay")
         self.start = _check_position(start, "start", is_finish=False)
         self._init_common(
-            ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema,
-            flatten_model, ema_dtype, update_every,
+            ema_device,
+            validate_ema,
+            replace_weights,
+            foreach,
+            resume,
+            all_parameters,
+            all_buffers,
+            skip_ema,
+            flatten_model,
+            ema_dtype,
+            update_every,
         )
 
     def _init_common(
-        self, ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema,
-        flatten_model, ema_dtype, update_every,
+        self,
+        ema_device,
+        validate_ema,
+        replace_weights,
+        foreach,
+        resume,
+        all_parameters,
+        all_buffers,
+        skip_ema,
+        flatten_model,
+        ema_dtype,
+        update_every,
     ):
         check_device(ema_device, "ema_device")
         for name, flag in dict(
-            validate_ema=validate_ema, replace_weights=replace_weights, resume=resume,
-            all_parameters=all_parameters, all_buffers=all_buffers, skip_ema=skip_ema,
+            validate_ema=validate_ema,
+            replace_weights=replace_weights,
+            resume=resume,
+            all_parameters=all_parameters,
+            all_buffers=all_buffers,
+            skip_ema=skip_ema,
         ).items():
             check_flag(flag, name)
         check_flatten_model(flatten_model, check_foreach(foreach))
@@ -153,6 +184,13 @@ class EMACallback(Callback, EMACheckpointing):
 
     def _decay_at(self, step: int) -> float:
         return self.decay
+
+    @property
+    def _engine(self) -> ModelEMA:
+        """The engine of the running (or last) fit; the events that use it run only once it exists."""
+        if self.engine is None:
+            raise RuntimeError("fastema internal error: the EMA callback has no engine yet")
+        return self.engine
 
     def __getstate__(self) -> dict:
         # `learn.export()` pickles the callbacks: the engine (threads, streams, a model copy) stays behind.
@@ -179,7 +217,8 @@ class EMACallback(Callback, EMACheckpointing):
         others = [cb for cb in self.learn.cbs if isinstance(cb, EMACallback) and cb is not self]
         if others:
             raise ValueError(
-                f"Invalid callbacks: {1 + len(others)} EMA callbacks on one Learner ({self}, {', '.join(map(str, others))}). "
+                f"Invalid callbacks: {1 + len(others)} EMA callbacks on one Learner "
+                f"({self}, {', '.join(map(str, others))}). "
                 "Their validations would swap weights over each other; use one EMA callback per Learner (a second "
                 "EMA can be kept with fastema.ModelEMA in a callback of your own)."
             )
@@ -188,7 +227,7 @@ class EMACallback(Callback, EMACheckpointing):
         loaded_engine, loaded, self._loaded = self.engine, self._loaded, None
         self._resumed = False
         decay = self._decay_at(self._start_step)
-        if loaded is not None and _resumed_epoch(self.learn) > 0:
+        if loaded is not None and loaded_engine is not None and _resumed_epoch(self.learn) > 0:
             # `learn.load(...)` then `fit(..., start_epoch=k)`: continue exactly where the checkpoint stood,
             # with the tensors it tracked (a checkpoint saved unfrozen can be resumed in a frozen Learner).
             engine = self._new_engine(decay, tensor_names=loaded_engine.tensor_names)
@@ -210,9 +249,16 @@ class EMACallback(Callback, EMACheckpointing):
 
     def _new_engine(self, decay: float, tensor_names: list[str] | None = None) -> ModelEMA:
         return ModelEMA(
-            self.learn.model, decay, all_parameters=self.all_parameters, all_buffers=self.all_buffers,
-            foreach=self.foreach, device=self.ema_device, flatten_model=self.flatten_model, ema_dtype=self.ema_dtype,
-            update_every=self.update_every, tensor_names=tensor_names,
+            self.learn.model,
+            decay,
+            all_parameters=self.all_parameters,
+            all_buffers=self.all_buffers,
+            foreach=self.foreach,
+            device=self.ema_device,
+            flatten_model=self.flatten_model,
+            ema_dtype=self.ema_dtype,
+            update_every=self.update_every,
+            tensor_names=tensor_names,
         )
 
     def ema_checkpoint(self) -> dict | None:
@@ -222,17 +268,24 @@ class EMACallback(Callback, EMACheckpointing):
         if self._ema_swap is not None and not _fit_running(self.learn):
             self.restore_model_weights()  # left swapped by a validation that an exception interrupted
         if self.engine.ema_weights_in_use:  # mid-validation the model and the EMA hold each other's weights
-            raise RuntimeError("Cannot save during EMA validation: the model holds the EMA weights; save after_validate")
+            raise RuntimeError(
+                "Cannot save during EMA validation: the model holds the EMA weights; save after_validate"
+            )
         return {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "engine": self.engine.state_dict(),
-            "started": self._started, "decay": self.decay,
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "engine": self.engine.state_dict(),
+            "started": self._started,
+            "decay": self.decay,
         }
 
     def check_ema_checkpoint(self, state: object, path) -> None:
         "Raise a ValueError naming `path` unless `state` fits this Learner's model; changes nothing"
         if (
-            not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT
-            or state.get("version") != CHECKPOINT_VERSION or not isinstance(state.get("started"), bool)
+            not isinstance(state, dict)
+            or state.get("format") != CHECKPOINT_FORMAT
+            or state.get("version") != CHECKPOINT_VERSION
+            or not isinstance(state.get("started"), bool)
         ):
             raise ValueError(f"Invalid EMA checkpoint {path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file")
         # The EMA that `restore_ema_checkpoint` builds averages the tensors the checkpoint names (which
@@ -263,13 +316,13 @@ class EMACallback(Callback, EMACheckpointing):
         if not (self._active and self.training) or self._started:
             return
         if self.epoch * self.n_iter + self.iter >= self._start_step:
-            self.engine.reset()
+            self._engine.reset()
             self._started = True
 
     def before_step(self):
         # An offloaded EMA may still be copying the weights (on a side stream): the optimizer waits for it on the GPU.
         if self._active and self._started:
-            self.engine.before_model_write()
+            self._engine.before_model_write()
 
     def after_cancel_step(self):
         # MixedPrecision cancels the step when the grad scaler finds inf/NaN; fastai still calls after_step.
@@ -287,7 +340,7 @@ class EMACallback(Callback, EMACheckpointing):
     def _update(self):
         # The global step comes from epoch and iter, which stay right when resuming with start_epoch.
         self.decay = self._decay_at(self.epoch * self.n_iter + self.iter)
-        self.engine.update(self.decay)
+        self._engine.update(self.decay)
         self._updated = True
 
     def after_batch(self):
@@ -314,7 +367,7 @@ class EMACallback(Callback, EMACheckpointing):
         self._validation_depth += 1
         if self._validation_depth == 1:
             self._ema_swap = ExitStack()
-            self._ema_swap.enter_context(self.engine.use_ema_weights())
+            self._ema_swap.enter_context(self._engine.use_ema_weights())
 
     def after_validate(self):
         if self._validation_depth == 0:
@@ -341,13 +394,13 @@ class EMACallback(Callback, EMACheckpointing):
         if not self._started:
             return
         if self.replace_weights:
-            self.engine.copy_to()
+            self._engine.copy_to()
         else:
-            self.learn.model_ema = self.engine.module
+            self.learn.model_ema = self._engine.module
 
 
 class EMASchedule(EMACallback):
-    "EMACallback whose decay warms up from `start_decay` to `final_decay` between `start` and `finish`, or by a DecayWarmup"
+    "EMACallback whose decay warms up from `start_decay` to `final_decay` (from `start` to `finish`, or by a warm-up)"
 
     log_decay = True
 
@@ -385,8 +438,17 @@ class EMASchedule(EMACallback):
             self._annealer = make_annealer(schedule, self.start_decay, self.final_decay)
         self.decay = self.start_decay  # the current decay, updated at every EMA step
         self._init_common(
-            ema_device, validate_ema, replace_weights, foreach, resume, all_parameters, all_buffers, skip_ema,
-            flatten_model, ema_dtype, update_every,
+            ema_device,
+            validate_ema,
+            replace_weights,
+            foreach,
+            resume,
+            all_parameters,
+            all_buffers,
+            skip_ema,
+            flatten_model,
+            ema_dtype,
+            update_every,
         )
 
     def _compute_steps(self, n_epoch: int, n_iter: int) -> None:

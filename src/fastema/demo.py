@@ -20,8 +20,10 @@ def _digits_dataloaders(batch_size: int, seed: int):
     n_valid = len(images) // 5
     valid, train = order[:n_valid], order[n_valid:]
     return DataLoaders.from_dsets(
-        TensorDataset(images[train], labels[train]), TensorDataset(images[valid], labels[valid]),
-        bs=batch_size, device=torch.device("cpu"),
+        TensorDataset(images[train], labels[train]),
+        TensorDataset(images[valid], labels[valid]),
+        bs=batch_size,
+        device=torch.device("cpu"),
     )
 
 
@@ -30,8 +32,12 @@ def _small_cnn() -> nn.Module:
         return nn.Sequential(nn.Conv2d(n_in, n_out, 3, stride, 1, bias=False), nn.BatchNorm2d(n_out), nn.ReLU())
 
     return nn.Sequential(
-        block(1, 32, 1), block(32, 64, 2), block(64, 64, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+        block(1, 32, 1),
+        block(32, 64, 2),
+        block(64, 64, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
     )
 
 
@@ -47,7 +53,9 @@ def _accuracy(model: nn.Module, dataloader) -> float:
     return correct / total
 
 
-def run_demo(epochs: int = 12, lr: float = 0.03, output: Path | str = "demo_output/fastema-demo.png", seed: int = 0) -> list[dict]:
+def run_demo(
+    epochs: int = 12, lr: float = 0.03, output: Path | str = "demo_output/fastema-demo.png", seed: int = 0
+) -> list[dict]:
     """Train with `EMASchedule`, print raw vs EMA validation accuracy per epoch, save a plot."""
     import matplotlib
 
@@ -76,26 +84,32 @@ def run_demo(epochs: int = 12, lr: float = 0.03, output: Path | str = "demo_outp
             engine = self.learn.ema_schedule.engine
             raw_weights = torch.cat([p.detach().flatten() for p in self.learn.model.parameters()])
             ema_weights = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
-            self.rows.append(dict(
-                epoch=self.epoch,
-                raw=_accuracy(self.learn.model, self.dls.valid),
-                ema=_accuracy(engine.module, self.dls.valid),
-                gap=(ema_weights - raw_weights).abs().mean().item(),  # how far the EMA trails the weights
-            ))
+            self.rows.append(
+                dict(
+                    epoch=self.epoch,
+                    raw=_accuracy(self.learn.model, self.dls.valid),
+                    ema=_accuracy(engine.module, self.dls.valid),
+                    gap=(ema_weights - raw_weights).abs().mean().item(),  # how far the EMA trails the weights
+                )
+            )
 
     set_seed(seed)  # Python's `random` too: fastai's DataLoader shuffles with it
     dls = _digits_dataloaders(batch_size=64, seed=seed)
     tracker = RawAndEMAAccuracy()
     ema = EMASchedule(start_decay=0.9, final_decay=0.99, start=0, finish=0.3)
-    learn = Learner(dls, _small_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, opt_func=Adam, cbs=[ema, tracker])
-    print(f"Training a small CNN on scikit-learn digits for {epochs} epochs with {ema!r} "
-          "(the 'accuracy' column is measured with the EMA weights)")
+    learn = Learner(
+        dls, _small_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, opt_func=Adam, cbs=[ema, tracker]
+    )
+    print(
+        f"Training a small CNN on scikit-learn digits for {epochs} epochs with {ema!r} "
+        "(the 'accuracy' column is measured with the EMA weights)"
+    )
     learn.fit(epochs, lr)  # a constant, rather high learning rate: the raw weights stay noisy
 
     print("\nepoch | raw accuracy | EMA accuracy | mean |EMA - raw| weight")
     for row in tracker.rows:
         print(f"{row['epoch']:5d} | {row['raw']:12.4f} | {row['ema']:12.4f} | {row['gap']:.5f}")
-    tail = tracker.rows[-max(2, epochs // 2):]
+    tail = tracker.rows[-max(2, epochs // 2) :]
     if len(tail) >= 2:
         raw_std = torch.tensor([row["raw"] for row in tail]).std().item()
         ema_std = torch.tensor([row["ema"] for row in tail]).std().item()

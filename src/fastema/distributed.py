@@ -8,6 +8,8 @@ full EMA exists only when asked for (`ModelEMA.state_dict()`, a collective).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -17,7 +19,7 @@ except ImportError:  # pragma: no cover - older torch or no distributed build
     try:
         from torch.distributed._tensor import DTensor, distribute_tensor
     except ImportError:
-        DTensor = distribute_tensor = None
+        DTensor = distribute_tensor = None  # type: ignore[assignment, misc]  # checked before each use
 
 try:  # FSDP2's module class: public since torch 2.6
     from torch.distributed.fsdp import FSDPModule
@@ -25,16 +27,16 @@ except ImportError:  # pragma: no cover - older torch or no distributed build
     try:
         from torch.distributed._composable.fsdp import FSDPModule
     except ImportError:
-        FSDPModule = None
+        FSDPModule = None  # type: ignore[assignment, misc]  # checked before each use
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Return the plain module inside DDP/DataParallel and `torch.compile` wrappers."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
+            model = cast(nn.Module, model.module)
         elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         else:
             return model
 
@@ -64,18 +66,20 @@ def local_part(tensor: Tensor) -> Tensor:
     if not is_sharded(tensor):
         return tensor
     with torch.no_grad():
-        return tensor.to_local().detach()
+        return cast(DTensor, tensor).to_local().detach()
 
 
 def gather_full(local: Tensor, like: Tensor) -> Tensor:
     """The full tensor whose parts, laid out as `like` (a DTensor), are every rank's `local` (a collective)."""
-    parts = DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+    layout = cast(DTensor, like)
+    parts = DTensor.from_local(local, layout.device_mesh, layout.placements, shape=like.shape, stride=like.stride())
     return parts.full_tensor()
 
 
 def shard_like(full: Tensor, like: Tensor) -> Tensor:
     """This rank's part of `full`, laid out as `like` (a DTensor); every rank passes the same `full`."""
-    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements).to_local()
+    layout = cast(DTensor, like)
+    return distribute_tensor(full.to(like.device), layout.device_mesh, layout.placements).to_local()
 
 
 def rank() -> int:

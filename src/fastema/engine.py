@@ -6,27 +6,42 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ._binding import (
-    Binding, Placement, all_slots, changes, changes_since, check_tracked_present, copy_of_model, tensor_slots,
-    tracked_tensors, watch_module_changes,
+    Binding,
+    Placement,
+    all_slots,
+    changes,
+    changes_since,
+    check_tracked_present,
+    copy_of_model,
+    tensor_slots,
+    tracked_tensors,
+    watch_module_changes,
 )
 from ._checks import (
-    DeviceLike, check_decay, check_device, check_ema_dtype, check_flag, check_flatten_model, check_foreach,
+    DeviceLike,
+    check_decay,
+    check_device,
+    check_ema_dtype,
+    check_flag,
+    check_flatten_model,
+    check_foreach,
     check_update_every,
 )
 from ._plan import Plan, plan_update
-from ._steps import is_dense
 from ._state import STATE_FORMAT, STATE_VERSION, check_state_dict
+from ._steps import is_dense
 from ._swap import WeightSwap
 from .checkpoint import atomic_save, read_checkpoint
 from .distributed import gather_full, is_sharded, local_part, rank, reshard, shard_like, unwrap_model
 from .schedules import DecayWarmup, check_warmup
+
 
 class ModelEMA:
     """Exponential moving average of a model's weights, for any PyTorch training loop.
@@ -113,7 +128,7 @@ class ModelEMA:
         self.last_decay = self.decay
         self._swap: WeightSwap | None = None
         self._failure: BaseException | None = None
-        self._plan: Plan | None = None
+        self._plan = Plan([])
         self._replacements: dict[str, int] = {}  # how often the model replaced each tensor object
         self._volatile: frozenset[str] = frozenset()
         self._bind()
@@ -122,16 +137,21 @@ class ModelEMA:
 
     def _bind(self) -> None:
         """Pair the model's tensors with the EMA's and plan the update (done once, and after the model changed)."""
-        self._plan = None  # dropped first: the buffers it packed are free to move again
+        self._plan = Plan([])  # the old plan dropped first: the buffers it packed are free to move again
         binding = self._binding = Binding(self.model, self._module, self._shards, self.tensor_names, self._volatile)
         all_model_tensors = [local_part(tensor) for _, tensor in all_slots(self.model)]
         self._plan = plan_update(
-            binding.ema_tensors, binding.model_locals, binding.is_parameter, foreach=self.foreach,
-            flatten=self.flatten_model, all_model_tensors=all_model_tensors,
+            binding.ema_tensors,
+            binding.model_locals,
+            binding.is_parameter,
+            foreach=self.foreach,
+            flatten=self.flatten_model,
+            all_model_tensors=all_model_tensors,
             volatile=[binding.slot_of(name) for name in binding.names if name in self._volatile],
         )
         self._volatile_keys = {
-            (id(slot.owner(self.model)), slot.key) for slot in (*binding.slots, *binding.untracked)
+            (id(slot.owner(self.model)), slot.key)
+            for slot in (*binding.slots, *binding.untracked)
             if slot.name in self._volatile
         }
         binding.record()  # packing gave tensors new addresses
@@ -332,8 +352,6 @@ class ModelEMA:
 
     def synchronize(self) -> None:
         """Wait until an offloaded update running in the background has finished (no-op otherwise)."""
-        if self._plan is None:
-            return
         try:
             self._plan.wait()
         except Exception as error:
@@ -395,10 +413,8 @@ class ModelEMA:
 
     def _wait_forgetting_failure(self) -> None:
         """Wait for a background update; a failure is forgotten: the caller overwrites the whole EMA."""
-        try:
+        with suppress(Exception):
             self._plan.wait()
-        except Exception:
-            pass
 
     def _matching_tensors(self, module: nn.Module, purpose: str) -> list[Tensor]:
         """`module`'s tensors in tracking order, or a ValueError listing every name/shape mismatch."""
@@ -543,6 +559,8 @@ class ModelEMA:
         """Restore from a file written by `save()`, made on any device; a bad file changes nothing."""
         self._check_outside_swap("load()")
         state = read_checkpoint(path)
+        if not isinstance(state, dict):
+            raise ValueError(f"Invalid checkpoint {path}: not a fastema.ModelEMA state")
         try:
             self.load_state_dict(state)
         except ValueError as error:
@@ -562,7 +580,7 @@ class ModelEMA:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._swap = None
-        self._plan = None
+        self._plan = Plan([])
         watch_module_changes()
         self._bind()
 

@@ -23,6 +23,7 @@ import secrets
 import warnings
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import cloudpickle
 import torch
@@ -31,6 +32,9 @@ from fastai.torch_core import distrib_barrier, get_model, rank_distrib
 from fastcore.xtras import join_path_file
 
 from .checkpoint import atomic_save, read_checkpoint
+
+if TYPE_CHECKING:
+    from .engine import ModelEMA
 
 EMA_SUFFIX = ".ema.pth"
 PAIR_KEY = "fastema_pair"  # in the model state's root metadata: the token of the save that wrote it
@@ -41,7 +45,7 @@ _fastai_export = Learner.export
 class EMACheckpointing:
     """What `learn.save`/`learn.load` need of an EMA callback (the callbacks inherit it)."""
 
-    engine = None
+    engine: ModelEMA | None = None
 
     def ema_checkpoint(self) -> dict | None:
         raise NotImplementedError
@@ -116,10 +120,11 @@ def load(self: Learner, file, device=None, **kwargs) -> Learner:
     path = join_path_file(file, self.path / self.model_dir, ext=".pth")
     ema_path = ema_checkpoint_path(path)
     distrib_barrier()  # as fastai does before reading: rank 0 may still be writing both files
-    ema_state = None
+    ema_state: dict | None = None
     if ema_path.exists():
-        ema_state = read_checkpoint(ema_path)
-        callback.check_ema_checkpoint(ema_state, ema_path)  # everything checked before the model is touched
+        saved = read_checkpoint(ema_path)
+        callback.check_ema_checkpoint(saved, ema_path)  # everything checked before the model is touched
+        ema_state = cast(dict, saved)  # checked: a dict
         token = ema_state.get("pair")
         if token is not None and path.is_file() and not _holds_token(path, token):
             raise ValueError(

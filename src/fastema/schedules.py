@@ -49,7 +49,7 @@ class ExponentialWarmup(DecayWarmup):
     def __init__(self, tau: float = 2000.0) -> None:
         if isinstance(tau, bool) or not isinstance(tau, Real) or not math.isfinite(tau) or tau <= 0:
             raise ValueError(f"Invalid tau: {tau!r}; expected a finite number > 0 (steps)")
-        self.tau = float(tau)
+        self.tau: float = float(tau)
 
     def __call__(self, step: int, decay: float) -> float:
         return decay * (1.0 - math.exp(-step / self.tau))
