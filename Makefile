@@ -4,8 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The torch/torchvision pair known to install and import together on our machines.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# The wheel's smoke check installs only torch beside it: the CPU build that lies on our machines' disks.
+SMOKE_TORCH ?= torch==2.13.0
+SMOKE_VENV := build/smoke-venv
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench lint format docs dist smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,15 +25,46 @@ $(VENV)/.bench-installed: pyproject.toml $(VENV)/.dev-installed
 	$(BIN)/pip install --quiet -e '.[bench]' $(TORCH_PINS)
 	touch $@
 
+$(VENV)/.tools-installed: pyproject.toml $(VENV)/.dev-installed
+	$(BIN)/pip install --quiet -e '.[dev,lint,docs]' build hatchling $(TORCH_PINS)
+	touch $@
+
 demo: $(VENV)/.dev-installed
 	$(BIN)/python -m fastema demo
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest
 
+# The core in seconds: no fastai fits, subprocesses or torch.distributed launches.
+test-fast: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -m "not slow and not distributed"
+
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m fastema bench --plot docs/benchmark-cpu.png
 	$(BIN)/python -m fastema bench --dtype bfloat16 --ema-dtype float32
 
+lint: $(VENV)/.tools-installed
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+format: $(VENV)/.tools-installed
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+docs: $(VENV)/.tools-installed
+	$(BIN)/mkdocs build --strict
+
+dist: $(VENV)/.tools-installed
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist
+
+# The built wheel alone, in a fresh environment with nothing but torch.
+smoke: dist
+	rm -rf $(SMOKE_VENV)
+	$(PYTHON) -m venv $(SMOKE_VENV)
+	$(SMOKE_VENV)/bin/pip install --quiet $(SMOKE_TORCH) dist/*.whl
+	cd build && ../$(SMOKE_VENV)/bin/python -I ../tests/wheel_smoke.py
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache demo_output
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache demo_output site

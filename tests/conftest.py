@@ -1,3 +1,4 @@
+import inspect
 import sys
 from pathlib import Path
 
@@ -6,11 +7,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# A test is `slow` when it trains a fastai Learner, starts a process or runs the demo; `make test-fast`
+# (pytest -m "not slow and not distributed") runs the rest in seconds.
+SLOW_SIGNS = ("make_learner(", "subprocess", "run_demo(", "main([", "Learner(")
+
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    skip_cuda = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "cuda" in item.keywords:
+        if skip_cuda is not None and "cuda" in item.keywords:
             item.add_marker(skip_cuda)
+        if item.module.__name__ == "test_distributed":
+            item.add_marker(pytest.mark.distributed)
+            continue
+        source = inspect.getsource(item.function) if hasattr(item, "function") else ""
+        if any(sign in source for sign in SLOW_SIGNS):
+            item.add_marker(pytest.mark.slow)

@@ -1,6 +1,7 @@
 """The public surface is explicit and stable."""
 
 import inspect
+import re
 
 import fastema
 
@@ -65,3 +66,11 @@ def test_engine_does_not_import_fastai():
 
     code = "import sys, fastema; fastema.ModelEMA; assert 'fastai' not in sys.modules, 'engine imported fastai'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_api_reference_documents_every_public_name():
+    from pathlib import Path
+
+    reference = (Path(__file__).parent.parent / "docs" / "reference.md").read_text()
+    documented = set(re.findall(r"^::: fastema\.(?:callback\.)?(\w+)$", reference, flags=re.MULTILINE))
+    assert set(fastema.__all__) - {"__version__"} <= documented
