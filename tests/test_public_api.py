@@ -14,7 +14,10 @@ def test_all_lists_the_public_api():
         "ExponentialWarmup",
         "InverseGammaWarmup",
         "ModelEMA",
+        "PostHocEMA",
+        "PostHocEMACallback",
         "__version__",
+        "synthesize",
     ]
     for name in fastema.__all__:
         assert getattr(fastema, name) is not None

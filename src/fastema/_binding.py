@@ -194,20 +194,27 @@ class Placement:
         return self.twin(model_tensor, dtype)
 
 
-def copy_of_model(model: nn.Module, tracked: dict[str, Tensor], placement: Placement) -> nn.Module:
+def copy_of_model(
+    model: nn.Module, tracked: dict[str, Tensor], placement: Placement, twins: dict[str, Tensor] | None = None
+) -> nn.Module:
     """The EMA's module: a deep copy whose tracked tensors are EMA tensors, created directly where they live.
 
     Creating them there (through deepcopy's memo) means an offloaded EMA of a large model never
     needs a second copy in GPU memory, not even for a moment. Untracked tensors share the
     model's storage where they can (`Placement.untracked`). Tensors computed in the forward
     and kept as attributes (the deprecated `weight_norm` keeps `weight` so) are detached, as
-    deepcopy refuses tensors with autograd history.
+    deepcopy refuses tensors with autograd history. `twins`: the EMA tensors to use, by name
+    (`PostHocEMA`'s views of its shared buffer), instead of new copies.
     """
-    tracked_ids = {id(tensor) for tensor in tracked.values()}
+    tracked_names = {id(tensor): name for name, tensor in tracked.items()}
     memo: dict[int, object] = {}
     with torch.no_grad():
         for _, tensor in tensor_slots(model).values():
-            twin = placement.twin(tensor) if id(tensor) in tracked_ids else placement.untracked(tensor)
+            name = tracked_names.get(id(tensor))
+            if name is None:
+                twin = placement.untracked(tensor)
+            else:
+                twin = twins[name] if twins is not None else placement.twin(tensor)
             memo[id(tensor)] = nn.Parameter(twin, requires_grad=False) if isinstance(tensor, nn.Parameter) else twin
         for submodule in model.modules():
             for value in vars(submodule).values():

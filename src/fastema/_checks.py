@@ -69,21 +69,21 @@ def check_device(value: object, name: str) -> torch.device | None:
     return device
 
 
-def check_ema_dtype(value: object) -> torch.dtype | None:
+def check_ema_dtype(value: object, name: str = "ema_dtype") -> torch.dtype | None:
     """The dtype an EMA keeps floating tensors in: None (the model's) or a floating torch.dtype."""
     if value is None:
         return None
     if not isinstance(value, torch.dtype):
-        raise TypeError(f"Invalid ema_dtype: {value!r}; expected None or a floating torch.dtype such as torch.float32")
+        raise TypeError(f"Invalid {name}: {value!r}; expected None or a floating torch.dtype such as torch.float32")
     if not value.is_floating_point:
-        raise ValueError(f"Invalid ema_dtype: {value}; expected a floating dtype such as torch.float32")
+        raise ValueError(f"Invalid {name}: {value}; expected a floating dtype such as torch.float32")
     return value
 
 
-def check_update_every(value: object) -> int:
-    """How many optimizer steps one EMA update covers: an int >= 1."""
+def check_update_every(value: object, name: str = "update_every") -> int:
+    """A number of optimizer steps (how many one EMA update covers, or between snapshots): an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Invalid update_every: {value!r}; expected an int >= 1")
+        raise TypeError(f"Invalid {name}: {value!r}; expected an int >= 1")
     if value < 1:
-        raise ValueError(f"Invalid update_every: {value}; expected an int >= 1")
+        raise ValueError(f"Invalid {name}: {value}; expected an int >= 1")
     return value

@@ -310,3 +310,48 @@ def _mirror_ema(model_flat: Tensor, ema_tensors: list[Tensor], model_tensors: li
             view.copy_(ema_tensor)
             ema_tensor.data = view
     return ema_flat
+
+
+def pack_model(
+    tensors: Sequence[Tensor], offsets: Sequence[int], every_tensor: Iterable[Tensor]
+) -> tuple[list[Tensor], list[int]]:
+    """The model tensors of one `StackedStep` as one buffer, if they can be: ([buffer], [first offset]).
+
+    They must follow each other in `offsets` order (tensor i's rows right after tensor i-1's) and
+    have one dtype. Already consecutive in one storage: that storage is read in place; the only
+    users of their storages: moved into a new buffer in that order (as `_pack` moves them);
+    otherwise they stay as they are.
+    """
+    unchanged = (list(tensors), list(offsets))
+    overlapping = overlapping_tensors(every_tensor)
+    dense = all(
+        is_dense(tensor) and tensor.numel() > 0 and id(tensor) not in overlapping and tensor.device.type != "meta"
+        for tensor in tensors
+    )
+    if len(tensors) < 2 or not dense or len({tensor.dtype for tensor in tensors}) > 1:
+        return unchanged
+    first = tensors[0]
+    storages = {tensor.untyped_storage().data_ptr() for tensor in tensors}
+    consecutive = len(storages) == 1 and all(
+        after.storage_offset() == before.storage_offset() + before.numel()
+        for before, after in itertools.pairwise(tensors)
+    )
+    if consecutive:
+        total = sum(tensor.numel() for tensor in tensors)
+        return [first.detach().as_strided((total,), (1,), first.storage_offset())], [offsets[0]]
+    by_storage: dict[int, list[Tensor]] = defaultdict(list)
+    for tensor in tensors:
+        by_storage[tensor.untyped_storage().data_ptr()].append(tensor)
+    movable = all(
+        _private(sharing[0]) and storage_use_count(sharing[0]) == len(sharing) + 1 for sharing in by_storage.values()
+    )
+    if not movable:
+        return unchanged
+    return [_move_into_new_buffer(list(tensors))], [offsets[0]]
+
+
+def _private(tensor: Tensor) -> bool:
+    """Whether torch alone owns the tensor's memory: not numpy's or `frombuffer`'s, not shared or pinned."""
+    return tensor.untyped_storage().resizable() and not (
+        tensor.is_shared() or (tensor.device.type == "cpu" and tensor.is_pinned())
+    )

@@ -244,6 +244,80 @@ class StagedStep(Step):
         return any(model_tensor.data_ptr() != address for model_tensor, address in self.chunked)
 
 
+def layout_strides(tensor: Tensor) -> tuple[int, ...]:
+    """The strides of `tensor` if it is dense (any dimension order), else those of a contiguous tensor."""
+    return tuple(tensor.stride()) if is_dense(tensor) else torch.empty(tensor.shape, device="meta").stride()
+
+
+class StackedStep(Step):
+    """K EMAs of the same tensors in one buffer of (elements, K), all updated in one pass over the model.
+
+    Row r of `stack` holds the K averages of one element of the model, so the update of a batch
+    of rows is one `lerp_` of the (rows, K) block toward the model's values broadcast over K,
+    with K weights (`weights`, shape (1, K), set by the caller before each step): the model is
+    read once whatever K. The model's values go through a staging buffer in the EMA's dtype, as
+    in `StagedStep` (a conversion for a narrower model; for the same dtype the copy stays in
+    cache). Tensor i occupies rows `offsets[i]` onward, in its memory order (`layout_strides`).
+    """
+
+    def __init__(self, stack: Tensor, model_tensors: Sequence[Tensor], offsets: Sequence[int], fused: bool) -> None:
+        device, dtype = stack.device, stack.dtype
+        self.stack = stack
+        self.weights = torch.zeros(1, stack.shape[1], device=device, dtype=dtype)
+        self._pinned = device.type == "cuda"  # weights reach a GPU through pinned memory, without a sync
+        self._dtype = dtype
+        self.copy: Kernel = copy_fused if fused else copy_loop
+        capacity = STAGING_ELEMENTS.get(device.type, DEFAULT_STAGING_ELEMENTS)
+        # Pieces: (first row, model piece, its shape and strides in the staging buffer).
+        pieces: list[tuple[int, Tensor, tuple[int, ...], tuple[int, ...]]] = []
+        self.chunked: list[tuple[Tensor, int]] = []  # (model tensor, data_ptr) behind precomputed chunks
+        for model_tensor, offset in zip(model_tensors, offsets, strict=True):
+            if model_tensor.numel() <= capacity or not is_dense(model_tensor):
+                pieces.append((offset, model_tensor, tuple(model_tensor.shape), layout_strides(model_tensor)))
+                continue
+            model_flat = memory_order_view(model_tensor)
+            self.chunked.append((model_tensor, model_tensor.data_ptr()))
+            for begin in range(0, model_flat.numel(), capacity):
+                chunk = model_flat[begin : begin + capacity]
+                pieces.append((offset + begin, chunk, (chunk.numel(),), (1,)))
+        self.staging = torch.empty(min(sum(p[1].numel() for p in pieces), capacity), device=device, dtype=dtype)
+        # Batches: consecutive pieces (consecutive rows) that fit the staging buffer together.
+        self.batches: list[tuple[Tensor, list[Tensor], list[Tensor], Tensor]] = []
+        batch: list[tuple[int, Tensor, tuple[int, ...], tuple[int, ...]]] = []
+        for piece in [*pieces, None]:
+            filled = sum(model_piece.numel() for _, model_piece, _, _ in batch)
+            if batch and (
+                piece is None or filled + piece[1].numel() > capacity or piece[0] != batch[-1][0] + batch[-1][1].numel()
+            ):
+                self._add_batch(batch, filled)
+                batch = []
+            if piece is not None:
+                batch.append(piece)
+
+    def _add_batch(self, batch: list[tuple[int, Tensor, tuple[int, ...], tuple[int, ...]]], filled: int) -> None:
+        used, staging_views = 0, []
+        for _, model_piece, shape, stride in batch:
+            staging_views.append(self.staging.as_strided(shape, stride, used))
+            used += model_piece.numel()
+        rows = self.stack[batch[0][0] : batch[0][0] + filled]
+        staged = self.staging[:filled].unsqueeze(1)
+        self.batches.append((rows, [piece for _, piece, _, _ in batch], staging_views, staged))
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        """The K lerp weights (1 - decay) of the next step; on a GPU a non-blocking copy from pinned memory."""
+        host = torch.tensor([weights], dtype=self._dtype, pin_memory=self._pinned)
+        self.weights.copy_(host, non_blocking=self._pinned)
+
+    def step(self, weight: float) -> None:
+        """One update of every EMA, with the K weights given to `set_weights` (`weight` is not used)."""
+        for rows, model_pieces, staging_views, staged in self.batches:
+            self.copy(staging_views, model_pieces, 0.0)  # converts to the EMA's dtype
+            rows.lerp_(staged, self.weights)
+
+    def stale(self) -> bool:
+        return any(model_tensor.data_ptr() != address for model_tensor, address in self.chunked)
+
+
 class PackedStep(Step):
     """A whole (device, dtype) group in one model buffer and one EMA buffer: one `lerp_` (or `copy_`) per update.
 

@@ -1,16 +1,21 @@
-"""EMACallback and EMASchedule: fastai training events translated into `ModelEMA` calls."""
+"""fastai callbacks: EMACallback, EMASchedule and PostHocEMACallback, fastai events translated into engine calls."""
 
 from __future__ import annotations
 
+import math
 import sys
+from collections.abc import Sequence
 from contextlib import ExitStack
 from numbers import Integral, Real
+from pathlib import Path
 from types import FrameType
+from typing import cast
 
 import torch
 from fastai.callback.core import Callback
 from fastai.learner import Learner, Recorder
-from fastcore.basics import store_attr
+from fastcore.basics import patch, store_attr
+from torch import nn
 
 from . import learner_checkpoint
 from ._binding import tensor_slots
@@ -28,6 +33,7 @@ from ._state import check_state_dict
 from .distributed import unwrap_model
 from .engine import ModelEMA
 from .learner_checkpoint import EMACheckpointing
+from .posthoc import PostHocEMA, synthesize
 from .schedules import DecayWarmup, make_annealer, scheduled_decay
 
 try:  # fastai's default annealer; imported here so that the engine never needs fastai
@@ -35,7 +41,7 @@ try:  # fastai's default annealer; imported here so that the engine never needs 
 except ImportError:  # pragma: no cover - fastai always ships it
     SchedCos = None
 
-__all__ = ["EMACallback", "EMASchedule"]
+__all__ = ["EMACallback", "EMASchedule", "PostHocEMACallback"]
 
 CHECKPOINT_FORMAT = "fastema.EMACallback"
 CHECKPOINT_VERSION = 1
@@ -104,12 +110,171 @@ def _resumed_epoch(learn) -> int:
     return 0
 
 
-class EMACallback(Callback, EMACheckpointing):
-    "Exponential moving average of the model's weights, updated after every optimizer step"
+class AveragingCallback(Callback, EMACheckpointing):
+    "What every fastema callback does with fastai's events: start, update on real steps, validate with the EMA"
 
     # After TrainEvalCallback (-10) has moved the model to its device, and after the loggers
     # (Recorder.order + 1) so that `ema_decay` lands on the step they just logged.
     order = Recorder.order + 2
+
+    def _init_events(self, start: int | float, validate: bool, skip_ema: bool) -> None:
+        self.start = _check_position(start, "start", is_finish=False)
+        self.skip_ema = check_flag(skip_ema, "skip_ema")
+        self._validate = validate
+        self.engine = None  # the engine doing the averaging, built in `before_fit`
+        self._active = self._started = self._resumed = False
+        self._step_cancelled = self._updated = False
+        self._validation_depth = self._ignored_fit_events = 0
+        self._ema_swap: ExitStack | None = None
+        self._loaded: dict | None = None  # where a checkpoint restored by `learn.load` stood
+
+    @property
+    def _engine(self):
+        """The engine of the running (or last) fit; the events that use it run only once it exists."""
+        if self.engine is None:
+            raise RuntimeError("fastema internal error: the EMA callback has no engine yet")
+        return self.engine
+
+    def __getstate__(self) -> dict:
+        # `learn.export()` pickles the callbacks: the engine (threads, streams, a model copy) stays behind.
+        state = dict(self.__dict__)
+        state.update(engine=None, _ema_swap=None, _loaded=None, _active=False, _started=False, _validation_depth=0)
+        return state
+
+    def _compute_steps(self, n_epoch: int, n_iter: int) -> None:
+        if isinstance(self.start, int) and self.start >= n_epoch:
+            raise ValueError(f"Invalid start: epoch {self.start}, but this fit has only {n_epoch} epochs (0-based)")
+        self._start_step = _position_to_step(self.start, "start", n_epoch, n_iter)
+        if self._start_step >= n_epoch * n_iter:
+            raise ValueError(f"Invalid start: {self.start} falls after the last of this fit's {n_epoch * n_iter} steps")
+
+    # ---- what each callback decides --------------------------------------------------------------------
+
+    def _start_fit(self, loaded_engine, loaded: dict | None) -> tuple[ModelEMA | PostHocEMA, bool]:
+        """This fit's engine and whether it has started already (resumed)."""
+        raise NotImplementedError
+
+    def _begin(self) -> None:
+        """The EMA starts now (at `start`)."""
+
+    def _update(self) -> None:
+        raise NotImplementedError
+
+    def _ema_weights(self):
+        """A context manager that puts the EMA into the model for validation."""
+        raise NotImplementedError
+
+    def _finish_fit(self) -> None:
+        """After a fit in which the EMA started."""
+
+    # ---- fastai's events ---------------------------------------------------------------------------------
+
+    def before_fit(self):
+        if _in_validation_context(self.learn):
+            self._ignored_fit_events += 1
+            if not _fit_running(self.learn):  # learn.validate()/get_preds() after an interrupted validation
+                self.restore_model_weights()
+            return
+        self._active = False
+        if hasattr(self.learn, "lr_finder"):  # lr_find runs its own fit: leave the EMA alone
+            return
+        others = [cb for cb in self.learn.cbs if isinstance(cb, AveragingCallback) and cb is not self]
+        if others:
+            raise ValueError(
+                f"Invalid callbacks: {1 + len(others)} EMA callbacks on one Learner "
+                f"({self}, {', '.join(map(str, others))}). "
+                "Their validations would swap weights over each other; use one EMA callback per Learner (a second "
+                "EMA can be kept with fastema.ModelEMA in a callback of your own)."
+            )
+        self.restore_model_weights()  # an interrupted validation of an earlier fit may have left them swapped
+        self._compute_steps(self.n_epoch, len(self.dls.train))
+        loaded_engine, loaded, self._loaded = self.engine, self._loaded, None
+        self._resumed = False
+        self.engine, self._started = self._start_fit(loaded_engine, loaded)
+        self._step_cancelled = self._updated = False
+        self._validation_depth = 0
+        self._active = True  # only once everything above succeeded: a refused fit leaves the callback idle
+
+    def before_batch(self):
+        if not (self._active and self.training) or self._started:
+            return
+        if self.epoch * self.n_iter + self.iter >= self._start_step:
+            self._begin()
+            self._started = True
+
+    def before_step(self):
+        # An offloaded EMA may still be copying the weights (on a side stream): the optimizer waits for it on the GPU.
+        if self._active and self._started and hasattr(self._engine, "before_model_write"):
+            self._engine.before_model_write()
+
+    def after_cancel_step(self):
+        # MixedPrecision cancels the step when the grad scaler finds inf/NaN; fastai still calls after_step.
+        self._step_cancelled = True
+
+    def after_step(self):
+        if self._active and self._started and not (self.skip_ema and self._step_cancelled):
+            self._update()
+            self._updated = True
+
+    def after_cancel_batch(self):
+        # GradientAccumulation cancels accumulation batches before the optimizer step (no after_step).
+        if self._active and self.training and self._started and not self.skip_ema and not self._updated:
+            self._update()
+            self._updated = True
+
+    def after_batch(self):
+        if not (self._active and self.training):
+            return
+        if self._updated:
+            self._after_update()
+        self._step_cancelled = self._updated = False
+
+    def _after_update(self) -> None:
+        """After a batch whose step moved the EMA (logging)."""
+
+    def before_validate(self):
+        # Only inside a running fit: after one that failed or was refused, validate() uses the model's weights.
+        if not (self._active and self._started and self._validate and _fit_running(self.learn)):
+            return
+        self._validation_depth += 1
+        if self._validation_depth == 1:
+            self._ema_swap = ExitStack()
+            self._ema_swap.enter_context(self._ema_weights())
+
+    def after_validate(self):
+        if self._validation_depth == 0:
+            return
+        self._validation_depth -= 1
+        if self._validation_depth == 0:
+            self.restore_model_weights()
+
+    def restore_model_weights(self):
+        "Put the model's own weights back if an interrupted validation (e.g. Ctrl-C) left the EMA's in it"
+        if self._ema_swap is not None:
+            swap, self._ema_swap = self._ema_swap, None
+            swap.close()
+        self._validation_depth = 0
+
+    def _restore_if_interrupted(self) -> None:
+        """Before reading the EMA outside a fit: undo a swap that an exception left behind."""
+        if self._ema_swap is not None and not _fit_running(self.learn):
+            self.restore_model_weights()
+
+    def after_fit(self):
+        if self._ignored_fit_events:
+            self._ignored_fit_events -= 1
+            return
+        if not self._active:
+            return
+        self.restore_model_weights()
+        self._active = False
+        if self._started:
+            self._finish_fit()
+
+
+class EMACallback(AveragingCallback):
+    "Exponential moving average of the model's weights, updated after every optimizer step"
+
     log_decay = False
 
     def __init__(
@@ -129,8 +294,8 @@ class EMACallback(Callback, EMACheckpointing):
         update_every: int = 1,  # update every N-th optimizer step only, with decay**N (see ModelEMA.update)
     ):
         self.decay = check_decay(decay, "decay")
-        self.start = _check_position(start, "start", is_finish=False)
         self._init_common(
+            start,
             ema_device,
             validate_ema,
             replace_weights,
@@ -146,6 +311,7 @@ class EMACallback(Callback, EMACheckpointing):
 
     def _init_common(
         self,
+        start,
         ema_device,
         validate_ema,
         replace_weights,
@@ -165,87 +331,42 @@ class EMACallback(Callback, EMACheckpointing):
             resume=resume,
             all_parameters=all_parameters,
             all_buffers=all_buffers,
-            skip_ema=skip_ema,
         ).items():
             check_flag(flag, name)
         check_flatten_model(flatten_model, check_foreach(foreach))
         check_ema_dtype(ema_dtype)
         check_update_every(update_every)
         store_attr(
-            "ema_device,validate_ema,replace_weights,foreach,resume,all_parameters,all_buffers,skip_ema,flatten_model,"
+            "ema_device,validate_ema,replace_weights,foreach,resume,all_parameters,all_buffers,flatten_model,"
             "ema_dtype,update_every"
         )
-        self.engine: ModelEMA | None = None  # the `ModelEMA` doing the averaging, built in `before_fit`
-        self._active = self._started = self._resumed = False
-        self._step_cancelled = self._updated = False
-        self._validation_depth = self._ignored_fit_events = 0
-        self._ema_swap: ExitStack | None = None
-        self._loaded: dict | None = None  # where a checkpoint restored by `learn.load` stood
+        self._init_events(start, validate_ema, skip_ema)
 
     def _decay_at(self, step: int) -> float:
         return self.decay
 
     @property
     def _engine(self) -> ModelEMA:
-        """The engine of the running (or last) fit; the events that use it run only once it exists."""
-        if self.engine is None:
-            raise RuntimeError("fastema internal error: the EMA callback has no engine yet")
-        return self.engine
+        return cast(ModelEMA, AveragingCallback._engine.fget(self))  # type: ignore[attr-defined]  # a property
 
-    def __getstate__(self) -> dict:
-        # `learn.export()` pickles the callbacks: the engine (threads, streams, a model copy) stays behind.
-        state = dict(self.__dict__)
-        state.update(engine=None, _ema_swap=None, _loaded=None, _active=False, _started=False, _validation_depth=0)
-        return state
-
-    def _compute_steps(self, n_epoch: int, n_iter: int) -> None:
-        if isinstance(self.start, int) and self.start >= n_epoch:
-            raise ValueError(f"Invalid start: epoch {self.start}, but this fit has only {n_epoch} epochs (0-based)")
-        self._start_step = _position_to_step(self.start, "start", n_epoch, n_iter)
-        if self._start_step >= n_epoch * n_iter:
-            raise ValueError(f"Invalid start: {self.start} falls after the last of this fit's {n_epoch * n_iter} steps")
-
-    def before_fit(self):
-        if _in_validation_context(self.learn):
-            self._ignored_fit_events += 1
-            if not _fit_running(self.learn):  # learn.validate()/get_preds() after an interrupted validation
-                self.restore_model_weights()
-            return
-        self._active = False
-        if hasattr(self.learn, "lr_finder"):  # lr_find runs its own fit: leave the EMA alone
-            return
-        others = [cb for cb in self.learn.cbs if isinstance(cb, EMACallback) and cb is not self]
-        if others:
-            raise ValueError(
-                f"Invalid callbacks: {1 + len(others)} EMA callbacks on one Learner "
-                f"({self}, {', '.join(map(str, others))}). "
-                "Their validations would swap weights over each other; use one EMA callback per Learner (a second "
-                "EMA can be kept with fastema.ModelEMA in a callback of your own)."
-            )
-        self.restore_model_weights()  # an interrupted validation of an earlier fit may have left them swapped
-        self._compute_steps(self.n_epoch, len(self.dls.train))
-        loaded_engine, loaded, self._loaded = self.engine, self._loaded, None
-        self._resumed = False
+    def _start_fit(self, loaded_engine, loaded):
         decay = self._decay_at(self._start_step)
         if loaded is not None and loaded_engine is not None and _resumed_epoch(self.learn) > 0:
             # `learn.load(...)` then `fit(..., start_epoch=k)`: continue exactly where the checkpoint stood,
             # with the tensors it tracked (a checkpoint saved unfrozen can be resumed in a frozen Learner).
             engine = self._new_engine(decay, tensor_names=loaded_engine.tensor_names)
             engine.load_state_dict(loaded_engine.state_dict())
-            started = loaded["started"]
-        else:
-            engine, started = self._new_engine(decay), False
-            previous = getattr(self.learn, "model_ema", None)
-            if self.resume and previous is not None:  # without one (the first fit of fine_tune), start afresh
-                try:
-                    engine.copy_from(previous)
-                except ValueError as error:
-                    raise ValueError(f"Invalid resume: learn.model_ema does not match the model ({error})") from error
-                started = self._resumed = True
-        self.engine, self._started = engine, started
-        self._step_cancelled = self._updated = False
-        self._validation_depth = 0
-        self._active = True  # only once everything above succeeded: a refused fit leaves the callback idle
+            return engine, loaded["started"]
+        engine = self._new_engine(decay)
+        previous = getattr(self.learn, "model_ema", None)
+        if self.resume and previous is not None:  # without one (the first fit of fine_tune), start afresh
+            try:
+                engine.copy_from(previous)
+            except ValueError as error:
+                raise ValueError(f"Invalid resume: learn.model_ema does not match the model ({error})") from error
+            self._resumed = True
+            return engine, True
+        return engine, False
 
     def _new_engine(self, decay: float, tensor_names: list[str] | None = None) -> ModelEMA:
         return ModelEMA(
@@ -265,16 +386,15 @@ class EMACallback(Callback, EMACheckpointing):
         "What `learn.save` writes beside the model: the EMA state and where this callback stood (None before any EMA)"
         if self.engine is None:
             return None
-        if self._ema_swap is not None and not _fit_running(self.learn):
-            self.restore_model_weights()  # left swapped by a validation that an exception interrupted
-        if self.engine.ema_weights_in_use:  # mid-validation the model and the EMA hold each other's weights
+        self._restore_if_interrupted()
+        if self._engine.ema_weights_in_use:  # mid-validation the model and the EMA hold each other's weights
             raise RuntimeError(
                 "Cannot save during EMA validation: the model holds the EMA weights; save after_validate"
             )
         return {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
-            "engine": self.engine.state_dict(),
+            "engine": self._engine.state_dict(),
             "started": self._started,
             "decay": self.decay,
         }
@@ -312,43 +432,17 @@ class EMACallback(Callback, EMACheckpointing):
     def _restore_current_decay(self, decay: float) -> None:
         pass  # EMACallback's `decay` is its configuration: the one given to this callback wins
 
-    def before_batch(self):
-        if not (self._active and self.training) or self._started:
-            return
-        if self.epoch * self.n_iter + self.iter >= self._start_step:
-            self._engine.reset()
-            self._started = True
+    def _begin(self) -> None:
+        self._engine.reset()
 
-    def before_step(self):
-        # An offloaded EMA may still be copying the weights (on a side stream): the optimizer waits for it on the GPU.
-        if self._active and self._started:
-            self._engine.before_model_write()
-
-    def after_cancel_step(self):
-        # MixedPrecision cancels the step when the grad scaler finds inf/NaN; fastai still calls after_step.
-        self._step_cancelled = True
-
-    def after_step(self):
-        if self._active and self._started and not (self.skip_ema and self._step_cancelled):
-            self._update()
-
-    def after_cancel_batch(self):
-        # GradientAccumulation cancels accumulation batches before the optimizer step (no after_step).
-        if self._active and self.training and self._started and not self.skip_ema and not self._updated:
-            self._update()
-
-    def _update(self):
+    def _update(self) -> None:
         # The global step comes from epoch and iter, which stay right when resuming with start_epoch.
         self.decay = self._decay_at(self.epoch * self.n_iter + self.iter)
         self._engine.update(self.decay)
-        self._updated = True
 
-    def after_batch(self):
-        if not (self._active and self.training):
-            return
-        if self._updated and self.log_decay:
+    def _after_update(self) -> None:
+        if self.log_decay:
             self._log_decay()
-        self._step_cancelled = self._updated = False
 
     def _log_decay(self):
         tensorboard = getattr(self.learn, "tensor_board", None)
@@ -360,39 +454,10 @@ class EMACallback(Callback, EMACheckpointing):
 
             wandb.log({"ema_decay": self.decay}, step=wandb_callback._wandb_step)
 
-    def before_validate(self):
-        # Only inside a running fit: after one that failed or was refused, validate() uses the model's weights.
-        if not (self._active and self._started and self.validate_ema and _fit_running(self.learn)):
-            return
-        self._validation_depth += 1
-        if self._validation_depth == 1:
-            self._ema_swap = ExitStack()
-            self._ema_swap.enter_context(self._engine.use_ema_weights())
+    def _ema_weights(self):
+        return self._engine.use_ema_weights()
 
-    def after_validate(self):
-        if self._validation_depth == 0:
-            return
-        self._validation_depth -= 1
-        if self._validation_depth == 0:
-            self.restore_model_weights()
-
-    def restore_model_weights(self):
-        "Put the model's own weights back if an interrupted validation (e.g. Ctrl-C) left the EMA's in it"
-        if self._ema_swap is not None:
-            swap, self._ema_swap = self._ema_swap, None
-            swap.close()
-        self._validation_depth = 0
-
-    def after_fit(self):
-        if self._ignored_fit_events:
-            self._ignored_fit_events -= 1
-            return
-        if not self._active:
-            return
-        self.restore_model_weights()
-        self._active = False
-        if not self._started:
-            return
+    def _finish_fit(self) -> None:
         if self.replace_weights:
             self._engine.copy_to()
         else:
@@ -438,6 +503,7 @@ class EMASchedule(EMACallback):
             self._annealer = make_annealer(schedule, self.start_decay, self.final_decay)
         self.decay = self.start_decay  # the current decay, updated at every EMA step
         self._init_common(
+            start,
             ema_device,
             validate_ema,
             replace_weights,
@@ -474,3 +540,181 @@ class EMASchedule(EMACallback):
 
 
 learner_checkpoint.install()
+
+
+POSTHOC_CHECKPOINT_FORMAT = "fastema.PostHocEMACallback"
+
+
+class PostHocEMACallback(AveragingCallback):
+    "Post-hoc EMA (EDM2): K power-function EMAs with snapshots; choose the EMA length after fit, `learn.posthoc_sweep`"
+
+    def __init__(
+        self,
+        sigma_rels: Sequence[float] = (0.05, 0.10),  # the relative EMA widths to track
+        snapshot_every: int | None = None,  # snapshot every N optimizer steps; None: at the end of each epoch
+        snapshot_dir: str | Path = "posthoc",  # where snapshots go (relative to `learn.path`)
+        validate_sigma_rel: float | None = None,  # validate with this tracked EMA; None: with the model's weights
+        start: int | float = 0,  # when the EMAs start: float = fraction of training steps, int = epoch index
+        skip_ema: bool = True,  # no update when a callback cancelled the step or batch (no optimizer step happened)
+        snapshot_dtype: torch.dtype | None = None,  # dtype of the snapshots' floating tensors; None = the EMA's
+        all_parameters: bool = False,  # also average parameters without `requires_grad`
+        all_buffers: bool = False,  # also average non-persistent buffers
+        foreach: bool | None = None,  # fused multi-tensor copies (True), loops (False), fastest (None)
+        flatten_model: bool = False,  # pack the model's tracked tensors into flat buffers
+        ema_dtype: torch.dtype | None = None,  # dtype of the EMAs' floating tensors, e.g. torch.float32 for bf16
+        update_every: int = 1,  # update every N-th optimizer step only
+    ):
+        # Everything PostHocEMA checks, checked now rather than at fit.
+        PostHocEMA(
+            nn.Linear(1, 1),
+            sigma_rels,
+            snapshot_every=snapshot_every,
+            snapshot_dir=snapshot_dir,
+            snapshot_dtype=snapshot_dtype,
+            update_every=update_every,
+            all_parameters=all_parameters,
+            all_buffers=all_buffers,
+            foreach=foreach,
+            flatten_model=flatten_model,
+            ema_dtype=ema_dtype,
+        )
+        if validate_sigma_rel is not None and not any(
+            math.isclose(validate_sigma_rel, value, rel_tol=1e-9) for value in sigma_rels
+        ):
+            raise ValueError(f"Invalid validate_sigma_rel: {validate_sigma_rel}; expected None or one of {sigma_rels}")
+        self.sigma_rels, self.snapshot_every, self.snapshot_dir = list(sigma_rels), snapshot_every, Path(snapshot_dir)
+        store_attr(
+            "validate_sigma_rel,snapshot_dtype,all_parameters,all_buffers,foreach,flatten_model,ema_dtype,update_every"
+        )
+        self._init_events(start, validate_sigma_rel is not None, skip_ema)
+
+    @property
+    def snapshot_path(self) -> Path:
+        """Where the snapshots of this Learner go: `snapshot_dir`, relative to `learn.path` unless absolute."""
+        return self.snapshot_dir if self.snapshot_dir.is_absolute() else Path(self.learn.path) / self.snapshot_dir
+
+    @property
+    def _engine(self) -> PostHocEMA:
+        return cast(PostHocEMA, AveragingCallback._engine.fget(self))  # type: ignore[attr-defined]  # a property
+
+    def _new_engine(self) -> PostHocEMA:
+        return PostHocEMA(
+            self.learn.model,
+            self.sigma_rels,
+            snapshot_every=self.snapshot_every,
+            snapshot_dir=self.snapshot_path,
+            snapshot_dtype=self.snapshot_dtype,
+            update_every=self.update_every,
+            all_parameters=self.all_parameters,
+            all_buffers=self.all_buffers,
+            foreach=self.foreach,
+            flatten_model=self.flatten_model,
+            ema_dtype=self.ema_dtype,
+        )
+
+    def _start_fit(self, loaded_engine, loaded):
+        engine = self._new_engine()
+        if loaded is not None and loaded_engine is not None and _resumed_epoch(self.learn) > 0:
+            engine.load_state_dict(loaded_engine.state_dict())  # `learn.load` then `fit(..., start_epoch=k)`
+            return engine, loaded["started"]
+        return engine, False
+
+    def _update(self) -> None:
+        self._engine.update()
+
+    def after_epoch(self):
+        if self._active and self._started and self.snapshot_every is None and self._engine.num_updates:
+            self._engine.snapshot()
+
+    def _ema_weights(self):
+        return self._engine.use_ema_weights(cast(float, self.validate_sigma_rel))
+
+    def _finish_fit(self) -> None:
+        self.learn.posthoc_ema = self._engine
+
+    def ema_checkpoint(self) -> dict | None:
+        "What `learn.save` writes beside the model: the EMAs and where this callback stood (None before any)"
+        if self.engine is None:
+            return None
+        self._restore_if_interrupted()
+        return {
+            "format": POSTHOC_CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "engine": self._engine.state_dict(),
+            "started": self._started,
+        }
+
+    def check_ema_checkpoint(self, state: object, path) -> None:
+        "Raise a ValueError naming `path` unless `state` fits this Learner's model; changes nothing"
+        if (
+            not isinstance(state, dict)
+            or state.get("format") != POSTHOC_CHECKPOINT_FORMAT
+            or state.get("version") != CHECKPOINT_VERSION
+            or not isinstance(state.get("started"), bool)
+        ):
+            raise ValueError(f"Invalid EMA checkpoint {path}: not a {POSTHOC_CHECKPOINT_FORMAT} file")
+        try:
+            self._new_engine().load_state_dict(state["engine"])  # a throwaway engine: reads the model only
+        except ValueError as error:
+            raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
+
+    def restore_ema_checkpoint(self, state: dict) -> None:
+        "Install a checked checkpoint; `fit(..., start_epoch=k)` continues it"
+        self.engine = self._new_engine()
+        self.engine.load_state_dict(state["engine"])
+        self._loaded = {"started": state["started"]}
+        self.learn.posthoc_ema = self.engine
+
+
+@patch
+def posthoc_sweep(
+    self: Learner,
+    sigma_rels: Sequence[float],  # the relative EMA widths to synthesize and validate
+    step: int | None = None,  # the snapshot step to synthesize at; None: the last
+    plot: str | Path | None = None,  # write a PNG of every metric against sigma_rel here
+    snapshot_dir: str | Path | None = None,  # default: the PostHocEMACallback's
+) -> list[dict[str, float]]:
+    "Synthesize the EMA of each `sigma_rel` from the snapshots and validate it with the metrics; the model is restored"
+    if snapshot_dir is None:
+        callbacks = [callback for callback in self.cbs if isinstance(callback, PostHocEMACallback)]
+        if not callbacks:
+            raise ValueError("Invalid snapshot_dir: None, and this Learner has no PostHocEMACallback to take it from")
+        snapshot_dir = callbacks[0].snapshot_path
+    model = unwrap_model(self.model)
+    names = self.recorder.metric_names[2:-1] if hasattr(self, "recorder") else []
+    own = {name: tensor.detach().clone() for name, tensor in model.state_dict(keep_vars=True).items()}
+    targets = dict(model.state_dict(keep_vars=True))
+    rows = []
+    try:
+        for sigma_rel in sigma_rels:
+            synthesized = synthesize(snapshot_dir, sigma_rel, step)
+            with torch.no_grad():
+                for name, tensor in synthesized.items():
+                    targets[name].copy_(tensor)
+            values = self.validate()
+            rows.append({"sigma_rel": float(sigma_rel), **dict(zip(names, map(float, values)))})
+    finally:
+        with torch.no_grad():
+            for name, tensor in own.items():
+                targets[name].copy_(tensor)
+    if plot is not None:
+        _plot_sweep(rows, Path(plot))
+    return rows
+
+
+def _plot_sweep(rows: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [name for name in rows[0] if name != "sigma_rel"]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
+    sigmas = [row["sigma_rel"] for row in rows]
+    for axis, metric in zip(axes[0], metrics):
+        axis.plot(sigmas, [row[metric] for row in rows], "o-")
+        axis.set(xlabel="sigma_rel (EMA length relative to training)", ylabel=metric, title=f"{metric} vs sigma_rel")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -35,6 +35,7 @@ from .checkpoint import atomic_save, read_checkpoint
 
 if TYPE_CHECKING:
     from .engine import ModelEMA
+    from .posthoc import PostHocEMA
 
 EMA_SUFFIX = ".ema.pth"
 PAIR_KEY = "fastema_pair"  # in the model state's root metadata: the token of the save that wrote it
@@ -45,7 +46,7 @@ _fastai_export = Learner.export
 class EMACheckpointing:
     """What `learn.save`/`learn.load` need of an EMA callback (the callbacks inherit it)."""
 
-    engine: ModelEMA | None = None
+    engine: ModelEMA | PostHocEMA | None = None
 
     def ema_checkpoint(self) -> dict | None:
         raise NotImplementedError
