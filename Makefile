@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # The wheel's smoke check installs only torch beside it: the CPU build that lies on our machines' disks.
 SMOKE_TORCH ?= torch==2.13.0
+# The lint tools, pinned: a new release's rules or formatting must not fail CI without a change here.
+LINT_PINS := ruff==0.17.6 mypy==2.4.1
 SMOKE_VENV := build/smoke-venv
 
 .PHONY: demo test test-fast bench lint format docs dist smoke clean
@@ -13,7 +15,7 @@ SMOKE_VENV := build/smoke-venv
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.torch-installed: | $(BIN)/python
+$(VENV)/.torch-installed: Makefile | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH_PINS)
 	touch $@
 
@@ -26,7 +28,7 @@ $(VENV)/.bench-installed: pyproject.toml $(VENV)/.dev-installed
 	touch $@
 
 $(VENV)/.tools-installed: pyproject.toml $(VENV)/.dev-installed
-	$(BIN)/pip install --quiet -e '.[dev,lint,docs]' build hatchling $(TORCH_PINS)
+	$(BIN)/pip install --quiet -e '.[dev,lint,docs]' build 'hatchling>=1.27' $(LINT_PINS) $(TORCH_PINS)
 	touch $@
 
 demo: $(VENV)/.dev-installed
@@ -64,7 +66,7 @@ smoke: dist
 	rm -rf $(SMOKE_VENV)
 	$(PYTHON) -m venv $(SMOKE_VENV)
 	$(SMOKE_VENV)/bin/pip install --quiet $(SMOKE_TORCH) dist/*.whl
-	cd build && ../$(SMOKE_VENV)/bin/python -I ../tests/wheel_smoke.py
+	cd build && $(CURDIR)/$(SMOKE_VENV)/bin/python -I $(CURDIR)/tests/wheel_smoke.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache demo_output site
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache demo_output

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 # A test is `slow` when it trains a fastai Learner, starts a process or runs the demo; `make test-fast`
 # (pytest -m "not slow and not distributed") runs the rest in seconds.
-SLOW_SIGNS = ("make_learner(", "subprocess", "run_demo(", "main([", "Learner(")
+SLOW_SIGNS = ("make_learner(", "Learner(", "_learner(", ".fit(", "subprocess", "run_demo(", 'main(["demo"')
 
 
 def pytest_collection_modifyitems(config, items):
@@ -17,8 +17,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if skip_cuda is not None and "cuda" in item.keywords:
             item.add_marker(skip_cuda)
-        if item.module.__name__ == "test_distributed":
+        if item.module.__name__ == "test_distributed":  # gloo launches: distributed, and slow too
             item.add_marker(pytest.mark.distributed)
+            item.add_marker(pytest.mark.slow)
             continue
         source = inspect.getsource(item.function) if hasattr(item, "function") else ""
         if any(sign in source for sign in SLOW_SIGNS):

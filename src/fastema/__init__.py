@@ -1,30 +1,59 @@
 """fastema: an exponential moving average of model weights, fused and exact, with fastai callbacks."""
 
-from .engine import ModelEMA
-from .posthoc import PostHocEMA, synthesize
-from .schedules import DecayWarmup, ExponentialWarmup, InverseGammaWarmup
+from importlib.metadata import PackageNotFoundError, distribution
+from typing import TYPE_CHECKING
+
+# `X as X`: an explicit re-export, for type checkers and linters (`__all__` below is computed).
+from .engine import ModelEMA as ModelEMA
+from .posthoc import PostHocEMA as PostHocEMA
+from .posthoc import synthesize as synthesize
+from .schedules import DecayWarmup as DecayWarmup
+from .schedules import ExponentialWarmup as ExponentialWarmup
+from .schedules import InverseGammaWarmup as InverseGammaWarmup
+
+if TYPE_CHECKING:
+    from .callback import EMACallback as EMACallback
+    from .callback import EMASchedule as EMASchedule
+    from .callback import PostHocEMACallback as PostHocEMACallback
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DecayWarmup",
-    "EMACallback",
-    "EMASchedule",
-    "ExponentialWarmup",
-    "InverseGammaWarmup",
-    "ModelEMA",
-    "PostHocEMA",
-    "PostHocEMACallback",
-    "__version__",
-    "synthesize",
-]
+_CALLBACKS = ("EMACallback", "EMASchedule", "PostHocEMACallback")  # need fastai: imported when asked for
 
 
-def __getattr__(name: str):
-    # The callbacks need fastai; import it only when they are asked for, so that
-    # `ModelEMA` works in plain PyTorch environments.
-    if name in ("EMACallback", "EMASchedule", "PostHocEMACallback"):
-        from . import callback
+def _installed(name: str) -> bool:
+    """Whether a distribution is installed, read from its metadata (nothing is imported)."""
+    try:
+        distribution(name)
+    except PackageNotFoundError:
+        return False
+    return True
 
+
+__all__ = sorted(
+    [
+        "DecayWarmup",
+        "ExponentialWarmup",
+        "InverseGammaWarmup",
+        "ModelEMA",
+        "PostHocEMA",
+        "__version__",
+        "synthesize",
+        # Without fastai, `from fastema import *` must still work.
+        *(_CALLBACKS if _installed("fastai") else ()),
+    ]
+)
+
+
+def __getattr__(name: str) -> object:
+    # The callbacks need fastai; import it only when they are asked for, so that `ModelEMA` works in plain
+    # PyTorch environments.
+    if name in _CALLBACKS:
+        try:
+            from . import callback
+        except ModuleNotFoundError as error:
+            if error.name != "fastai" and not (error.name or "").startswith(("fastai.", "fastcore")):
+                raise
+            raise ImportError(f"fastema.{name} needs fastai: pip install 'fastema[fastai]'") from error
         return getattr(callback, name)
     raise AttributeError(f"module 'fastema' has no attribute {name!r}")

@@ -51,8 +51,9 @@ class ModelEMA:
     and copies integer/bool buffers such as BatchNorm's `num_batches_tracked`. The model's
     tensors are only read. Tracked: parameters with `requires_grad` (all of them with
     `all_parameters=True`) and persistent buffers (all with `all_buffers=True`); which
-    tensors those are is fixed at construction. Same idea as timm's `ModelEmaV3` and
-    TensorFlow's `ExponentialMovingAverage`, with the update planned once (`_plan`).
+    tensors those are is fixed at construction (`tensor_names` names them instead). Same idea as
+    timm's `ModelEmaV3` and TensorFlow's `ExponentialMovingAverage`, with the update planned once:
+    tensors grouped by device and dtype, one fused kernel per group.
 
     `ema.module` is the averaged copy of the model (eval mode, no gradients). Its untracked
     tensors share the model's storage where the EMA lives beside the model in the same dtype
@@ -65,16 +66,21 @@ class ModelEMA:
     tracked tensor gone or reshaped) raises a RuntimeError.
 
     `flatten_model=True` packs the tracked tensors of the model, and of the EMA, into one
-    contiguous buffer per (device, dtype) where that changes nothing for anyone else (see
-    `_plan`): an update is then a single `lerp_`, the fastest step on models with many small
+    contiguous buffer per (device, dtype) where that changes nothing for anyone else: an update
+    is then a single `lerp_`, the fastest step on models with many small
     tensors. The tensor objects, their autograd nodes and hooks stay (optimizers and DDP are
     unaffected), but storage is shared: safetensors refuses to save shared storage.
 
     `ema_dtype=torch.float32` keeps a float32 EMA of a bfloat16/float16 model (an EMA in the
     model's dtype stalls; a warning says so). `device='cpu'` offloads the EMA of a CUDA model to
-    host memory; the update then runs in a background thread (see `_steps.OffloadedStep`),
-    and whatever reads the EMA waits for it. `update_every=N` updates on every N-th call only,
-    with decay**N. `warmup` makes the decay ramp up with the number of steps (`schedules`).
+    host memory; the update then runs in a background thread, and whatever reads the EMA waits
+    for it. `update_every=N` updates on every N-th call only, with decay**N. `warmup` makes the
+    decay ramp up with the number of steps (`ExponentialWarmup`, `InverseGammaWarmup`).
+
+    Attributes: `module` (the EMA model), `tensor_names` (what is averaged, by state-dict name),
+    `num_updates` (EMA updates done), `num_steps` (calls of `update()` since the start or the
+    last `reset()`), `last_decay` (the decay of the latest update), `decay`, `model` (the
+    unwrapped model).
     """
 
     def __init__(
@@ -520,7 +526,7 @@ class ModelEMA:
             "all_buffers": self.all_buffers,
         }
 
-    def expected_state(self) -> dict[str, Tensor]:
+    def _expected_state(self) -> dict[str, Tensor]:
         """What a state's tensors must look like, by name (full shapes for sharded tensors)."""
         expected = dict(zip(self.tensor_names, self._binding.ema_tensors))
         expected.update(self._layouts)
@@ -534,7 +540,7 @@ class ModelEMA:
         must call it, with the same state).
         """
         self._check_outside_swap("load_state_dict()")
-        tensors, counts, last_decay = check_state_dict(state_dict, self.expected_state(), self.decay, self.ema_dtype)
+        tensors, counts, last_decay = check_state_dict(state_dict, self._expected_state(), self.decay, self.ema_dtype)
         self._wait_forgetting_failure()
         self._ensure_current()
         for name, ema_tensor in zip(self.tensor_names, self._binding.ema_tensors):
