@@ -73,6 +73,9 @@ def test_json_report_plot_and_memory(tmp_path, capsys):
     assert row["extra_memory_bytes"]["fastema"] == 0 and row["extra_memory_bytes"]["fastema flat"] == 0
     assert 0 < row["ratios"]["EMA share of train step"] < 1
     assert row["ratios"]["speedup vs mul+add"] == row["ms"]["mul+add"] / row["ms"]["fastema"]
+    # PostHocEMA allocates nothing either; its ratio is against two ModelEMA updates.
+    assert row["extra_memory_bytes"]["posthoc K=2"] == 0
+    assert row["ratios"]["posthoc K=2 vs 2x fastema"] == row["ms"]["2x fastema"] / row["ms"]["posthoc K=2"]
     assert plot.stat().st_size > 10_000
     assert results[0].elements == sum(p.numel() for p in initialised(small_cnn()).parameters()) + 8
 

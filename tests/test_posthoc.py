@@ -142,11 +142,15 @@ def test_update_reads_the_model_once_and_neither_syncs_nor_allocates_model_sized
     ema = PostHocEMA(model, (0.03, 0.06, 0.09, 0.12))
     ema.update()
     functions, ops = calls_during(ema.update)
-    assert functions <= {"_set_grad_enabled", "_foreach_copy_", "lerp_", "copy_", "tensor", "data_ptr"}, functions
-    # One staging copy and one lerp per batch for all four EMAs (the count is copied); the only tensor made
-    # is the (1, 4) weights: `lift_fresh` and `copy_` of four numbers.
-    assert ops <= {"_foreach_copy_", "lerp_", "copy_", "lift_fresh"}, ops
-    assert sum(1 for step in ema._stacked for _ in step.batches) == 1
+    assert functions <= {"_set_grad_enabled", "_foreach_copy_", "lerp_", "data_ptr"}, functions
+    # One staging copy per batch (the model read once), then one lerp per EMA from the staged values.
+    assert ops == {"_foreach_copy_", "lerp_"}, ops
+    lerps = []
+    original = torch.Tensor.lerp_
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "lerp_", lambda self, *args: lerps.append(self.data_ptr()) or original(self, *args))
+        ema.update()
+    assert len(lerps) == 4 and sum(1 for step in ema._stacked for _ in step.batches) == 1
 
 
 def test_use_ema_weights_and_module_for_give_one_tracked_ema():
@@ -462,3 +466,42 @@ def test_fastai_resume_with_start_epoch_is_bit_identical(tmp_path):
     assert resumed_callback.engine.num_steps == straight_callback.engine.num_steps == 24
     straight_files = sorted(p.name for p in (tmp_path / "straight").iterdir())
     assert straight_files == sorted(p.name for p in (tmp_path / "resumed").iterdir())
+
+
+def test_command_line_writes_one_state_dict_per_sigma_rel(tmp_path, capsys):
+    from fastema.__main__ import main
+
+    recorded_run(tmp_path / "snapshots", steps=16)
+    main(
+        [
+            "posthoc",
+            str(tmp_path / "snapshots"),
+            "--sigma-rel",
+            "0.05,0.08",
+            "--step",
+            "8",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    printed = capsys.readouterr().out
+    for sigma_rel in (0.05, 0.08):
+        path = tmp_path / "out" / f"posthoc-sigma{sigma_rel:g}-step8.pt"
+        assert str(path) in printed
+        written = torch.load(path, weights_only=True)
+        for name, value in synthesize(tmp_path / "snapshots", sigma_rel, step=8).items():
+            assert torch.equal(written[name], value), name
+    with pytest.raises(SystemExit, match="sigma-rel"):
+        main(["posthoc", str(tmp_path / "snapshots"), "--sigma-rel", "wide", "--out", str(tmp_path / "out")])
+
+
+def test_posthoc_demo_prints_the_sweep_and_writes_its_plot(tmp_path, capsys):
+    from fastema.__main__ import main
+
+    main(["demo", "--posthoc", "--epochs", "2", "--output", str(tmp_path / "demo.png")])
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.strip()[:1] == "0" and line.count("|") == 2]
+    assert len(rows) == 10  # the whole sweep, one row per sigma_rel
+    losses = [float(row.split("|")[1]) for row in rows]
+    assert len(set(losses)) == 10  # ten different EMAs
+    assert (tmp_path / "demo-posthoc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,8 +1,9 @@
-"""The `fastema` command line: `fastema demo` and `fastema bench`."""
+"""The `fastema` command line: `fastema demo`, `fastema bench` and `fastema posthoc`."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .bench import DTYPES, MODELS  # models are built lazily: this imports neither timm nor transformers
 
@@ -15,6 +16,14 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--lr", type=float, default=0.03)
     demo.add_argument("--output", default="demo_output/fastema-demo.png", help="where to write the PNG plot")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--posthoc", action="store_true", help="post-hoc EMA: snapshots, then a sweep over sigma_rel")
+    posthoc = commands.add_parser(
+        "posthoc", help="synthesize post-hoc EMAs of chosen lengths from a snapshot directory"
+    )
+    posthoc.add_argument("snapshot_dir", help="the directory PostHocEMA wrote its snapshots to")
+    posthoc.add_argument("--sigma-rel", required=True, help="comma-separated relative EMA widths, e.g. 0.05,0.08")
+    posthoc.add_argument("--step", type=int, help="the snapshot step to synthesize at (default: the last)")
+    posthoc.add_argument("--out", required=True, help="where to write the state dicts (one .pt per sigma_rel)")
     bench = commands.add_parser("bench", help="time fastema's EMA step against the for-loop, fused steps and the floor")
     bench.add_argument("--models", help="comma-separated subset of: " + ", ".join(MODELS))
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -28,9 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--train-batch", type=int, default=2, help="batch size of the training step; 0 skips it")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .demo import run_demo
+        from .demo import run_demo, run_posthoc_demo
 
-        run_demo(epochs=args.epochs, lr=args.lr, output=args.output, seed=args.seed)
+        run = run_posthoc_demo if args.posthoc else run_demo
+        run(epochs=args.epochs, lr=args.lr, output=args.output, seed=args.seed)
+    elif args.command == "posthoc":
+        write_synthesized(args.snapshot_dir, args.sigma_rel, args.step, args.out)
     elif args.command == "bench":
         from .bench import run_bench
 
@@ -46,6 +58,27 @@ def main(argv: list[str] | None = None) -> None:
             ema_dtype=args.ema_dtype,
             ema_device=args.ema_device,
         )
+
+
+def write_synthesized(snapshot_dir: str, sigma_rels: str, step: int | None, out: str) -> list[Path]:
+    """`fastema posthoc`: one state dict per sigma_rel, written atomically to `out`."""
+    from .checkpoint import atomic_save
+    from .posthoc import synthesize
+
+    try:
+        values = [float(value) for value in sigma_rels.split(",")]
+    except ValueError as error:
+        raise SystemExit(
+            f"Invalid --sigma-rel: {sigma_rels!r}; expected comma-separated floats such as 0.05,0.08"
+        ) from error
+    paths = []
+    for sigma_rel in values:
+        state = synthesize(snapshot_dir, sigma_rel, step)
+        path = Path(out) / f"posthoc-sigma{sigma_rel:g}{'' if step is None else f'-step{step}'}.pt"
+        atomic_save(state, path)
+        paths.append(path)
+        print(f"sigma_rel {sigma_rel:g}: {path}")
+    return paths
 
 
 if __name__ == "__main__":

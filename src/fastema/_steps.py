@@ -250,22 +250,19 @@ def layout_strides(tensor: Tensor) -> tuple[int, ...]:
 
 
 class StackedStep(Step):
-    """K EMAs of the same tensors in one buffer of (elements, K), all updated in one pass over the model.
+    """K EMAs of the same tensors in one buffer of (K, elements), all updated in one pass over the model.
 
-    Row r of `stack` holds the K averages of one element of the model, so the update of a batch
-    of rows is one `lerp_` of the (rows, K) block toward the model's values broadcast over K,
-    with K weights (`weights`, shape (1, K), set by the caller before each step): the model is
-    read once whatever K. The model's values go through a staging buffer in the EMA's dtype, as
-    in `StagedStep` (a conversion for a narrower model; for the same dtype the copy stays in
-    cache). Tensor i occupies rows `offsets[i]` onward, in its memory order (`layout_strides`).
+    The model's values of a batch of elements go once through a staging buffer in the EMA's dtype
+    (as in `StagedStep`: small enough to stay in cache, a conversion for a narrower model), and
+    each of the K EMAs then takes its `lerp_` from there, with its own weight (`set_weights`,
+    before each step): the model is read once from memory whatever K. Tensor i occupies columns
+    `offsets[i]` onward of every row, in its memory order (`layout_strides`).
     """
 
     def __init__(self, stack: Tensor, model_tensors: Sequence[Tensor], offsets: Sequence[int], fused: bool) -> None:
         device, dtype = stack.device, stack.dtype
         self.stack = stack
-        self.weights = torch.zeros(1, stack.shape[1], device=device, dtype=dtype)
-        self._pinned = device.type == "cuda"  # weights reach a GPU through pinned memory, without a sync
-        self._dtype = dtype
+        self.weights = [0.0] * stack.shape[0]
         self.copy: Kernel = copy_fused if fused else copy_loop
         capacity = STAGING_ELEMENTS.get(device.type, DEFAULT_STAGING_ELEMENTS)
         # Pieces: (first row, model piece, its shape and strides in the staging buffer).
@@ -282,7 +279,7 @@ class StackedStep(Step):
                 pieces.append((offset + begin, chunk, (chunk.numel(),), (1,)))
         self.staging = torch.empty(min(sum(p[1].numel() for p in pieces), capacity), device=device, dtype=dtype)
         # Batches: consecutive pieces (consecutive rows) that fit the staging buffer together.
-        self.batches: list[tuple[Tensor, list[Tensor], list[Tensor], Tensor]] = []
+        self.batches: list[tuple[list[Tensor], list[Tensor], list[Tensor], Tensor]] = []
         batch: list[tuple[int, Tensor, tuple[int, ...], tuple[int, ...]]] = []
         for piece in [*pieces, None]:
             filled = sum(model_piece.numel() for _, model_piece, _, _ in batch)
@@ -299,20 +296,19 @@ class StackedStep(Step):
         for _, model_piece, shape, stride in batch:
             staging_views.append(self.staging.as_strided(shape, stride, used))
             used += model_piece.numel()
-        rows = self.stack[batch[0][0] : batch[0][0] + filled]
-        staged = self.staging[:filled].unsqueeze(1)
-        self.batches.append((rows, [piece for _, piece, _, _ in batch], staging_views, staged))
+        columns = list(self.stack[:, batch[0][0] : batch[0][0] + filled].unbind(0))  # one block per EMA
+        self.batches.append((columns, [piece for _, piece, _, _ in batch], staging_views, self.staging[:filled]))
 
     def set_weights(self, weights: Sequence[float]) -> None:
-        """The K lerp weights (1 - decay) of the next step; on a GPU a non-blocking copy from pinned memory."""
-        host = torch.tensor([weights], dtype=self._dtype, pin_memory=self._pinned)
-        self.weights.copy_(host, non_blocking=self._pinned)
+        """The K lerp weights (1 - decay) of the next step."""
+        self.weights = list(weights)
 
     def step(self, weight: float) -> None:
         """One update of every EMA, with the K weights given to `set_weights` (`weight` is not used)."""
-        for rows, model_pieces, staging_views, staged in self.batches:
-            self.copy(staging_views, model_pieces, 0.0)  # converts to the EMA's dtype
-            rows.lerp_(staged, self.weights)
+        for blocks, model_pieces, staging_views, staged in self.batches:
+            self.copy(staging_views, model_pieces, 0.0)  # converts to the EMA's dtype; stays in cache
+            for block, ema_weight in zip(blocks, self.weights):
+                block.lerp_(staged, ema_weight)
 
     def stale(self) -> bool:
         return any(model_tensor.data_ptr() != address for model_tensor, address in self.chunked)

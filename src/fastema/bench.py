@@ -7,7 +7,10 @@ For each model, in the same run and on the same tensors, the median time of one 
 - `foreach_lerp`: `torch._foreach_lerp_` over lists grouped once (timm `ModelEmaV3`);
 - `fastema`: `ModelEMA.update()` with its defaults;
 - `fastema flat`: `ModelEMA(flatten_model=True).update()` (model and EMA packed into flat buffers);
-- `floor`: one `lerp_` over a contiguous buffer with as many elements, in the EMA's dtype.
+- `floor`: one `lerp_` over a contiguous buffer with as many elements, in the EMA's dtype;
+- `posthoc K=2`: `PostHocEMA(sigma_rels=(0.05, 0.10)).update()`, two power-function EMAs in one
+  pass over the model, against `2x fastema`, two `ModelEMA` updates (what tracking two EMAs
+  costs without it); both move twice the EMA memory of the floor.
 
 It also reports the memory a step allocates and the share of a training step the EMA costs.
 
@@ -33,9 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from .engine import ModelEMA
+from .posthoc import PostHocEMA
 
-METHODS = ["for-loop", "mul+add", "foreach_lerp", "fastema", "fastema flat", "floor"]
+METHODS = ["for-loop", "mul+add", "foreach_lerp", "fastema", "fastema flat", "floor", "posthoc K=2", "2x fastema"]
 OFFLOAD_METHOD = "fastema (training thread)"
+MEMORY_SHOWN = ["fastema", "fastema flat", "posthoc K=2"]
 DECAY = 0.9998
 
 
@@ -98,6 +103,8 @@ class ModelResult:
             "fastema / floor": ("fastema", "floor"),
             "fastema flat / floor": ("fastema flat", "floor"),
             "flat speedup vs mul+add": ("mul+add", "fastema flat"),
+            "posthoc K=2 vs 2x fastema": ("2x fastema", "posthoc K=2"),
+            "posthoc K=2 / floor": ("posthoc K=2", "floor"),
         }
         for name, (top, bottom) in pairs.items():
             numerator, denominator = ms[top], ms[bottom]
@@ -106,6 +113,12 @@ class ModelResult:
         ours = ms["fastema"]
         if self.train_step_ms is not None and ours is not None:
             self.ratios["EMA share of train step"] = ours / (self.train_step_ms + ours)
+
+
+def two_updates(first: ModelEMA, second: ModelEMA) -> None:
+    """Two EMAs of one model, as two ModelEMA updates (what PostHocEMA's one pass is compared with)."""
+    first.update()
+    second.update()
 
 
 def for_loop_step(ema_tensors: list[Tensor], model_tensors: list[Tensor], decay: float) -> None:
@@ -276,6 +289,7 @@ def bench_model(
     ours = ModelEMA(model, DECAY, ema_dtype=ema_dtype, device=ema_device)
     flat_model = copy.deepcopy(model)  # packing changes the model's storage, so it gets its own copy
     flat = ModelEMA(flat_model, DECAY, flatten_model=True, ema_dtype=ema_dtype, device=ema_device)
+    second = ModelEMA(model, 0.999, ema_dtype=ema_dtype, device=ema_device)
     loop_ema = copy.deepcopy(ours.module)
     mul_add_ema = copy.deepcopy(ours.module)
     lerp_ema = copy.deepcopy(ours.module)
@@ -303,7 +317,10 @@ def bench_model(
         "fastema": ours.update,
         "fastema flat": flat.update,
         "floor": floor_lerp,
+        "2x fastema": lambda: two_updates(ours, second),
     }
+    if ema_device is None:  # PostHocEMA keeps its EMAs beside the model
+        steps["posthoc K=2"] = PostHocEMA(model, (0.05, 0.10), ema_dtype=ema_dtype).update
     if lerp_floats[0].dtype != lerp_model_floats[0].dtype or offloaded:
         del steps["foreach_lerp"]  # `_foreach_lerp_` needs one dtype and one device on both sides
     if offloaded:
@@ -402,7 +419,7 @@ def markdown_report(machine: dict[str, str], results: list[ModelResult]) -> str:
         lines.append(f"| {result.model} | {result.tensors} | {result.elements / 1e6:.1f} | {times} |")
     lines += ["", "Ratios (same run):", ""]
     ratio_names = list(dict.fromkeys(name for result in results for name in result.ratios))
-    lines.append("| model | " + " | ".join(ratio_names) + " | extra memory (fastema, flat) |")
+    lines.append("| model | " + " | ".join(ratio_names) + " | extra memory (fastema, flat, posthoc K=2) |")
     lines.append("|---|" + "---:|" * (len(ratio_names) + 1))
     for result in results:
         cells = []
@@ -412,7 +429,7 @@ def markdown_report(machine: dict[str, str], results: list[ModelResult]) -> str:
                 cells.append("n/a")
             else:
                 cells.append(f"{100 * value:.2f}%" if ratio.startswith("EMA share") else f"{value:.2f}x")
-        memory = f"{result.extra_memory_bytes['fastema']} B, {result.extra_memory_bytes['fastema flat']} B"
+        memory = ", ".join(f"{result.extra_memory_bytes.get(method, 'n/a')} B" for method in MEMORY_SHOWN)
         lines.append(f"| {result.model} | " + " | ".join(cells) + f" | {memory} |")
     return "\n".join(lines)
 

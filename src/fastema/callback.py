@@ -691,7 +691,8 @@ def posthoc_sweep(
             with torch.no_grad():
                 for name, tensor in synthesized.items():
                     targets[name].copy_(tensor)
-            values = self.validate()
+            with self.no_bar():
+                values = self.validate()
             rows.append({"sigma_rel": float(sigma_rel), **dict(zip(names, map(float, values)))})
     finally:
         with torch.no_grad():

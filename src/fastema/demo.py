@@ -130,3 +130,44 @@ def run_demo(
     plt.close(figure)
     print(f"plot written to {output.resolve()}")
     return tracker.rows
+
+
+SWEEP = (0.01, 0.02, 0.04, 0.06, 0.08, 0.10, 0.13, 0.16, 0.20, 0.25)
+
+
+def run_posthoc_demo(
+    epochs: int = 12, lr: float = 0.03, output: Path | str = "demo_output/fastema-demo.png", seed: int = 0
+) -> list[dict[str, float]]:
+    """Train once with `PostHocEMACallback`, then synthesize and validate EMAs of every length in `SWEEP`."""
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import accuracy
+    from fastai.optimizer import Adam
+    from fastai.torch_core import set_seed
+
+    from .callback import PostHocEMACallback
+
+    set_seed(seed)
+    output = Path(output)
+    plot = output.with_name(output.stem + "-posthoc" + output.suffix)
+    snapshots = output.parent / "posthoc-snapshots"
+    dls = _digits_dataloaders(batch_size=64, seed=seed)
+    callback = PostHocEMACallback(sigma_rels=(0.05, 0.10), snapshot_dir=snapshots.resolve())
+    learn = Learner(dls, _small_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, opt_func=Adam, cbs=callback)
+    print(
+        f"Training a small CNN on scikit-learn digits for {epochs} epochs, tracking power-function EMAs with "
+        f"sigma_rel 0.05 and 0.10; a snapshot of each after every epoch in {snapshots}"
+    )
+    learn.fit(epochs, lr)
+    raw_loss, raw_accuracy = learn.validate()
+    rows = learn.posthoc_sweep(SWEEP, plot=plot)
+    print("\nsigma_rel | valid_loss | accuracy   (the EMA of that length, synthesized after training)")
+    for row in rows:
+        print(f"{row['sigma_rel']:9.2f} | {row['valid_loss']:10.4f} | {row['accuracy']:8.4f}")
+    best = min(rows, key=lambda row: row["valid_loss"])
+    print(
+        f"raw weights: valid_loss {raw_loss:.4f}, accuracy {raw_accuracy:.4f}; best EMA length: sigma_rel "
+        f"{best['sigma_rel']:.2f} (valid_loss {best['valid_loss']:.4f}, accuracy {best['accuracy']:.4f})"
+    )
+    print(f"plot written to {plot.resolve()}")
+    return rows

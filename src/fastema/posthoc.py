@@ -201,7 +201,7 @@ class PostHocEMA:
         placement = Placement(None, self.ema_dtype)
         averaged = [name for name, tensor in tracked.items() if is_averaged(tensor)]
         copied = [name for name in tracked if name not in set(averaged)]
-        # One stack per (device, EMA dtype): rows are the elements of the model's tensors in memory order.
+        # One stack per (device, EMA dtype): row k is EMA k, its columns the model's elements in memory order.
         groups: dict[tuple, list[str]] = {}
         for name in averaged:
             tensor = tracked[name]
@@ -213,12 +213,11 @@ class PostHocEMA:
             for name in names:
                 offsets.append(total)
                 total += tracked[name].numel()
-            stack = torch.empty(total, self.num_emas, device=device, dtype=dtype)
+            stack = torch.empty(self.num_emas, total, device=device, dtype=dtype)
             for name, offset in zip(names, offsets):
                 tensor = tracked[name]
-                strides = tuple(stride * self.num_emas for stride in layout_strides(tensor))
                 for index, views in enumerate(self._views):
-                    view = stack.as_strided(tensor.shape, strides, offset * self.num_emas + index)
+                    view = stack.as_strided(tensor.shape, layout_strides(tensor), index * total + offset)
                     view.copy_(tensor.detach())
                     views[name] = view
             self._groups.append((stack, names, offsets))
