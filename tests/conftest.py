@@ -7,9 +7,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# A test is `slow` when it trains a fastai Learner, starts a process or runs the demo; `make test-fast`
-# (pytest -m "not slow and not distributed") runs the rest in seconds.
-SLOW_SIGNS = ("make_learner(", "Learner(", "_learner(", ".fit(", "subprocess", "run_demo(", 'main(["demo"')
+# A test is `slow` when it trains a fastai Learner or another trainer, starts a process or runs the demo;
+# `make test-fast` (pytest -m "not slow and not distributed") runs the rest in seconds.
+SLOW_SIGNS = (
+    "make_learner(",
+    "Learner(",
+    "_learner(",
+    ".fit(",
+    "subprocess",
+    "run_demo(",
+    'main(["demo"',
+    "hf_trainer(",
+)
 
 
 def pytest_collection_modifyitems(config, items):

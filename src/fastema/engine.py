@@ -34,6 +34,7 @@ from ._checks import (
     check_foreach,
     check_update_every,
 )
+from ._hooks import RemovableHandle, attach_to_optimizer
 from ._plan import Plan, plan_update
 from ._state import STATE_FORMAT, STATE_VERSION, check_state_dict
 from ._steps import is_dense
@@ -283,6 +284,16 @@ class ModelEMA:
         return recent is not None and all(change in self._volatile_keys for change in recent)
 
     # ---- the update ----------------------------------------------------------------------------------
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Call `update()` after every step `optimizer` really takes; `handle.remove()` detaches it.
+
+        A step post-hook: a `GradScaler` that skips a step (inf/NaN gradients) does not call the
+        optimizer's `step`, so the EMA does not move either. The one-line integration for plain
+        and `accelerate` loops (pass the torch optimizer; an accelerate `AcceleratedOptimizer` is
+        unwrapped).
+        """
+        return attach_to_optimizer(optimizer, lambda: self.update())
 
     def update(self, decay: float | None = None) -> None:
         """Move the EMA toward the model; call after each optimizer step.

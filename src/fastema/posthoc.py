@@ -33,6 +33,7 @@ from ._checks import (
     check_foreach,
     check_update_every,
 )
+from ._hooks import RemovableHandle, attach_to_optimizer
 from ._plan import Plan, kernel_steps, pack_model
 from ._steps import StackedStep, Step, fused_step_supported, is_averaged, layout_strides
 from ._swap import WeightSwap
@@ -307,6 +308,10 @@ class PostHocEMA:
         self.num_updates += 1
         if self.snapshot_every is not None and step % self.snapshot_every == 0:
             self.snapshot()
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Call `update()` after every step `optimizer` really takes (see `ModelEMA.attach`)."""
+        return attach_to_optimizer(optimizer, lambda: self.update())
 
     # ---- reading -------------------------------------------------------------------------------------
 
