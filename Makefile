@@ -42,7 +42,7 @@ test-fast: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -m "not slow and not distributed"
 
 bench: $(VENV)/.bench-installed
-	$(BIN)/python -m fastema bench --plot docs/benchmark-cpu.png
+	$(BIN)/python -m fastema bench --peers --plot docs/benchmark-cpu.png
 	$(BIN)/python -m fastema bench --dtype bfloat16 --ema-dtype float32
 
 lint: $(VENV)/.tools-installed

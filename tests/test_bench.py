@@ -100,6 +100,24 @@ def test_markdown_report_and_model_catalogue(capsys):
     assert all(name in help_text for name in bench.MODELS)  # the command line offers the whole catalogue
 
 
+def test_peers_are_timed_in_the_same_run_and_the_output_is_clean(capfd):
+    (result,) = bench.run_bench(
+        models=["toy"], budget_s=0.001, train_batch=None, custom_models={"toy": (ToyNet, "image")}, peers=True
+    )
+    out, err = capfd.readouterr()
+    assert "USDT" not in err and "profiler" not in err  # the profiler's C++ lines are silenced
+    header = out.splitlines()[0]
+    assert "ema_dtype" not in header and "ema_device" not in header  # not asked for: not reported
+    for peer in bench.PEERS:  # every peer is installed by the dev extra
+        assert result.ms[peer] > 0, peer
+        assert result.ratios[f"{peer} / fastema"] == result.ms[peer] / result.ms["fastema"]
+        assert f"| {peer} |" in out and f"| {peer} / fastema |" in out  # a time column and a ratio column
+    with pytest.raises(ValueError, match="peers"):
+        bench.run_bench(
+            models=["toy"], custom_models={"toy": (ToyNet, "image")}, peers=True, dtype="bfloat16", ema_dtype="float32"
+        )
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="models"):
         bench.run_bench(models=["resnet9000"])

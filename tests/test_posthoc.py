@@ -2,6 +2,7 @@
 written here, exact resume, and the snapshot directory's errors."""
 
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,6 +152,11 @@ def test_update_reads_the_model_once_and_neither_syncs_nor_allocates_model_sized
         patch.setattr(torch.Tensor, "lerp_", lambda self, *args: lerps.append(self.data_ptr()) or original(self, *args))
         ema.update()
     assert len(lerps) == 4 and sum(1 for step in ema._stacked for _ in step.batches) == 1
+    (stacked,) = ema._stacked
+    copies, copy = [], stacked.copy
+    stacked.copy = lambda *args: copies.append(1) or copy(*args)
+    ema.update()
+    assert len(copies) == 1  # the model staged once, not once per EMA
 
 
 def test_use_ema_weights_and_module_for_give_one_tracked_ema():
@@ -173,6 +179,102 @@ def test_use_ema_weights_and_module_for_give_one_tracked_ema():
         assert torch.equal(value, own[name]), name
     with pytest.raises(ValueError, match="sigma_rel"):
         ema.module_for(0.07)
+
+
+def test_reads_inside_use_ema_weights_raise_rather_than_return_the_model(tmp_path):
+    ema = PostHocEMA(ToyNet(), SIGMA_RELS)
+    ema.update()
+    with ema.use_ema_weights(0.05):
+        assert ema.ema_weights_in_use
+        for read in (lambda: ema.ema_tensors(0.05), ema.state_dict, lambda: ema.save(tmp_path / "never.pt")):
+            with pytest.raises(RuntimeError, match="inside use_ema_weights"):
+                read()
+    assert not ema.ema_weights_in_use and not (tmp_path / "never.pt").exists()
+
+
+def live_reference_run(model, ema, steps, references, start=0, seed=0):
+    """As `train`, with the reference reading the model's tensors afresh at each step (they may be replaced)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2, momentum=0.5)
+    for step in range(start + 1, start + steps + 1):
+        model(torch.randn(8, 8, generator=generator)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update()
+        for reference in references:
+            reference.update(expected_tracked(model), step)
+
+
+@pytest.mark.parametrize("flatten_model", [False, True], ids=["tensors", "flat"])
+def test_replacing_a_parameter_s_data_is_followed(flatten_model):
+    torch.manual_seed(0)
+    model = ToyNet()
+    ema = PostHocEMA(model, SIGMA_RELS, flatten_model=flatten_model)
+    references = [ReferencePowerEMA(reference_gamma(s)) for s in SIGMA_RELS]
+    live_reference_run(model, ema, 5, references)
+    with torch.no_grad():
+        model.head.weight.data = torch.full_like(model.head.weight, 0.05)  # leaves the packed buffer, if any
+    live_reference_run(model, ema, 5, references, start=5, seed=1)
+    for sigma_rel, reference in zip(SIGMA_RELS, references):
+        assert_close_to(ema.ema_tensors(sigma_rel), reference.state)
+
+
+def test_a_memory_layout_or_device_change_after_construction_raises_and_a_dtype_change_is_followed():
+    torch.manual_seed(0)
+    model = ConvNet()
+    ema = PostHocEMA(model, SIGMA_RELS)
+    ema.update()
+    model.to(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match=r"conv\.weight changed shape, memory layout or device"):
+        ema.update()
+    model = ToyNet()
+    ema = PostHocEMA(model, SIGMA_RELS)
+    references = [ReferencePowerEMA(reference_gamma(s)) for s in SIGMA_RELS]
+    live_reference_run(model, ema, 3, references)
+    model.double()
+    live_reference_run(model.float(), ema, 3, references, start=3)
+    for sigma_rel, reference in zip(SIGMA_RELS, references):
+        assert_close_to(ema.ema_tensors(sigma_rel), reference.state)
+    model.to("meta")
+    with pytest.raises(RuntimeError, match="memory layout or device"):
+        ema.update()
+
+
+def test_channels_last_models_built_so_are_averaged_in_their_memory_order():
+    torch.manual_seed(0)
+    model = ConvNet().to(memory_format=torch.channels_last)
+    ema = PostHocEMA(model, SIGMA_RELS)
+    references = [ReferencePowerEMA(reference_gamma(s)) for s in SIGMA_RELS]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    generator = torch.Generator().manual_seed(0)
+    tracked = expected_tracked(model)
+    for step in range(1, 7):
+        model(torch.randn(2, 3, 5, 5, generator=generator)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update()
+        for reference in references:
+            reference.update(tracked, step)
+    assert model.conv.weight.stride() != model.conv.weight.contiguous().stride()
+    for sigma_rel, reference in zip(SIGMA_RELS, references):
+        assert_close_to(ema.ema_tensors(sigma_rel), reference.state)
+
+
+def test_flatten_model_packs_the_tracked_tensors_into_one_buffer():
+    model = ToyNet()
+    ema = PostHocEMA(model, SIGMA_RELS, flatten_model=True)
+    (stacked,) = ema._stacked
+    pieces = [piece for _, model_pieces, _, _ in stacked.batches for piece in model_pieces]
+    assert len(pieces) == 1  # one read of one buffer
+    storages = {model.body[0].weight.untyped_storage().data_ptr(), model.head.bias.untyped_storage().data_ptr()}
+    assert storages == {pieces[0].untyped_storage().data_ptr()}
+
+
+def test_stacked_step_refuses_pieces_that_are_not_consecutive():
+    from fastema._steps import StackedStep
+
+    with pytest.raises(ValueError, match="consecutive"):
+        StackedStep(torch.zeros(2, 10), [torch.ones(3), torch.ones(3)], [0, 4], fused=True)
 
 
 # ---- snapshots and synthesis ---------------------------------------------------------------------------
@@ -279,9 +381,26 @@ def test_bad_snapshot_directories_raise_naming_the_problem(tmp_path):
         synthesize(tmp_path / "run", 0.05, step=12)
     with pytest.raises(ValueError, match="sigma_rel"):
         synthesize(tmp_path / "run", 0.3)
-    other = PostHocEMA(ToyNet(n_hidden=4), SIGMA_RELS, snapshot_dir=tmp_path / "run")
-    other.num_steps = 24
-    other.snapshot()  # another model's snapshots in the same directory
+    # Another run refuses to write into the directory (before its first snapshot), leaving it as it was.
+    before = sorted(path.name for path in (tmp_path / "run").iterdir())
+    other = PostHocEMA(ToyNet(n_hidden=4), SIGMA_RELS, snapshot_dir=tmp_path / "run", snapshot_every=2)
+    other.update()
+    with pytest.raises(ValueError, match="holds snapshots of another training run"):
+        other.update()  # step 2: its first snapshot
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == before
+    # Snapshots of another run copied in anyway: synthesize refuses to mix them.
+    elsewhere = PostHocEMA(ToyNet(), SIGMA_RELS, snapshot_dir=tmp_path / "elsewhere")
+    for _ in range(24):
+        elsewhere.update()
+    (written,) = [path for path in elsewhere.snapshot() if path.name.endswith("ema0.pt")]
+    shutil.copy(written, tmp_path / "run" / written.name)
+    with pytest.raises(ValueError, match="mixes snapshots of different training runs"):
+        synthesize(tmp_path / "run", 0.05)
+    # The same run but another model (a file edited by hand): refused too.
+    edited = torch.load(written, weights_only=True)
+    edited["run"] = torch.load(tmp_path / "run" / before[0], weights_only=True)["run"]
+    edited["layout"] = edited["layout"][:-1]
+    torch.save(edited, tmp_path / "run" / written.name)
     with pytest.raises(ValueError, match="mixes snapshots of different models"):
         synthesize(tmp_path / "run", 0.05)
     damaged = tmp_path / "damaged"
@@ -290,6 +409,92 @@ def test_bad_snapshot_directories_raise_naming_the_problem(tmp_path):
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(RuntimeError, match=f"Cannot read checkpoint {bad}"):
         synthesize(damaged, 0.05)
+
+
+def test_a_snapshot_needs_an_update_first(tmp_path):
+    ema = PostHocEMA(ToyNet(), SIGMA_RELS, snapshot_dir=tmp_path / "never", update_every=4)
+    with pytest.raises(RuntimeError, match="before the first update"):
+        ema.snapshot()
+    assert not (tmp_path / "never").exists()
+
+
+def test_snapshot_between_updates_is_labelled_with_the_last_update(tmp_path):
+    torch.manual_seed(0)
+    model = ToyNet()
+    ema = PostHocEMA(model, SIGMA_RELS, snapshot_dir=tmp_path, update_every=4)
+    references = [ReferencePowerEMA(reference_gamma(s), update_every=4) for s in SIGMA_RELS]
+    live_reference_run(model, ema, 10, references)
+    paths = ema.snapshot()  # 10 steps, the last update at step 8
+    assert [path.name for path in paths] == [f"posthoc-step{8:010d}-ema{i}.pt" for i in (0, 1)]
+    assert ema.last_snapshot_step == ema.last_update_step == 8
+    for sigma_rel, reference in zip(SIGMA_RELS, references):  # a tracked width synthesizes to itself
+        assert_close_to(synthesize(tmp_path, sigma_rel), reference.state)
+
+
+def test_a_snapshot_file_claiming_step_0_is_refused_by_name(tmp_path):
+    recorded_run(tmp_path, steps=8)
+    path = tmp_path / f"posthoc-step{8:010d}-ema0.pt"
+    state = torch.load(path, weights_only=True)
+    state["step"] = 0
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=f"Invalid snapshot {path}: its step 0"):
+        synthesize(tmp_path, 0.07)
+
+
+def test_synthesis_of_float32_snapshots_sums_in_float64(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64)
+    with torch.no_grad():
+        model.weight.add_(1000.0)  # large values: a float32 sum of many terms would lose the last digits
+    ema = PostHocEMA(model, SIGMA_RELS, snapshot_every=2, snapshot_dir=tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        with torch.no_grad():
+            model.weight.add_(torch.randn(64, 64, generator=generator))
+        ema.update()
+    headers = sorted((torch.load(p, weights_only=True) for p in tmp_path.iterdir()), key=lambda s: s["step"])
+    x = reference_coefficients([h["step"] for h in headers], [h["gamma"] for h in headers], 60, reference_gamma(0.01))
+    assert np.abs(x).sum() > 20  # large alternating coefficients
+    expected = sum(c * h["tensors"]["weight"].double() for c, h in zip(x, headers)).float()
+    synthesized = synthesize(tmp_path, 0.01)["weight"]
+    assert synthesized.dtype == torch.float32
+    ulp = torch.finfo(torch.float32).eps * expected.abs()
+    assert ((synthesized - expected).abs() <= 2 * ulp).all()
+
+
+def test_complex_parameters_are_synthesized_not_copied(tmp_path):
+    class Complex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.real = nn.Parameter(torch.zeros(3))
+            self.complex = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+
+    model = Complex()
+    ema = PostHocEMA(model, SIGMA_RELS, snapshot_every=5, snapshot_dir=tmp_path)
+    for step in range(1, 21):
+        with torch.no_grad():
+            model.real.fill_(step)
+            model.complex.fill_(complex(step, step))
+        ema.update()
+    for sigma_rel in SIGMA_RELS:  # a tracked width is recovered: each EMA's own value, complex included
+        synthesized = synthesize(tmp_path, sigma_rel)
+        expected = ema.ema_tensors(sigma_rel)
+        torch.testing.assert_close(synthesized["complex"], expected["complex"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(synthesized["real"], expected["real"], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(ema.ema_tensors(0.05)["complex"], ema.ema_tensors(0.10)["complex"])
+
+
+def test_only_rank_0_writes_snapshots(tmp_path, monkeypatch):
+    from fastema import posthoc
+
+    ema = PostHocEMA(ToyNet(), SIGMA_RELS, snapshot_dir=tmp_path)
+    ema.update()
+    monkeypatch.setattr(posthoc, "rank", lambda: 1)
+    paths = ema.snapshot()
+    assert [path.name for path in paths] == [f"posthoc-step{1:010d}-ema{i}.pt" for i in (0, 1)]
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(posthoc, "rank", lambda: 0)
+    assert [path.exists() for path in ema.snapshot()] == [True, True]
 
 
 KILLED_SNAPSHOT = textwrap.dedent(
@@ -302,8 +507,8 @@ KILLED_SNAPSHOT = textwrap.dedent(
 
     torch.manual_seed(0)
     ema = PostHocEMA(ToyNet(), (0.05, 0.10), snapshot_dir={path!r})
-    ema.num_steps = 8
-    ema.snapshot()                          # complete snapshots at step 8
+    ema.update()
+    ema.snapshot()                          # complete snapshots at step 1
     real_save = torch.save
 
     def slow_save(obj, stream, **kwargs):   # write half, then hang: the parent kills us mid-write
@@ -314,7 +519,7 @@ KILLED_SNAPSHOT = textwrap.dedent(
         time.sleep(60)
 
     checkpoint.torch.save = slow_save
-    ema.num_steps = 16
+    ema.update()
     ema.snapshot()
     """
 )
@@ -330,7 +535,7 @@ def test_a_snapshot_killed_mid_write_leaves_the_directory_usable(tmp_path):
         process.wait(timeout=30)
         process.stdout.close()
     assert list(tmp_path.glob(".posthoc-step*.tmp"))  # the half-written temporary
-    synthesized = synthesize(tmp_path, 0.07)  # from the complete step-8 snapshots
+    synthesized = synthesize(tmp_path, 0.07)  # from the complete step-1 snapshots
     torch.manual_seed(0)
     model = ToyNet()
     for name, value in synthesized.items():  # nothing has moved: every EMA is still the model
@@ -346,10 +551,28 @@ def test_state_dict_checks_everything_before_writing(tmp_path):
     with pytest.raises(ValueError, match="nothing was loaded"):
         other.load_state_dict(state)
     wrong = PostHocEMA(ToyNet(), (0.05, 0.15))
+    wrong_before = {k: v.clone() for k, v in wrong.ema_tensors(0.05).items()}
     with pytest.raises(ValueError, match="sigma_rels"):
         wrong.load_state_dict(state)
+    for name, value in wrong.ema_tensors(0.05).items():
+        assert torch.equal(value, wrong_before[name]), name  # the refused load wrote nothing
     for name, value in ema.ema_tensors(0.05).items():
         assert torch.equal(value, before[name])
+    target = PostHocEMA(ToyNet(), SIGMA_RELS)
+    target_before = {k: v.clone() for k, v in target.ema_tensors(0.10).items()}
+    for change, match in [
+        (dict(update_every=2), "update_every"),
+        (dict(snapshot_every=8), "snapshot_every"),
+        (dict(run=None), "'run'"),
+        (dict(emas=[{**state["emas"][0], "extra": torch.zeros(1)}, state["emas"][1]]), "unexpected keys"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            target.load_state_dict({**state, **change})
+        for name, value in target.ema_tensors(0.10).items():
+            assert torch.equal(value, target_before[name]), (match, name)
+    assert target.num_steps == 0
+    target.load_state_dict(state)
+    assert target.run_id == ema.run_id and target.num_steps == 1  # the same run continues
 
 
 @pytest.mark.parametrize(
@@ -466,6 +689,117 @@ def test_fastai_resume_with_start_epoch_is_bit_identical(tmp_path):
     assert resumed_callback.engine.num_steps == straight_callback.engine.num_steps == 24
     straight_files = sorted(p.name for p in (tmp_path / "straight").iterdir())
     assert straight_files == sorted(p.name for p in (tmp_path / "resumed").iterdir())
+
+
+def test_fastai_save_during_validation_with_a_tracked_ema_raises(tmp_path):
+    from fastai.callback.core import Callback
+
+    from fastema import PostHocEMACallback
+    from helpers import make_learner
+
+    class SaveWhileValidating(Callback):
+        order = PostHocEMACallback.order - 1  # its after_validate runs before the EMA callback swaps back
+
+        def after_validate(self):
+            try:
+                self.learn.save("mid")
+            except RuntimeError as error:
+                self.error = error
+
+    spy = SaveWhileValidating()
+    learn = make_learner(cbs=[PostHocEMACallback(SIGMA_RELS, validate_sigma_rel=0.05), spy], path=tmp_path)
+    learn.fit(1)
+    assert "during EMA validation" in str(spy.error)
+    assert not (tmp_path / "models" / "mid.pth").exists()
+
+
+def test_fastai_a_second_fit_into_the_same_directory_is_refused_before_training(tmp_path):
+    from fastema import PostHocEMACallback
+    from helpers import make_learner
+
+    learn = make_learner(cbs=[PostHocEMACallback(SIGMA_RELS)], path=tmp_path)
+    learn.fit(1)
+    own = {name: value.clone() for name, value in learn.model.state_dict().items()}
+    with pytest.raises(ValueError, match="holds snapshots of another training run"):
+        learn.fit(1)
+    for name, value in learn.model.state_dict().items():
+        assert torch.equal(value, own[name]), name  # refused before any step
+
+
+def test_fastai_the_end_of_fit_is_always_a_snapshot_and_update_every_labels_it(tmp_path):
+    from fastema import PostHocEMACallback
+    from helpers import make_learner
+
+    callback = PostHocEMACallback(SIGMA_RELS, snapshot_every=6, update_every=2)
+    learn = make_learner(cbs=[callback], path=tmp_path)  # 8 steps per epoch
+    learn.create_opt()
+    reference = PowerReference(learn, SIGMA_RELS)
+    for expected in reference.references:
+        expected.update_every = 2
+    learn.fit(2)
+    steps = sorted({int(p.name[12:22]) for p in (tmp_path / "posthoc").iterdir()})
+    assert steps == [6, 12, 16]  # every 6 steps, and the last step
+    for sigma_rel, expected in zip(SIGMA_RELS, reference.references):
+        assert_close_to(synthesize(tmp_path / "posthoc", sigma_rel), expected.state)
+
+
+def test_fastai_sweep_names_metrics_as_validate_returns_them_and_restores_on_error(tmp_path):
+    from fastai.learner import Recorder
+
+    from fastema import PostHocEMACallback
+    from helpers import make_learner
+
+    learn = make_learner(cbs=[PostHocEMACallback(SIGMA_RELS, all_buffers=True)], path=tmp_path)
+    learn.fit(1)
+    fresh = make_learner(path=tmp_path)  # another process, say: never fit, no recorder names
+    fresh.model.load_state_dict(learn.model.state_dict())
+    fresh.recorder.train_metrics, fresh.recorder.add_time = True, False
+    rows = fresh.posthoc_sweep([0.07], snapshot_dir=tmp_path / "posthoc")
+    assert set(rows[0]) == {"sigma_rel", "valid_loss", "accuracy"}
+    assert 0 <= rows[0]["accuracy"] <= 1 and rows[0]["valid_loss"] > 0 and isinstance(fresh.recorder, Recorder)
+    assert "calls" in synthesize(tmp_path / "posthoc", 0.07)  # a non-persistent buffer, swept too
+
+    own = {name: value.clone() for name, value in learn.model.state_dict().items()}
+    calls = learn.model.calls.clone()
+
+    def failing_validate(*args, **kwargs):
+        raise RuntimeError("validation failed")
+
+    learn.validate = failing_validate
+    with pytest.raises(RuntimeError, match="validation failed"):
+        learn.posthoc_sweep([0.07])
+    for name, value in learn.model.state_dict().items():
+        assert torch.equal(value, own[name]), name  # restored although validation raised
+    assert torch.equal(learn.model.calls, calls)
+
+
+def test_fastai_validate_ema_read_at_each_validation(tmp_path):
+    from fastema import EMACallback
+    from helpers import make_learner
+    from test_callback import evaluate
+
+    callback = EMACallback(decay=0.5)
+    learn = make_learner(cbs=[callback], path=tmp_path, lr=0.2)
+    callback.validate_ema = False  # changed after construction: validation uses the model's weights
+    learn.fit(1)
+    assert learn.recorder.values[-1][1] == pytest.approx(evaluate(learn.model, learn.dls)[0], rel=1e-5)
+    assert learn.recorder.values[-1][1] != pytest.approx(evaluate(callback.engine.module, learn.dls)[0], rel=1e-5)
+
+
+def test_fastai_checking_a_checkpoint_leaves_a_flattened_model_where_it_is(tmp_path):
+    from fastema import PostHocEMACallback
+    from helpers import make_learner
+
+    callback = PostHocEMACallback(SIGMA_RELS, flatten_model=True)
+    learn = make_learner(cbs=[callback], path=tmp_path)
+    learn.fit(1)
+    learn.save("end")
+    state = torch.load(tmp_path / "models" / "end.ema.pth", weights_only=True)
+    fresh_callback = PostHocEMACallback(SIGMA_RELS, flatten_model=True)
+    fresh = make_learner(cbs=[fresh_callback], path=tmp_path)
+    addresses = [p.data_ptr() for p in fresh.model.parameters()]
+    fresh_callback.check_ema_checkpoint(state, "end.ema.pth")
+    assert [p.data_ptr() for p in fresh.model.parameters()] == addresses
 
 
 def test_command_line_writes_one_state_dict_per_sigma_rel(tmp_path, capsys):

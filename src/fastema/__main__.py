@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of every method relative to the floor")
     bench.add_argument("--budget", type=float, default=0.5, help="seconds of timing per method and model")
     bench.add_argument("--train-batch", type=int, default=2, help="batch size of the training step; 0 skips it")
+    bench.add_argument(
+        "--peers", action="store_true", help="also time the installed peer libraries (pip install fastema[bench])"
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo, run_posthoc_demo
@@ -57,23 +60,27 @@ def main(argv: list[str] | None = None) -> None:
             train_batch=args.train_batch or None,
             ema_dtype=args.ema_dtype,
             ema_device=args.ema_device,
+            peers=args.peers,
         )
 
 
 def write_synthesized(snapshot_dir: str, sigma_rels: str, step: int | None, out: str) -> list[Path]:
     """`fastema posthoc`: one state dict per sigma_rel, written atomically to `out`."""
     from .checkpoint import atomic_save
-    from .posthoc import synthesize
+    from .posthoc import check_sigma_rel, synthesize
 
-    try:
-        values = [float(value) for value in sigma_rels.split(",")]
+    try:  # every value checked before anything is written
+        values = [check_sigma_rel(float(value), "--sigma-rel") for value in sigma_rels.split(",")]
     except ValueError as error:
         raise SystemExit(
-            f"Invalid --sigma-rel: {sigma_rels!r}; expected comma-separated floats such as 0.05,0.08"
+            f"Invalid --sigma-rel: {sigma_rels!r}; expected comma-separated floats in (0, 0.2887) such as 0.05,0.08"
         ) from error
+    try:
+        synthesized = [synthesize(snapshot_dir, sigma_rel, step) for sigma_rel in values]
+    except (OSError, ValueError, RuntimeError) as error:  # a missing or mixed directory, a bad step, a damaged file
+        raise SystemExit(f"fastema posthoc: {error}") from error
     paths = []
-    for sigma_rel in values:
-        state = synthesize(snapshot_dir, sigma_rel, step)
+    for sigma_rel, state in zip(values, synthesized):
         path = Path(out) / f"posthoc-sigma{sigma_rel:g}{'' if step is None else f'-step{step}'}.pt"
         atomic_save(state, path)
         paths.append(path)

@@ -21,6 +21,7 @@ tensors), `stale()` tells.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -259,9 +260,19 @@ class StackedStep(Step):
     `offsets[i]` onward of every row, in its memory order (`layout_strides`).
     """
 
-    def __init__(self, stack: Tensor, model_tensors: Sequence[Tensor], offsets: Sequence[int], fused: bool) -> None:
+    def __init__(
+        self,
+        stack: Tensor,
+        model_tensors: Sequence[Tensor],
+        offsets: Sequence[int],
+        fused: bool,
+        watch_storage: bool = False,  # model_tensors are packed buffers: watch their storages' use counts
+    ) -> None:
         device, dtype = stack.device, stack.dtype
         self.stack = stack
+        # As in `PackedStep`: a tensor leaving a packed buffer (`p.data = ...`) drops its storage's use count.
+        self._watched = [tensor.untyped_storage()._cdata for tensor in model_tensors] if watch_storage else []
+        self.baseline = self.use_counts()
         self.weights = [0.0] * stack.shape[0]
         self.copy: Kernel = copy_fused if fused else copy_loop
         capacity = STAGING_ELEMENTS.get(device.type, DEFAULT_STAGING_ELEMENTS)
@@ -278,14 +289,15 @@ class StackedStep(Step):
                 chunk = model_flat[begin : begin + capacity]
                 pieces.append((offset + begin, chunk, (chunk.numel(),), (1,)))
         self.staging = torch.empty(min(sum(p[1].numel() for p in pieces), capacity), device=device, dtype=dtype)
-        # Batches: consecutive pieces (consecutive rows) that fit the staging buffer together.
+        # Batches: consecutive pieces that fit the staging buffer together. The pieces' columns follow
+        # each other (the stack is laid out in this order), so a batch's columns are one block per row.
+        if any(after[0] != before[0] + before[1].numel() for before, after in itertools.pairwise(pieces)):
+            raise ValueError("fastema internal error: StackedStep pieces must occupy consecutive columns")
         self.batches: list[tuple[list[Tensor], list[Tensor], list[Tensor], Tensor]] = []
         batch: list[tuple[int, Tensor, tuple[int, ...], tuple[int, ...]]] = []
         for piece in [*pieces, None]:
             filled = sum(model_piece.numel() for _, model_piece, _, _ in batch)
-            if batch and (
-                piece is None or filled + piece[1].numel() > capacity or piece[0] != batch[-1][0] + batch[-1][1].numel()
-            ):
+            if batch and (piece is None or filled + piece[1].numel() > capacity):
                 self._add_batch(batch, filled)
                 batch = []
             if piece is not None:
@@ -310,8 +322,17 @@ class StackedStep(Step):
             for block, ema_weight in zip(blocks, self.weights):
                 block.lerp_(staged, ema_weight)
 
+    def use_counts(self) -> list[int]:
+        return [torch._C._storage_Use_Count(storage) for storage in self._watched]
+
+    def rebaseline(self) -> None:
+        """Accept today's use counts (after a full check found every tensor where it belongs)."""
+        self.baseline = self.use_counts()
+
     def stale(self) -> bool:
-        return any(model_tensor.data_ptr() != address for model_tensor, address in self.chunked)
+        return self.use_counts() != self.baseline or any(
+            model_tensor.data_ptr() != address for model_tensor, address in self.chunked
+        )
 
 
 class PackedStep(Step):

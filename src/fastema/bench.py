@@ -14,6 +14,16 @@ For each model, in the same run and on the same tensors, the median time of one 
 
 It also reports the memory a step allocates and the share of a training step the EMA costs.
 
+`--peers` adds the libraries people would use instead, each installed one constructed and
+updated as its documentation shows (their Python overhead is part of what a user pays), timed
+in the same interleaved rounds: timm `ModelEmaV3` (`ema.update(model, step=...)`),
+`torch.optim.swa_utils.AveragedModel(multi_avg_fn=get_ema_multi_avg_fn(d))`
+(`update_parameters`), Lightning's `EMAWeightAveraging` (an `AveragedModel` with
+`avg_fn=get_ema_avg_fn(d)` and `use_buffers=True`, which the callback updates after each
+step), ema-pytorch (`EMA(model, beta=d, update_after_step=0, update_every=1).update()`) and
+torch-ema (`ExponentialMovingAverage(parameters, decay=d).update()`). `pip install fastema[bench]`
+installs them.
+
 `--ema-dtype float32` with `--dtype bfloat16` times a float32 EMA of a bfloat16 model
 (`foreach_lerp` cannot run: `_foreach_lerp_` refuses mixed dtypes). `--ema-device cpu` with
 `--device cuda` times an EMA offloaded to host memory: each step is then timed to completion
@@ -23,13 +33,15 @@ CPU `lerp_`, and `fastema (training thread)` is how long `update()` holds the tr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -39,6 +51,13 @@ from .engine import ModelEMA
 from .posthoc import PostHocEMA
 
 METHODS = ["for-loop", "mul+add", "foreach_lerp", "fastema", "fastema flat", "floor", "posthoc K=2", "2x fastema"]
+PEERS = [
+    "timm ModelEmaV3",
+    "AveragedModel multi_avg_fn",
+    "Lightning EMAWeightAveraging",
+    "ema-pytorch",
+    "torch-ema",
+]
 OFFLOAD_METHOD = "fastema (training thread)"
 MEMORY_SHOWN = ["fastema", "fastema flat", "posthoc K=2"]
 DECAY = 0.9998
@@ -111,8 +130,43 @@ class ModelResult:
             if numerator is not None and denominator is not None:
                 self.ratios[name] = numerator / denominator
         ours = ms["fastema"]
+        for peer in PEERS:
+            if ms.get(peer) is not None and ours is not None:
+                self.ratios[f"{peer} / fastema"] = ms[peer] / ours  # type: ignore[operator]  # checked just above
         if self.train_step_ms is not None and ours is not None:
             self.ratios["EMA share of train step"] = ours / (self.train_step_ms + ours)
+
+
+def peer_steps(model: nn.Module) -> dict[str, Callable[[], None]]:
+    """One EMA step of each installed peer library, built and called as its documentation shows."""
+    import importlib.util
+
+    steps: dict[str, Callable[[], None]] = {}
+    if importlib.util.find_spec("timm") is not None:
+        from timm.utils.model_ema import ModelEmaV3
+
+        timm_ema = ModelEmaV3(model, decay=DECAY)
+        timm_steps = iter(range(1, 1 << 62))
+        steps["timm ModelEmaV3"] = lambda: timm_ema.update(model, step=next(timm_steps))
+    from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
+
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
+    steps["AveragedModel multi_avg_fn"] = lambda: averaged.update_parameters(model)
+    if importlib.util.find_spec("lightning") is not None:
+        # What `lightning.pytorch.callbacks.EMAWeightAveraging(decay=d)` builds and updates after each step.
+        lightning_average = AveragedModel(model, use_buffers=True, avg_fn=get_ema_avg_fn(DECAY))
+        steps["Lightning EMAWeightAveraging"] = lambda: lightning_average.update_parameters(model)
+    if importlib.util.find_spec("ema_pytorch") is not None:
+        from ema_pytorch import EMA
+
+        ema_pytorch = EMA(model, beta=DECAY, update_after_step=0, update_every=1)
+        steps["ema-pytorch"] = ema_pytorch.update
+    if importlib.util.find_spec("torch_ema") is not None:
+        from torch_ema import ExponentialMovingAverage
+
+        torch_ema = ExponentialMovingAverage(model.parameters(), decay=DECAY)
+        steps["torch-ema"] = torch_ema.update
+    return steps
 
 
 def two_updates(first: ModelEMA, second: ModelEMA) -> None:
@@ -239,9 +293,23 @@ def extra_memory_bytes(step: Callable[[], None], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - before
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         step()
     return sum(event.self_cpu_memory_usage for event in profiler.key_averages() if event.self_cpu_memory_usage > 0)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ side prints `USDT ... profiler_start/stop` lines there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def example_input(kind: str, batch_size: int, device: torch.device) -> Tensor:
@@ -281,6 +349,7 @@ def bench_model(
     train_batch: int | None,
     ema_dtype: torch.dtype | None = None,
     ema_device: torch.device | None = None,
+    peers: bool = False,
 ) -> ModelResult:
     """Every method on the same model, in one run."""
     model = model.to(device=device, dtype=dtype)
@@ -321,6 +390,10 @@ def bench_model(
     }
     if ema_device is None:  # PostHocEMA keeps its EMAs beside the model
         steps["posthoc K=2"] = PostHocEMA(model, (0.05, 0.10), ema_dtype=ema_dtype).update
+    if peers:
+        if ema_dtype is not None or ema_device is not None:
+            raise ValueError("Invalid peers: True with ema_dtype or ema_device; the peers keep the model's dtype")
+        steps.update(peer_steps(model))
     if lerp_floats[0].dtype != lerp_model_floats[0].dtype or offloaded:
         del steps["foreach_lerp"]  # `_foreach_lerp_` needs one dtype and one device on both sides
     if offloaded:
@@ -338,7 +411,7 @@ def bench_model(
     # An offloaded step ends in a background thread, which CUDA events cannot see: time it on the host.
     step_timer = Timer(torch.device("cpu"), timer.budget_s, timer.rounds, timer.min_repeats) if offloaded else timer
     with torch.no_grad():
-        ms: dict[str, float | None] = dict.fromkeys(METHODS)
+        ms: dict[str, float | None] = dict.fromkeys(METHODS + (PEERS if peers else []))
         ms.update(step_timer.compare(steps))
         if offloaded:
             ms[OFFLOAD_METHOD] = _training_thread_ms(ours, step_timer)
@@ -378,6 +451,7 @@ def machine_description(
     ema_dtype: str | None = None,
     ema_device: str | None = None,
 ) -> dict[str, str]:
+    """The run's setting, for the report's header (the EMA's dtype and device only where they were asked for)."""
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
@@ -388,8 +462,8 @@ def machine_description(
         "torch": torch.__version__,
         "python": platform.python_version(),
         "dtype": dtype_name,
-        "ema_dtype": ema_dtype or dtype_name,
-        "ema_device": ema_device or str(device),
+        **({"ema_dtype": ema_dtype} if ema_dtype else {}),
+        **({"ema_device": ema_device} if ema_device else {}),
         "channels_last": str(channels_last),
         "command": "fastema bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "fastema bench",
     }
@@ -441,7 +515,7 @@ def plot_results(path: str, machine: dict[str, str], results: list[ModelResult])
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [method for method in METHODS if method != "floor"]
+    methods = [method for method in list(results[0].ms) if method != "floor" and method != OFFLOAD_METHOD]
     fig, ax = plt.subplots(figsize=(9, 1.1 + 0.75 * len(results)))
     height = 0.8 / len(methods)
     for index, method in enumerate(methods):
@@ -477,6 +551,7 @@ def run_bench(
     custom_models: dict[str, tuple[Callable[[], nn.Module], str]] | None = None,
     ema_dtype: str | None = None,
     ema_device: str | None = None,
+    peers: bool = False,
 ) -> list[ModelResult]:
     """Run the benchmark and print a markdown report (or JSON); `custom_models` adds models by name."""
     catalogue = dict(MODELS, **(custom_models or {}))
@@ -510,6 +585,7 @@ def run_bench(
                 train_batch,
                 ema_dtype=DTYPES[ema_dtype] if ema_dtype else None,
                 ema_device=torch.device(ema_device) if ema_device else None,
+                peers=peers,
             )
         )
         if not as_json:

@@ -117,10 +117,9 @@ class AveragingCallback(Callback, EMACheckpointing):
     # (Recorder.order + 1) so that `ema_decay` lands on the step they just logged.
     order = Recorder.order + 2
 
-    def _init_events(self, start: int | float, validate: bool, skip_ema: bool) -> None:
+    def _init_events(self, start: int | float, skip_ema: bool) -> None:
         self.start = _check_position(start, "start", is_finish=False)
         self.skip_ema = check_flag(skip_ema, "skip_ema")
-        self._validate = validate
         self.engine = None  # the engine doing the averaging, built in `before_fit`
         self._active = self._started = self._resumed = False
         self._step_cancelled = self._updated = False
@@ -232,9 +231,13 @@ class AveragingCallback(Callback, EMACheckpointing):
     def _after_update(self) -> None:
         """After a batch whose step moved the EMA (logging)."""
 
+    def _validates_with_ema(self) -> bool:
+        """Whether validation in fit uses the EMA weights (read at each validation: the attribute may change)."""
+        raise NotImplementedError
+
     def before_validate(self):
         # Only inside a running fit: after one that failed or was refused, validate() uses the model's weights.
-        if not (self._active and self._started and self._validate and _fit_running(self.learn)):
+        if not (self._active and self._started and self._validates_with_ema() and _fit_running(self.learn)):
             return
         self._validation_depth += 1
         if self._validation_depth == 1:
@@ -340,7 +343,7 @@ class EMACallback(AveragingCallback):
             "ema_device,validate_ema,replace_weights,foreach,resume,all_parameters,all_buffers,flatten_model,"
             "ema_dtype,update_every"
         )
-        self._init_events(start, validate_ema, skip_ema)
+        self._init_events(start, skip_ema)
 
     def _decay_at(self, step: int) -> float:
         return self.decay
@@ -434,6 +437,9 @@ class EMACallback(AveragingCallback):
 
     def _begin(self) -> None:
         self._engine.reset()
+
+    def _validates_with_ema(self) -> bool:
+        return bool(self.validate_ema)
 
     def _update(self) -> None:
         # The global step comes from epoch and iter, which stay right when resuming with start_epoch.
@@ -586,7 +592,7 @@ class PostHocEMACallback(AveragingCallback):
         store_attr(
             "validate_sigma_rel,snapshot_dtype,all_parameters,all_buffers,foreach,flatten_model,ema_dtype,update_every"
         )
-        self._init_events(start, validate_sigma_rel is not None, skip_ema)
+        self._init_events(start, skip_ema)
 
     @property
     def snapshot_path(self) -> Path:
@@ -597,7 +603,7 @@ class PostHocEMACallback(AveragingCallback):
     def _engine(self) -> PostHocEMA:
         return cast(PostHocEMA, AveragingCallback._engine.fget(self))  # type: ignore[attr-defined]  # a property
 
-    def _new_engine(self) -> PostHocEMA:
+    def _new_engine(self, flatten_model: bool | None = None) -> PostHocEMA:
         return PostHocEMA(
             self.learn.model,
             self.sigma_rels,
@@ -608,16 +614,22 @@ class PostHocEMACallback(AveragingCallback):
             all_parameters=self.all_parameters,
             all_buffers=self.all_buffers,
             foreach=self.foreach,
-            flatten_model=self.flatten_model,
+            flatten_model=self.flatten_model if flatten_model is None else flatten_model,
             ema_dtype=self.ema_dtype,
         )
 
     def _start_fit(self, loaded_engine, loaded):
         engine = self._new_engine()
+        started = False
         if loaded is not None and loaded_engine is not None and _resumed_epoch(self.learn) > 0:
             engine.load_state_dict(loaded_engine.state_dict())  # `learn.load` then `fit(..., start_epoch=k)`
-            return engine, loaded["started"]
-        return engine, False
+            started = loaded["started"]
+        # A fresh run into a directory that holds another run's snapshots would mix the two: refuse now.
+        engine.check_snapshot_dir()
+        return engine, started
+
+    def _validates_with_ema(self) -> bool:
+        return self.validate_sigma_rel is not None
 
     def _update(self) -> None:
         self._engine.update()
@@ -630,13 +642,20 @@ class PostHocEMACallback(AveragingCallback):
         return self._engine.use_ema_weights(cast(float, self.validate_sigma_rel))
 
     def _finish_fit(self) -> None:
-        self.learn.posthoc_ema = self._engine
+        engine = self._engine
+        if self._started and engine.num_updates and engine.last_snapshot_step != engine.last_update_step:
+            engine.snapshot()  # the end of training is always a snapshot: the sweep's default step
+        self.learn.posthoc_ema = engine
 
     def ema_checkpoint(self) -> dict | None:
         "What `learn.save` writes beside the model: the EMAs and where this callback stood (None before any)"
         if self.engine is None:
             return None
         self._restore_if_interrupted()
+        if self._engine.ema_weights_in_use:  # mid-validation the model and the EMA hold each other's weights
+            raise RuntimeError(
+                "Cannot save during EMA validation: the model holds the EMA weights; save after_validate"
+            )
         return {
             "format": POSTHOC_CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -654,7 +673,8 @@ class PostHocEMACallback(AveragingCallback):
         ):
             raise ValueError(f"Invalid EMA checkpoint {path}: not a {POSTHOC_CHECKPOINT_FORMAT} file")
         try:
-            self._new_engine().load_state_dict(state["engine"])  # a throwaway engine: reads the model only
+            # A throwaway engine (not flattened: packing would move the model's storage) that only reads the model.
+            self._new_engine(flatten_model=False).load_state_dict(state["engine"])
         except ValueError as error:
             raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
 
@@ -681,9 +701,10 @@ def posthoc_sweep(
             raise ValueError("Invalid snapshot_dir: None, and this Learner has no PostHocEMACallback to take it from")
         snapshot_dir = callbacks[0].snapshot_path
     model = unwrap_model(self.model)
-    names = self.recorder.metric_names[2:-1] if hasattr(self, "recorder") else []
-    own = {name: tensor.detach().clone() for name, tensor in model.state_dict(keep_vars=True).items()}
-    targets = dict(model.state_dict(keep_vars=True))
+    names = ["valid_loss"] + [metric.name for metric in self.metrics]  # what `validate()` returns, in order
+    # Every tensor by state-dict name, non-persistent buffers included (all_buffers=True snapshots them).
+    targets = {name: tensor for name, (_, tensor) in tensor_slots(model).items()}
+    own = {name: tensor.detach().clone() for name, tensor in targets.items()}
     rows = []
     try:
         for sigma_rel in sigma_rels:

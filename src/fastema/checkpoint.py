@@ -84,13 +84,16 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
-    """`torch.load(weights_only=True)`; a missing, truncated or corrupt file raises an error naming it."""
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> object:
+    """`torch.load(weights_only=True)`; a missing, truncated or corrupt file raises an error naming it.
+
+    `mmap=True` maps the tensors' bytes instead of reading them (for headers, or streaming one file at a time).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # zip, pickle and EOF errors all mean the same to the caller
         raise RuntimeError(
             f"Cannot read checkpoint {path}: truncated, corrupt or not a weights-only torch file ({error})"

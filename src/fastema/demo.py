@@ -151,6 +151,8 @@ def run_posthoc_demo(
     output = Path(output)
     plot = output.with_name(output.stem + "-posthoc" + output.suffix)
     snapshots = output.parent / "posthoc-snapshots"
+    for old in snapshots.glob("posthoc-step*-ema*.pt"):  # the demo's own directory: a rerun starts it afresh
+        old.unlink()
     dls = _digits_dataloaders(batch_size=64, seed=seed)
     callback = PostHocEMACallback(sigma_rels=(0.05, 0.10), snapshot_dir=snapshots.resolve())
     learn = Learner(dls, _small_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, opt_func=Adam, cbs=callback)

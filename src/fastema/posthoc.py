@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 import os
 import re
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from numbers import Real
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +44,9 @@ from .distributed import is_sharded, local_part, rank, unwrap_model
 
 __all__ = ["PostHocEMA", "gamma_to_sigma_rel", "sigma_rel_to_gamma", "synthesize"]
 
-MAX_SIGMA_REL = math.sqrt(1 / 12)  # gamma = 0, a uniform average: no power-function EMA is wider
+# gamma = 0, a uniform average. We keep gamma >= 0 (the profile grows or stays flat over training): the
+# width is not monotonic below gamma = 0 (it peaks at about 0.3003 near gamma = -0.38).
+MAX_SIGMA_REL = math.sqrt(1 / 12)
 STATE_FORMAT = "fastema.PostHocEMA"
 SNAPSHOT_FORMAT = "fastema.PostHocSnapshot"
 VERSION = 1
@@ -53,7 +57,7 @@ _SNAPSHOT_NAME = re.compile(r"^posthoc-step(\d+)-ema(\d+)\.pt$")
 
 
 def check_sigma_rel(value: object, name: str = "sigma_rel") -> float:
-    """A relative EMA width in (0, sqrt(1/12)), or a clear error."""
+    """A relative EMA width in (0, sqrt(1/12)) (power-function EMAs with gamma > 0), or a clear error."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"Invalid {name}: {value!r}; expected a float in (0, {MAX_SIGMA_REL:.4f})")
     value = float(value)
@@ -190,6 +194,10 @@ class PostHocEMA:
         self.tensor_names = list(tracked)
         self.num_steps = 0  # calls of update() (optimizer steps)
         self.num_updates = 0
+        # Names this run in its snapshots: synthesize refuses to combine snapshots of different runs.
+        self.run_id = uuid.uuid4().hex
+        self.last_snapshot_step: int | None = None
+        self._snapshot_dir_checked = False
         self._swap: WeightSwap | None = None
         self._build(tracked)
 
@@ -200,6 +208,8 @@ class PostHocEMA:
     def _build(self, tracked: dict[str, Tensor]) -> None:
         """The K stacked buffers, the K EMA modules viewing them, and the update's steps."""
         placement = Placement(None, self.ema_dtype)
+        # The layout the EMAs are built in: the model's tensors must keep it (their values are read in memory order).
+        self._built_layouts = {name: _layout(tensor) for name, tensor in tracked.items()}
         averaged = [name for name, tensor in tracked.items() if is_averaged(tensor)]
         copied = [name for name in tracked if name not in set(averaged)]
         # One stack per (device, EMA dtype): row k is EMA k, its columns the model's elements in memory order.
@@ -236,10 +246,13 @@ class PostHocEMA:
         for stack, names, offsets in self._groups:
             fused = fused_step_supported(stack.device, stack.dtype) if self.foreach is None else self.foreach
             pieces, piece_offsets = [model_tensors[name] for name in names], list(offsets)
+            packed = False
             if self.flatten_model:
                 every_tensor = [local_part(tensor) for _, tensor in slots.values()]
                 pieces, piece_offsets = pack_model(pieces, piece_offsets, every_tensor)
-            steps.append(StackedStep(stack, pieces, piece_offsets, fused))
+                packed = len(pieces) < len(names)
+            # A packed buffer is read, not the tensors: `p.data = ...` must be noticed on its storage's use count.
+            steps.append(StackedStep(stack, pieces, piece_offsets, fused, watch_storage=packed))
         if self._copies:
             names = list(self._copies)
             steps += kernel_steps(
@@ -255,7 +268,7 @@ class PostHocEMA:
         self._seen_changes = changes()
 
     def _ensure_current(self) -> None:
-        """Follow the model: new tensors or storage are re-read; a change of shape or memory layout raises."""
+        """Follow the model: new tensors or storage are re-read; a change of shape, memory layout or device raises."""
         if self._seen_changes == changes() and not self._plan.stale():
             return
         slots = tensor_slots(self.model)
@@ -263,22 +276,23 @@ class PostHocEMA:
         if missing:
             raise RuntimeError(f"The model no longer has the tensors {missing} that this PostHocEMA averages")
         current = {name: local_part(slots[name][1]) for name in self.tensor_names}
-        if _layout_signature(current) == self._signature and all(
-            current[name] is self._model_tensors[name] for name in self.tensor_names
-        ):
-            self._seen_changes = changes()
-            return
+        # Compared with the layout the EMAs were built in, not with the tensor objects: `model.to(...)`
+        # and `p.data = ...` change a Parameter's data and keep the object.
         for name, tensor in current.items():
-            old = self._model_tensors[name]
-            if (
-                tensor.shape != old.shape
-                or layout_strides(tensor) != layout_strides(old)
-                or tensor.device != old.device
-            ):
+            if _layout(tensor) != self._built_layouts[name]:
                 raise RuntimeError(
                     f"The model's tensor {name} changed shape, memory layout or device; PostHocEMA follows new "
                     "tensors and dtypes only. Build it after moving or converting the model."
                 )
+        if _layout_signature(current) == self._signature and all(
+            current[name] is self._model_tensors[name] for name in self.tensor_names
+        ):
+            for stacked in self._stacked:
+                stacked.rebaseline()  # a transient view of a packed buffer, nothing moved
+            self._seen_changes = changes()
+            return
+        self._plan = Plan([])  # drop the old steps (and their hold on packed buffers) before planning anew
+        self._stacked = []
         self._plan_steps()
 
     # ---- updating ------------------------------------------------------------------------------------
@@ -309,6 +323,11 @@ class PostHocEMA:
         if self.snapshot_every is not None and step % self.snapshot_every == 0:
             self.snapshot()
 
+    @property
+    def last_update_step(self) -> int:
+        """The optimizer step of the last update (updates happen on steps that are multiples of update_every)."""
+        return self.num_steps - self.num_steps % self.update_every
+
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Call `update()` after every step `optimizer` really takes (see `ModelEMA.attach`)."""
         return attach_to_optimizer(optimizer, lambda: self.update())
@@ -329,15 +348,24 @@ class PostHocEMA:
 
     def ema_tensors(self, sigma_rel: float) -> dict[str, Tensor]:
         """The tracked tensors of one EMA by state-dict name (views; counts shared by all)."""
-        views = self._views[self._index(sigma_rel)]
+        self._check_outside_swap("ema_tensors()")
+        return self._ema_views(self._index(sigma_rel))
+
+    def _ema_views(self, index: int) -> dict[str, Tensor]:
+        views = self._views[index]
         return {name: views[name] if name in views else self._copies[name] for name in self.tensor_names}
+
+    @property
+    def ema_weights_in_use(self) -> bool:
+        """Whether an EMA is swapped into the model right now (inside `use_ema_weights`)."""
+        return self._swap is not None
 
     @contextmanager
     def use_ema_weights(self, sigma_rel: float) -> Iterator[nn.Module]:
         """Temporarily put one tracked EMA into the live model, in place; the model's weights come back exactly."""
         self._check_outside_swap("use_ema_weights()")
         self._ensure_current()
-        views = self.ema_tensors(sigma_rel)
+        views = self._ema_views(self._index(sigma_rel))
         slots = tensor_slots(self.model)
         swap = WeightSwap(
             [(name, self._model_tensors[name], views[name], slots[name][0].is_parameter) for name in self.tensor_names]
@@ -356,27 +384,54 @@ class PostHocEMA:
 
     # ---- snapshots and state -------------------------------------------------------------------------
 
+    def check_snapshot_dir(self) -> None:
+        """Raise unless `snapshot_dir` holds no snapshots of another run (which synthesis would mix with this one's).
+
+        Called before this PostHocEMA's first snapshot; call it yourself to refuse earlier (the
+        fastai callback does, when fit begins).
+        """
+        if self.snapshot_dir is None or self._snapshot_dir_checked:
+            return
+        if self.snapshot_dir.is_dir():
+            others = sorted({header.run for header in _read_headers(self.snapshot_dir)} - {self.run_id})
+            if others:
+                raise ValueError(
+                    f"Invalid snapshot_dir: {self.snapshot_dir} holds snapshots of another training run "
+                    f"({len(others)} other run id(s)); synthesis would mix them with this run's. Use an empty "
+                    "directory per run, delete the old snapshots, or resume that run (load_state_dict)."
+                )
+        self._snapshot_dir_checked = True
+
     def snapshot(self) -> list[Path]:
-        """Write each EMA, as it stands, to `snapshot_dir` (rank 0 only); the paths written (or to be)."""
+        """Write each EMA, as it stands, to `snapshot_dir` (rank 0 only); the paths written (or to be).
+
+        Labelled with the step of the last update (with `update_every` > 1, not necessarily now).
+        """
         if self.snapshot_dir is None:
             raise ValueError("Invalid snapshot_dir: None; give PostHocEMA(snapshot_dir=...) to write snapshots")
         self._check_outside_swap("snapshot()")
+        if self.num_updates == 0:
+            raise RuntimeError("snapshot() before the first update(): there is no EMA to snapshot yet")
+        if rank() == 0:
+            self.check_snapshot_dir()
+        step = self.last_update_step
         layout = [(name, tuple(self._model_tensors[name].shape)) for name in self.tensor_names]
         paths = []
         for index, (sigma_rel, gamma) in enumerate(zip(self.sigma_rels, self.gammas)):
-            path = self.snapshot_dir / f"posthoc-step{self.num_steps:010d}-ema{index}.pt"
+            path = self.snapshot_dir / f"posthoc-step{step:010d}-ema{index}.pt"
             paths.append(path)
             if rank() != 0:
                 continue
             tensors = {}
-            for name, tensor in self.ema_tensors(sigma_rel).items():
+            for name, tensor in self._ema_views(index).items():
                 dtype = self.snapshot_dtype if self.snapshot_dtype is not None and tensor.is_floating_point() else None
                 tensors[name] = tensor.detach().to("cpu", dtype or tensor.dtype, copy=True)
             atomic_save(
                 {
                     "format": SNAPSHOT_FORMAT,
                     "version": VERSION,
-                    "step": self.num_steps,
+                    "run": self.run_id,
+                    "step": step,
                     "gamma": gamma,
                     "sigma_rel": sigma_rel,
                     "update_every": self.update_every,
@@ -385,19 +440,23 @@ class PostHocEMA:
                 },
                 path,
             )
+        self.last_snapshot_step = step
         return paths
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: the K EMAs by name, the step and update counts, the config."""
+        self._check_outside_swap("state_dict()")
         return {
             "format": STATE_FORMAT,
             "version": VERSION,
+            "run": self.run_id,
+            "last_snapshot_step": self.last_snapshot_step,
             "sigma_rels": list(self.sigma_rels),
             "num_steps": self.num_steps,
             "num_updates": self.num_updates,
             "update_every": self.update_every,
             "snapshot_every": self.snapshot_every,
-            "emas": [self.ema_tensors(sigma_rel) for sigma_rel in self.sigma_rels],
+            "emas": [self._ema_views(index) for index in range(self.num_emas)],
         }
 
     @torch.no_grad()
@@ -413,6 +472,11 @@ class PostHocEMA:
             problems.append(f"sigma_rels {state_dict.get('sigma_rels')!r} != {self.sigma_rels}")
         if state_dict.get("update_every") != self.update_every:
             problems.append(f"update_every {state_dict.get('update_every')!r} != {self.update_every}")
+        if state_dict.get("snapshot_every") != self.snapshot_every:
+            problems.append(f"snapshot_every {state_dict.get('snapshot_every')!r} != {self.snapshot_every}")
+        run, last_snapshot = state_dict.get("run"), state_dict.get("last_snapshot_step")
+        if not isinstance(run, str) or not (last_snapshot is None or isinstance(last_snapshot, int)):
+            problems.append("'run' or 'last_snapshot_step' missing or invalid")
         counts = (state_dict.get("num_steps"), state_dict.get("num_updates"))
         if not all(isinstance(count, int) and count >= 0 for count in counts):
             problems.append(f"counts {counts!r} are not non-negative ints")
@@ -420,8 +484,8 @@ class PostHocEMA:
         if not isinstance(emas, list) or len(emas) != self.num_emas:
             problems.append(f"'emas' must be a list of {self.num_emas} dicts")
         else:
-            for sigma_rel, saved in zip(self.sigma_rels, emas):
-                for name, tensor in self.ema_tensors(sigma_rel).items():
+            for index, (sigma_rel, saved) in enumerate(zip(self.sigma_rels, emas)):
+                for name, tensor in self._ema_views(index).items():
                     value = saved.get(name) if isinstance(saved, dict) else None
                     if not isinstance(value, Tensor) or value.shape != tensor.shape or value.dtype != tensor.dtype:
                         problems.append(f"{name} (sigma_rel {sigma_rel}): missing or of another shape or dtype")
@@ -429,13 +493,16 @@ class PostHocEMA:
                     problems.append(f"unexpected keys {sorted(set(saved) - set(self.tensor_names))}")
         if problems or not isinstance(emas, list):
             raise ValueError("Invalid state_dict for this PostHocEMA (nothing was loaded): " + "; ".join(problems))
-        for sigma_rel, saved in zip(self.sigma_rels, emas):
-            for name, tensor in self.ema_tensors(sigma_rel).items():
+        for index, saved in enumerate(emas):
+            for name, tensor in self._ema_views(index).items():
                 tensor.copy_(saved[name])
         self.num_steps, self.num_updates = int(state_dict["num_steps"]), int(state_dict["num_updates"])
+        self.run_id, self.last_snapshot_step = str(run), last_snapshot  # the same run continues
+        self._snapshot_dir_checked = False
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `state_dict()` atomically (rank 0 only)."""
+        self._check_outside_swap("save()")
         state = self.state_dict()
         if rank() == 0:
             atomic_save(state, path)
@@ -458,6 +525,10 @@ class PostHocEMA:
         )
 
 
+def _layout(tensor: Tensor) -> tuple:
+    return tuple(tensor.shape), layout_strides(tensor), tensor.device
+
+
 def _layout_signature(tensors: dict[str, Tensor]) -> list[tuple]:
     return [(tensor.data_ptr(), tensor.dtype, tensor.device, layout_strides(tensor)) for tensor in tensors.values()]
 
@@ -465,28 +536,50 @@ def _layout_signature(tensors: dict[str, Tensor]) -> list[tuple]:
 # ---- synthesis -----------------------------------------------------------------------------------------
 
 
-def _snapshot_headers(snapshot_dir: Path) -> list[tuple[Path, int, float, list]]:
-    """(path, step, gamma, layout) of every snapshot in `snapshot_dir`, checked; sorted by step."""
-    if not snapshot_dir.is_dir():
-        raise FileNotFoundError(f"No snapshot directory at {snapshot_dir}")
+class SnapshotHeader(NamedTuple):
+    path: Path
+    run: str
+    step: int
+    gamma: float
+    layout: tuple
+
+
+def _read_headers(snapshot_dir: Path) -> list[SnapshotHeader]:
+    """The header of every snapshot file in `snapshot_dir`, checked (tensors memory-mapped, not read)."""
     headers = []
     for path in sorted(snapshot_dir.iterdir()):
         if not _SNAPSHOT_NAME.match(path.name):
             continue
-        state = read_checkpoint(path)  # raises, naming the file, if it is damaged
+        state = read_checkpoint(path, mmap=True)  # raises, naming the file, if it is damaged
         if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT or state.get("version") != VERSION:
             raise ValueError(f"Invalid snapshot {path}: not a {SNAPSHOT_FORMAT} v{VERSION} file")
-        headers.append((path, int(state["step"]), float(state["gamma"]), state["layout"]))
+        step = state.get("step")
+        if not isinstance(step, int) or step <= 0 or not isinstance(state.get("run"), str):
+            raise ValueError(f"Invalid snapshot {path}: its step {step!r} is not an int > 0, or it names no run")
+        layout = tuple(tuple(entry) for entry in state["layout"])
+        headers.append(SnapshotHeader(path, state["run"], step, float(state["gamma"]), layout))
         del state
+    return headers
+
+
+def _snapshot_headers(snapshot_dir: Path) -> list[SnapshotHeader]:
+    """The snapshots of one run in `snapshot_dir`, sorted by step; anything else raises."""
+    if not snapshot_dir.is_dir():
+        raise FileNotFoundError(f"No snapshot directory at {snapshot_dir}")
+    headers = _read_headers(snapshot_dir)
     if not headers:
         raise ValueError(f"Invalid snapshot_dir: {snapshot_dir} holds no posthoc-step*-ema*.pt snapshots")
-    layouts = {tuple(map(tuple, layout)) for _, _, _, layout in headers}
-    if len(layouts) > 1:
+    if len({header.run for header in headers}) > 1:
+        raise ValueError(
+            f"Invalid snapshot_dir: {snapshot_dir} mixes snapshots of different training runs; keep one run per "
+            "directory"
+        )
+    if len({header.layout for header in headers}) > 1:
         raise ValueError(
             f"Invalid snapshot_dir: {snapshot_dir} mixes snapshots of different models (tensor names or shapes "
             "differ); keep one training run per directory"
         )
-    return sorted(headers, key=lambda header: header[1])
+    return sorted(headers, key=lambda header: header.step)
 
 
 def synthesize(snapshot_dir: str | os.PathLike, sigma_rel: float, step: int | None = None) -> dict[str, Tensor]:
@@ -498,27 +591,28 @@ def synthesize(snapshot_dir: str | os.PathLike, sigma_rel: float, step: int | No
     """
     sigma_rel = check_sigma_rel(sigma_rel)
     headers = _snapshot_headers(Path(snapshot_dir))
-    steps = sorted({header[1] for header in headers})
+    steps = sorted({header.step for header in headers})
     if step is None:
         step = steps[-1]
     elif step not in steps:
         raise ValueError(f"Invalid step: {step}; {snapshot_dir} has snapshots at steps {steps}")
-    used = [header for header in headers if header[1] <= step]
+    used = [header for header in headers if header.step <= step]
     coefficients = snapshot_coefficients(
-        [h[1] for h in used], [h[2] for h in used], step, sigma_rel_to_gamma(sigma_rel)
+        [header.step for header in used], [header.gamma for header in used], step, sigma_rel_to_gamma(sigma_rel)
     )
     totals: dict[str, Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     latest: dict[str, Tensor] = {}
-    for (path, _, _, _), coefficient in zip(used, coefficients.tolist()):
-        state = read_checkpoint(path)
+    for header, coefficient in zip(used, coefficients.tolist()):
+        state = read_checkpoint(header.path, mmap=True)
         assert isinstance(state, dict)
         for name, tensor in state["tensors"].items():
-            if tensor.is_floating_point():
-                contribution = coefficient * tensor.double()
+            if is_averaged(tensor):  # floating and complex tensors, summed in 64 bits
+                wide = tensor.to(torch.complex128 if tensor.is_complex() else torch.float64, copy=True)
+                contribution = wide.mul_(coefficient)
                 totals[name] = contribution if name not in totals else totals[name].add_(contribution)
                 dtypes[name] = tensor.dtype
             else:
-                latest[name] = tensor  # snapshots are sorted by step: the last one seen is the latest
+                latest[name] = tensor.clone()  # sorted by step: the last one seen is the latest (copied off the map)
         del state
     return {**{name: total.to(dtypes[name]) for name, total in totals.items()}, **latest}
