@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if skip_cuda is not None and "cuda" in item.keywords:
             item.add_marker(skip_cuda)
-        if item.module.__name__ == "test_distributed":  # gloo launches: distributed, and slow too
+        if item.module.__name__ in ("test_distributed", "test_sharded"):  # gloo launches: distributed, and slow too
             item.add_marker(pytest.mark.distributed)
             item.add_marker(pytest.mark.slow)
             continue

@@ -46,11 +46,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(worker, out_dir, timeout_s=120.0, *args):
-    """Run `worker(rank, out_dir, *args)` on WORLD processes (torch.multiprocessing, spawn); fail past the timeout."""
+def launch(worker, out_dir, timeout_s=120.0, *args, world=WORLD):
+    """Run `worker(rank, out_dir, *args)` on `world` processes (torch.multiprocessing, spawn); fail past the timeout."""
     port = free_port()
     context = mp.start_processes(
-        _entry, args=(worker, port, str(out_dir), *args), nprocs=WORLD, join=False, start_method="spawn"
+        _entry, args=(worker, port, str(out_dir), world, *args), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1.0):
@@ -60,17 +60,17 @@ def launch(worker, out_dir, timeout_s=120.0, *args):
             raise TimeoutError(f"{worker.__name__} did not finish within {timeout_s} s")
 
 
-def _entry(rank, worker, port, out_dir, *args):
+def _entry(rank, worker, port, out_dir, world, *args):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),
         LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         worker(rank, out_dir, *args)
         dist.barrier()  # no rank tears gloo down while another still talks to it
@@ -357,3 +357,127 @@ def memory_worker(rank, out_dir, model_name="xresnet50"):
     with open(os.path.join(out_dir, f"memory{rank}.txt"), "w") as out:
         out.write(f"{model_name} rank {rank}: DDP EMA {ema_bytes(ddp_ema) / 2**20:.1f} MiB, ")
         out.write(f"FSDP2 EMA {ema_bytes(fsdp_ema) / 2**20:.1f} MiB\n")
+
+
+# ---- sharded (DCP) checkpoints ------------------------------------------------------------------------
+
+
+def sharded_mlp(world, hidden=10):
+    """The Mlp under FSDP2 on a `world`-rank CPU mesh (each Linear its own group; the root owns the last)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = Mlp().double()
+    if hidden != 10:
+        model.layers[0], model.layers[2] = nn.Linear(6, hidden).double(), nn.Linear(hidden, 5).double()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in list(model.layers)[:-1]:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def dcp_save_worker(rank, out_dir):
+    """Train the FSDP2 Mlp with an EMA and save model and EMA with DCP (every rank its shard); also a wider model."""
+    import torch.distributed.checkpoint as dcp
+
+    from fastema import ModelEMA
+
+    model = sharded_mlp(WORLD)
+    ema = ModelEMA(model, DECAY)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    share = GLOBAL_BATCH // WORLD
+    for x in global_batches():
+        loss = loss_of(model, x[rank * share : (rank + 1) * share])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update()
+    dcp.save({"model": model.state_dict(), "ema": ema.sharded_state()}, checkpoint_id=os.path.join(out_dir, "ckpt"))
+    wider = ModelEMA(sharded_mlp(WORLD, hidden=12), DECAY)
+    dcp.save({"ema": wider.sharded_state()}, checkpoint_id=os.path.join(out_dir, "wider"))
+    torch.save({"full": ema.state_dict()["tensors"]}, os.path.join(out_dir, f"saved{rank}.pt"))
+
+
+def dcp_load_worker(rank, out_dir):
+    """Load the 2-rank checkpoint into a 3-rank FSDP2 EMA; a mismatched one is refused and changes nothing."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from fastema import ModelEMA
+
+    world = dist.get_world_size()
+    ema = ModelEMA(sharded_mlp(world), DECAY)
+    before = [tensor.clone() for tensor in ema._binding.ema_tensors]
+    try:
+        dcp.load({"ema": ema.sharded_state()}, checkpoint_id=os.path.join(out_dir, "wider"))
+        refused = ""
+    except CheckpointException as error:  # on every rank (a BaseException: DCP's choice)
+        refused = str(error)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, ema._binding.ema_tensors))
+    dcp.load({"ema": ema.sharded_state()}, checkpoint_id=os.path.join(out_dir, "ckpt"))
+    full = ema.state_dict()
+    result = {"refused": refused, "unchanged": unchanged, "ema": full["tensors"], "num_updates": full["num_updates"]}
+    torch.save(result, os.path.join(out_dir, f"loaded{rank}.pt"))
+
+
+class PeakRSS:
+    """The peak resident memory above the level at entry, sampled from /proc every 0.2 ms in a thread."""
+
+    def __enter__(self):
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.baseline = self.peak = self.current()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def current(self):
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * self.page
+
+    def sample(self):
+        while not self.done.wait(0.0002):
+            self.peak = max(self.peak, self.current())
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.current())
+        self.delta = self.peak - self.baseline
+
+
+def sharded_memory_worker(rank, out_dir):
+    """Per-rank peak memory of saving and loading a 2-rank FSDP2 EMA: DCP shards vs gather-to-rank-0."""
+    import gc
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from fastema import ModelEMA
+    from fastema.sharded import load_sharded, save_sharded
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(6)])
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ema = ModelEMA(model, DECAY)
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    results = {"full_bytes": full_bytes}
+    for name, action in [
+        ("dcp_save", lambda: save_sharded({"ema": ema.sharded_state()}, os.path.join(out_dir, "memory-dcp"))),
+        ("dcp_load", lambda: load_sharded({"ema": ema.sharded_state()}, os.path.join(out_dir, "memory-dcp"))),
+        ("gather_save", lambda: ema.save(os.path.join(out_dir, "memory-gather.pt"))),
+    ]:
+        gc.collect()
+        dist.barrier()
+        with PeakRSS() as memory:
+            action()
+        results[name] = memory.delta
+    torch.save(results, os.path.join(out_dir, f"memory{rank}.pt"))

@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,10 @@ from ._state import STATE_FORMAT, STATE_VERSION, check_state_dict
 from ._steps import is_dense
 from ._swap import WeightSwap
 from .checkpoint import atomic_save, read_checkpoint
+
+if TYPE_CHECKING:
+    from .sharded import ShardedEMAState
+
 from .distributed import gather_full, is_sharded, local_part, rank, reshard, shard_like, unwrap_model
 from .schedules import DecayWarmup, check_warmup
 
@@ -552,14 +557,33 @@ class ModelEMA:
         """
         self._check_outside_swap("load_state_dict()")
         tensors, counts, last_decay = check_state_dict(state_dict, self._expected_state(), self.decay, self.ema_dtype)
+        parts = []
+        for name in self.tensor_names:
+            layout = self._layouts.get(name)
+            parts.append(tensors[name] if layout is None else shard_like(tensors[name], layout))
+        self._write_checked_state(parts, counts, last_decay)
+
+    @torch.no_grad()
+    def _write_checked_state(self, parts: Sequence[Tensor], counts: tuple[int, int], last_decay: float) -> None:
+        """Copy checked values (this rank's part of each tracked tensor, in `tensor_names` order) into the EMA."""
+        self._check_outside_swap("load_state_dict()")
         self._wait_forgetting_failure()
         self._ensure_current()
-        for name, ema_tensor in zip(self.tensor_names, self._binding.ema_tensors):
-            layout = self._layouts.get(name)
-            ema_tensor.copy_(tensors[name] if layout is None else shard_like(tensors[name], layout))
+        for ema_tensor, part in zip(self._binding.ema_tensors, parts, strict=True):
+            ema_tensor.copy_(part)
         self.num_updates, self.num_steps = counts
         self.last_decay = last_decay
         self._failure = None
+
+    def sharded_state(self) -> ShardedEMAState:
+        """This EMA as a `torch.distributed.checkpoint` `Stateful`: `dcp.save({..., "ema": ema.sharded_state()})`.
+
+        Under FSDP2 each rank saves and loads its own shard (no gather), and loading reshards to
+        any world size, or to one process with an unsharded model. See `fastema.sharded`.
+        """
+        from .sharded import ShardedEMAState
+
+        return ShardedEMAState(self)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `state_dict()` to `path` atomically (a kill mid-write leaves the previous file intact).

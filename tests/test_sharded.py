@@ -1,0 +1,174 @@
+"""Sharded EMA checkpoints with torch.distributed.checkpoint: real gloo processes, resharding 2 ranks -> 3 ranks
+and -> one process, against the single-process float64 reference; refusals that change nothing; memory."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import distributed_workers as workers
+from fastema import ModelEMA
+from fastema.sharded import consolidate_ema, load_sharded, save_sharded
+from helpers import assert_state_matches
+from test_distributed import single_process_reference
+
+
+@pytest.fixture(scope="module")
+def saved_by_two_ranks(tmp_path_factory):
+    """A 2-rank FSDP2 run saved with dcp.save (model and EMA), and a checkpoint of a wider model's EMA."""
+    out = tmp_path_factory.mktemp("dcp")
+    workers.launch(workers.dcp_save_worker, out)
+    return out
+
+
+def plain_ema():
+    torch.manual_seed(0)
+    return ModelEMA(workers.Mlp().double(), workers.DECAY)
+
+
+def test_a_two_rank_checkpoint_loads_into_three_ranks_equal_to_the_reference(saved_by_two_ranks):
+    out = saved_by_two_ranks
+    workers.launch(workers.dcp_load_worker, out, world=3)
+    saved = torch.load(out / "saved0.pt", weights_only=True)["full"]  # rank 0's full EMA when it saved
+    _, reference = single_process_reference()
+    for rank in range(3):
+        result = torch.load(out / f"loaded{rank}.pt", weights_only=True)
+        assert "Size mismatch" in result["refused"] and "layers.0.weight" in result["refused"]
+        assert result["unchanged"]  # the refused load left this rank's shards as they were
+        assert result["num_updates"] == workers.STEPS
+        assert_state_matches(result["ema"], reference.state, rtol=1e-10, atol=1e-12)
+        for name, tensor in saved.items():
+            assert torch.equal(result["ema"][name], tensor), name  # resharded bit for bit
+
+
+def test_a_two_rank_checkpoint_loads_into_one_process_and_consolidates(saved_by_two_ranks, tmp_path):
+    out = saved_by_two_ranks
+    _, reference = single_process_reference()
+    ema = plain_ema()
+    load_sharded({"ema": ema.sharded_state()}, out / "ckpt")
+    assert ema.num_updates == workers.STEPS
+    assert_state_matches(dict(ema.module.state_dict()), reference.state, rtol=1e-10, atol=1e-12)
+
+    path = consolidate_ema(out / "ckpt", tmp_path / "ema.pt")
+    consolidated = torch.load(path, weights_only=True)
+    assert sorted(consolidated) == sorted(reference.state)
+    model = workers.Mlp().double()
+    model.load_state_dict(consolidated)
+    for name, value in ema.module.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    with pytest.raises(FileNotFoundError, match=r"no \.metadata"):
+        consolidate_ema(out / "nowhere", tmp_path / "never.pt")
+    with pytest.raises(ValueError, match="no fastema EMA under 'model'"):
+        consolidate_ema(out / "ckpt", tmp_path / "never.pt", key="model")
+    assert not (tmp_path / "never.pt").exists()
+
+
+def test_mismatched_checkpoints_are_refused_and_change_nothing(saved_by_two_ranks, tmp_path):
+    ema = plain_ema()
+    ema.update()
+    before = {name: tensor.clone() for name, tensor in ema.module.state_dict().items()}
+
+    def unchanged():
+        return ema.num_updates == 1 and all(torch.equal(ema.module.state_dict()[n], t) for n, t in before.items())
+
+    with pytest.raises(ValueError, match=r"Size mismatch .*layers\.0\.weight"):  # another model's shapes
+        load_sharded({"ema": ema.sharded_state()}, saved_by_two_ranks / "wider")
+    assert unchanged()
+    torch.manual_seed(0)
+    model = workers.Mlp().double()
+    model.register_buffer("extra", torch.ones(3))
+    save_sharded({"ema": ModelEMA(model, workers.DECAY).sharded_state()}, tmp_path / "extra")
+    with pytest.raises(ValueError, match="names"):  # a checkpoint with a tensor this EMA does not have
+        load_sharded({"ema": ema.sharded_state()}, tmp_path / "extra")
+    assert unchanged()
+    save_sharded({"ema": ModelEMA(workers.Mlp().double(), update_every=2).sharded_state()}, tmp_path / "every2")
+    with pytest.raises(ValueError, match="update_every 2 != 1"):
+        load_sharded({"ema": ema.sharded_state()}, tmp_path / "every2")
+    assert unchanged()
+    with pytest.raises(FileNotFoundError, match=r"no \.metadata"):
+        load_sharded({"ema": ema.sharded_state()}, tmp_path / "nowhere")
+
+
+def test_save_sharded_replaces_a_checkpoint_and_one_process_round_trips(tmp_path):
+    ema = plain_ema()
+    ema.update()
+    save_sharded({"ema": ema.sharded_state()}, tmp_path / "ckpt")
+    with torch.no_grad():
+        for parameter in ema.model.parameters():
+            parameter.add_(1.0)
+    ema.update(0.5)
+    save_sharded({"ema": ema.sharded_state()}, tmp_path / "ckpt")  # over the first one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind
+    loaded = plain_ema()
+    load_sharded({"ema": loaded.sharded_state()}, tmp_path / "ckpt")
+    assert loaded.num_updates == 2 and loaded.last_decay == 0.5
+    for name, value in ema.module.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[name], value), name
+
+
+KILLED_SAVE = textwrap.dedent(
+    """
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from torch.distributed.checkpoint import filesystem
+    import distributed_workers as workers
+    from fastema import ModelEMA
+    from fastema.sharded import save_sharded
+
+    torch.manual_seed(0)
+    ema = ModelEMA(workers.Mlp().double(), workers.DECAY)
+    ema.update()
+    save_sharded({{"ema": ema.sharded_state()}}, {path!r})          # the previous checkpoint, complete
+    torch.save(ema.state_dict(), {path!r} + ".expected.pt")
+    with torch.no_grad():
+        for parameter in ema.model.parameters():
+            parameter.add_(1.0)
+    ema.update()
+    write_item = filesystem._write_item
+
+    def slow_write(*args, **kwargs):                            # write one item, then hang: we get killed
+        result = write_item(*args, **kwargs)
+        print("writing", flush=True)
+        time.sleep(60)
+        return result
+
+    filesystem._write_item = slow_write
+    save_sharded({{"ema": ema.sharded_state()}}, {path!r})
+    """
+)
+
+
+def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path):
+    target = tmp_path / "ckpt"
+    script = KILLED_SAVE.format(tests=str(Path(__file__).parent), path=str(target))
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "writing"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+        process.stdout.close()
+    (interrupted,) = tmp_path.glob(".ckpt.saving-*")
+    ema = plain_ema()
+    with pytest.raises(FileNotFoundError, match=r"no \.metadata"):  # the half-written directory is refused
+        load_sharded({"ema": ema.sharded_state()}, interrupted)
+    assert ema.num_updates == 0
+    load_sharded({"ema": ema.sharded_state()}, target)  # the previous checkpoint, intact
+    expected = torch.load(tmp_path / "ckpt.expected.pt", weights_only=True)
+    assert ema.num_updates == 1
+    for name, value in expected["tensors"].items():
+        assert torch.equal(ema.module.state_dict()[name], value), name
+
+
+def test_sharded_save_and_load_use_shard_sized_memory_where_gathering_uses_the_model_s(tmp_path):
+    workers.launch(workers.sharded_memory_worker, tmp_path)
+    for rank in range(workers.WORLD):
+        memory = torch.load(tmp_path / f"memory{rank}.pt", weights_only=True)
+        full = memory["full_bytes"]
+        assert memory["gather_save"] > 0.9 * full  # the control: gathering materialises the whole EMA
+        assert memory["dcp_save"] < 0.5 * full  # less than this rank's shard (views are written)
+        assert memory["dcp_load"] < 0.75 * full  # this rank's shard in fresh buffers, plus reading
