@@ -36,6 +36,7 @@ class RealSteps:
 
     def after_step(self, optimizer, args, kwargs):
         self.steps += 1
+        self.weights = {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
         if self.reference is not None:
             self.reference.update(expected_tracked(self.model), self.decay)
         elif self.steps == self.start:
@@ -57,6 +58,8 @@ def test_attach_updates_after_every_real_step_and_not_after_a_skipped_one():
     scaler = torch.amp.GradScaler("cpu")
     real = RealSteps(model, 0.8)
     handle = ema.attach(optimizer)
+    with pytest.raises(ValueError, match="already attached"):
+        ema.attach(optimizer)  # twice would update twice per step
     try:
         generator = torch.Generator().manual_seed(0)
         for step in range(12):
@@ -73,8 +76,48 @@ def test_attach_updates_after_every_real_step_and_not_after_a_skipped_one():
         model(torch.randn(8, 8)).sum().backward()
         optimizer.step()
         assert ema.num_updates == 9  # detached
+        ema.attach(optimizer).remove()  # and free to attach again
     finally:
         real.remove()
+
+
+def test_posthoc_attach_updates_after_real_steps_only():
+    from fastema import PostHocEMA
+
+    model = nn.Linear(4, 2)
+    ema = PostHocEMA(model, (0.05, 0.10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = ema.attach(optimizer)
+    for _ in range(3):
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    assert ema.num_steps == 3
+    handle.remove()
+    optimizer.step()
+    assert ema.num_steps == 3
+
+
+def test_a_wrapper_that_is_an_optimizer_is_hooked_itself():
+    class Lookahead(torch.optim.Optimizer):  # moves the weights after its inner optimizer's step
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+            super().__init__(optimizer.param_groups, {})
+
+        def step(self, closure=None):
+            self.optimizer.step()
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for parameter in group["params"]:
+                        parameter.mul_(0.5)
+
+    model = nn.Linear(2, 2)
+    ema = ModelEMA(model, 0.0)  # decay 0: the EMA is the weights it last read
+    optimizer = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1))
+    ema.attach(optimizer)
+    model(torch.randn(3, 2)).sum().backward()
+    optimizer.step()
+    assert torch.equal(ema.module.weight, model.weight)  # read after the wrapper's own change
 
 
 def test_attach_unwraps_accelerate_and_rejects_other_objects():
@@ -166,8 +209,9 @@ def val_loss(module, data):
         (dict(max_steps=10), 3, 10, None),
         (dict(precision="bf16-mixed"), 0, 24, None),
         (dict(precision="16-mixed"), 0, 18, 4),  # 6 of 24 steps skipped by the GradScaler
+        (dict(accumulate_grad_batches=2), 0.25, 12, None),  # a quarter of 12 optimizer steps: starts after 3
     ],
-    ids=["plain", "accumulate-2", "max-steps-start-3", "bf16-mixed", "16-mixed-skipped-steps"],
+    ids=["plain", "accumulate-2", "max-steps-start-3", "bf16-mixed", "16-mixed-skipped-steps", "start-fraction"],
 )
 def test_lightning_ema_matches_the_reference_over_real_steps(kwargs, start, steps, poison_every):
     from fastema.lightning import EMACallback
@@ -179,12 +223,12 @@ def test_lightning_ema_matches_the_reference_over_real_steps(kwargs, start, step
         kwargs = dict(plugins=[MixedPrecision(precision="16-mixed", device="cpu", scaler=scaler)])
     module = lightning_module(poison_every)
     callback = EMACallback(decay=0.8, start=start)
-    real = RealSteps(module, 0.8, start=start)
+    real = RealSteps(module, 0.8, start=round(start * steps) if isinstance(start, float) else start)
     try:
         lightning_trainer([callback], **kwargs).fit(module, lightning_data(), lightning_data(16))
     finally:
         real.remove()
-    assert real.steps == steps and callback.engine.num_updates == steps - start
+    assert real.steps == steps and callback.engine.num_updates == steps - real.start
     assert_state_matches(dict(callback.module.state_dict()), real.reference.state, rtol=1e-5, atol=1e-6)
 
 
@@ -212,27 +256,211 @@ def test_lightning_validates_and_tests_with_the_ema_and_checkpoints_monitor_it(t
     assert any("EMACallback" in key for key in saved["callbacks"])  # the EMA's state rides in the checkpoint
 
 
-@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty:UserWarning")  # resuming in place
-def test_lightning_resume_from_a_checkpoint_is_bit_identical(tmp_path):
+@pytest.mark.filterwarnings("ignore:The dirpath has changed:UserWarning")  # each resumed run saves elsewhere
+@pytest.mark.parametrize("start", [5, 20], ids=["saved-after-start", "saved-before-start"])
+def test_lightning_resume_from_a_checkpoint_is_bit_identical(tmp_path, start):
+    from contextlib import nullcontext
+
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from fastema.lightning import EMACallback
 
-    def fit(max_epochs, ckpt_path=None, save_to=None):
-        module, callback = lightning_module(), EMACallback(decay=0.8, start=5)
+    def fit(max_epochs, ckpt_path=None, save_to=None, callback=None):
+        module, callback = lightning_module(), callback or EMACallback(decay=0.8, start=start)
         callbacks = [callback] + ([ModelCheckpoint(dirpath=save_to, save_last=True)] if save_to else [])
         trainer = lightning_trainer(callbacks, max_epochs=max_epochs, enable_checkpointing=bool(save_to))
         trainer.fit(module, lightning_data(), lightning_data(16), ckpt_path=ckpt_path)
         return module, callback
 
     straight_model, straight = fit(4)
-    fit(2, save_to=tmp_path / "first")
-    resumed_model, resumed = fit(4, ckpt_path=tmp_path / "first" / "last.ckpt", save_to=tmp_path / "first")
-    assert resumed.engine.num_updates == straight.engine.num_updates == 27
-    for name, value in straight.module.state_dict().items():
-        assert torch.equal(resumed.module.state_dict()[name], value), name
-    for name, value in straight_model.state_dict().items():
-        assert torch.equal(resumed_model.state_dict()[name], value), name
+    with pytest.warns(UserWarning, match="before start") if start > 16 else nullcontext():
+        _, first = fit(2, save_to=tmp_path / "first")  # 16 steps
+    for index, callback in enumerate((None, first)):  # a fresh callback, and the one that wrote the checkpoint
+        resumed_model, resumed = fit(
+            4, ckpt_path=tmp_path / "first" / "last.ckpt", save_to=tmp_path / f"resumed{index}", callback=callback
+        )
+        assert resumed.engine.num_updates == straight.engine.num_updates == 32 - start
+        for name, value in straight.module.state_dict().items():
+            assert torch.equal(resumed.module.state_dict()[name], value), name
+        for name, value in straight_model.state_dict().items():
+            assert torch.equal(resumed_model.state_dict()[name], value), name
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed:UserWarning")
+def test_lightning_resume_from_a_checkpoint_without_ema_state_warns_and_counts_start_in_global_steps(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from fastema.lightning import EMACallback
+
+    module = lightning_module()
+    trainer = lightning_trainer([ModelCheckpoint(tmp_path, save_last=True)], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(module, lightning_data(), lightning_data(16))  # 16 steps, no EMA
+    callback = EMACallback(decay=0.8, start=20)
+    resumed_module = lightning_module()
+    real = RealSteps(resumed_module, 0.8, start=4)  # global step 20 is the 4th step of this fit
+    try:
+        with pytest.warns(UserWarning, match="holds no EMACallback state"):
+            lightning_trainer(
+                [callback, ModelCheckpoint(tmp_path / "again")], max_epochs=4, enable_checkpointing=True
+            ).fit(resumed_module, lightning_data(), lightning_data(16), ckpt_path=tmp_path / "last.ckpt")
+    finally:
+        real.remove()
+    assert callback.engine.num_updates == 12 == real.steps - 4
+    assert_state_matches(dict(callback.module.state_dict()), real.reference.state, rtol=1e-5, atol=1e-6)
+
+
+def test_lightning_validate_ema_false_and_an_error_in_validation(tmp_path):
+    import pickle
+
+    from fastema.lightning import EMACallback
+
+    module, callback = lightning_module(), EMACallback(decay=0.8, validate_ema=False)
+    trainer = lightning_trainer([callback], max_epochs=1)
+    trainer.fit(module, lightning_data(), lightning_data(16))
+    assert trainer.callback_metrics["val_loss"].item() == pytest.approx(val_loss(module.net, lightning_data(16)))
+    shipped = pickle.loads(pickle.dumps(callback.__getstate__()["ema"]))  # what ddp_spawn would send
+    assert shipped.engine is None and callback.engine is not None  # without the EMA and its hooks
+
+    class Failing(type(lightning_module())):
+        def validation_step(self, batch, index):
+            if self.global_step >= 8:
+                raise RuntimeError("validation failed")
+            return super().validation_step(batch, index)
+
+    torch.manual_seed(0)
+    module, callback = Failing(), EMACallback(decay=0.8)
+    real = RealSteps(module, 0.8)
+    try:
+        trainer = lightning_trainer([callback], max_epochs=2)
+        with pytest.raises(RuntimeError, match="validation failed"):
+            trainer.fit(module, lightning_data(), lightning_data(16))
+    finally:
+        real.remove()
+    for name, value in module.state_dict().items():  # its own weights back, and no hook left behind
+        assert torch.equal(value, real.weights[name]), name
+    (optimizer,) = trainer.optimizers
+    updates = callback.engine.num_updates
+    optimizer.step()
+    callback.ema.end_batch()
+    assert callback.engine.num_updates == updates
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty:UserWarning")
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")  # validate() needs no saver
+def test_lightning_a_checkpoint_s_ema_serves_validate_and_stays_out_of_a_later_fit(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from fastema.lightning import EMACallback
+
+    module, callback = lightning_module(), EMACallback(decay=0.8)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    lightning_trainer([callback, checkpoint], max_epochs=2, enable_checkpointing=True).fit(
+        module, lightning_data(), lightning_data(16)
+    )
+    ema_loss = val_loss(callback.module.net, lightning_data(16))
+    fresh_module, fresh = lightning_module(), EMACallback(decay=0.8)  # another process, say
+    (result,) = lightning_trainer([fresh]).validate(fresh_module, lightning_data(16), ckpt_path=tmp_path / "last.ckpt")
+    assert result["val_loss"] == pytest.approx(ema_loss, rel=1e-5)  # the checkpoint's EMA, not its raw weights
+    (key,) = [key for key in torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"] if "EMA" in key]
+    fresh.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"][key])  # say, predict
+    real = RealSteps(fresh_module, 0.8)  # a fit without ckpt_path: a new EMA from this model's weights
+    try:
+        lightning_trainer([fresh], max_epochs=1).fit(fresh_module, lightning_data(), lightning_data(16))
+    finally:
+        real.remove()
+    assert fresh.engine.num_updates == real.steps == 8
+    assert_state_matches(dict(fresh.module.state_dict()), real.reference.state, rtol=1e-5, atol=1e-6)
+
+
+def test_lightning_a_second_fit_on_the_same_trainer_continues_the_ema():
+    from fastema.lightning import EMACallback
+
+    module, callback = lightning_module(), EMACallback(decay=0.8, start=12)
+    real = RealSteps(module, 0.8, start=12)
+    try:
+        trainer = lightning_trainer([callback], max_epochs=1)
+        with pytest.warns(UserWarning, match="before start"):
+            trainer.fit(module, lightning_data(), lightning_data(16))  # 8 steps: not started yet
+        trainer.fit_loop.max_epochs = 3
+        trainer.fit(module, lightning_data(), lightning_data(16))  # 16 more: started at global step 12
+    finally:
+        real.remove()
+    assert real.steps == 24 and callback.engine.num_updates == 12
+    assert_state_matches(dict(callback.module.state_dict()), real.reference.state, rtol=1e-5, atol=1e-6)
+
+
+def test_lightning_manual_optimization_with_two_optimizers_updates_once_per_batch():
+    import lightning as L
+
+    from fastema.lightning import EMACallback
+    from reference import ReferenceEMA
+
+    class TwoOptimizers(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 3)
+            self.reference = None
+
+        def training_step(self, batch, index):
+            x, y = batch
+            for optimizer in self.optimizers():
+                optimizer.zero_grad()
+                self.manual_backward(nn.functional.cross_entropy(self.second(self.first(x)), y))
+                optimizer.step()
+
+        def on_train_batch_end(self, outputs, batch, index):  # the reference: once per batch, after both steps
+            self.reference.update(expected_tracked(self), 0.8)
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.first.parameters(), lr=0.1), torch.optim.SGD(self.second.parameters(), lr=0.1)]
+
+    torch.manual_seed(0)
+    module, callback = TwoOptimizers(), EMACallback(decay=0.8)
+    module.reference = ReferenceEMA(expected_tracked(module))
+    lightning_trainer([callback], max_epochs=1).fit(module, lightning_data())
+    assert callback.engine.num_updates == 8  # 8 batches, 16 optimizer steps
+    assert_state_matches(dict(callback.module.state_dict()), module.reference.state, rtol=1e-5, atol=1e-6)
+
+
+def test_lightning_never_started_warns_and_reading_the_ema_raises():
+    from fastema.lightning import EMACallback
+
+    callback = EMACallback(decay=0.8, start=100, replace_weights=True)
+    with pytest.warns(UserWarning, match="before start"):
+        lightning_trainer([callback], max_epochs=1).fit(lightning_module(), lightning_data(), lightning_data(16))
+    with pytest.raises(RuntimeError, match="has not started"):
+        _ = callback.module
+    with pytest.raises(ValueError, match="start"):  # a fraction of unbounded training
+        lightning_trainer([EMACallback(start=0.5)], max_epochs=-1, max_time="00:00:00:05").fit(
+            lightning_module(), lightning_data(), lightning_data(16)
+        )
+
+
+def test_lightning_two_ema_callbacks_with_different_decays_live_side_by_side(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from fastema.lightning import EMACallback
+
+    module = lightning_module()
+    with pytest.raises(ValueError, match="validate_ema"):  # both would swap their EMA into the one module
+        lightning_trainer([EMACallback(decay=0.5), EMACallback(decay=0.9)]).fit(
+            module, lightning_data(), lightning_data(16)
+        )
+    fast, slow = EMACallback(decay=0.5), EMACallback(decay=0.9, validate_ema=False)
+    real_fast, real_slow = RealSteps(module, 0.5), RealSteps(module, 0.9)
+    try:
+        trainer = lightning_trainer(
+            [fast, slow, ModelCheckpoint(tmp_path, save_last=True)], max_epochs=1, enable_checkpointing=True
+        )
+        trainer.fit(module, lightning_data(), lightning_data(16))
+    finally:
+        real_fast.remove()
+        real_slow.remove()
+    assert_state_matches(dict(fast.module.state_dict()), real_fast.reference.state, rtol=1e-5, atol=1e-6)
+    assert_state_matches(dict(slow.module.state_dict()), real_slow.reference.state, rtol=1e-5, atol=1e-6)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert len([key for key in saved["callbacks"] if key.startswith("EMACallback")]) == 2
 
 
 def test_lightning_replace_weights_and_bad_arguments():
@@ -253,6 +481,7 @@ def test_lightning_replace_weights_and_bad_arguments():
         (dict(validate_ema="yes"), TypeError, "validate_ema"),
         (dict(flatten_model="yes"), TypeError, "flatten_model"),
         (dict(nonsense=1), TypeError, "nonsense"),
+        (dict(tensor_names="net.0.weight"), TypeError, "tensor_names"),
     ]:
         with pytest.raises(error, match=name):
             EMACallback(**kwargs)
@@ -415,6 +644,134 @@ def test_hf_trainer_resume_from_checkpoint_is_bit_identical(tmp_path):
         assert torch.equal(resumed.module.state_dict()[name], value), name
 
 
+def test_hf_trainer_evaluates_every_eval_dataset_with_the_ema_and_restores_after_an_error(tmp_path):
+    from fastema.transformers import EMACallback
+
+    model = tiny_bert()
+    callback = EMACallback(decay=0.8)
+    trainer = hf_trainer(model, callback, tmp_path, eval_strategy="steps", eval_steps=8)
+    trainer.eval_dataset = {"a": Tokens(8, seed=1), "b": Tokens(8, seed=2)}
+    trainer.train()
+    logged = {key: value for entry in trainer.state.log_history for key, value in entry.items() if "_loss" in key}
+    separate = hf_trainer(callback.module, EMACallback(), tmp_path / "separate")
+    for name, seed in (("a", 1), ("b", 2)):
+        expected = separate.evaluate(Tokens(8, seed=seed))["eval_loss"]
+        assert logged[f"eval_{name}_loss"] == pytest.approx(expected, rel=1e-6), name
+
+    def failing_metrics(prediction):
+        raise RuntimeError("metrics failed")
+
+    model, failing = tiny_bert(), EMACallback(decay=0.8)
+    trainer = hf_trainer(model, failing, tmp_path / "failing", eval_strategy="steps", eval_steps=4)
+    trainer.compute_metrics = failing_metrics
+    real = RealSteps(model, 0.8)
+    try:
+        with pytest.raises(RuntimeError, match="metrics failed"):
+            trainer.train()
+    finally:
+        real.remove()
+    for name, value in model.state_dict().items():  # its own weights after the last step, not the EMA's
+        assert torch.equal(value, real.weights[name]), name
+    assert real.steps == 4 and not failing.engine.ema_weights_in_use
+
+
+def test_hf_trainer_resumes_the_ema_from_the_folder_it_is_given(tmp_path):
+    from fastema.transformers import EMACallback
+
+    straight = EMACallback(decay=0.8)
+    hf_trainer(tiny_bert(), straight, tmp_path / "straight").train()
+    hf_trainer(tiny_bert(), EMACallback(decay=0.8), tmp_path / "elsewhere", save_strategy="steps", save_steps=4).train()
+    # The new output_dir holds an unrelated checkpoint-4; the one resumed from is elsewhere.
+    hf_trainer(
+        tiny_bert(), EMACallback(decay=0.5), tmp_path / "new", max_steps=4, save_strategy="steps", save_steps=4
+    ).train()
+    resumed = EMACallback(decay=0.8)
+    hf_trainer(tiny_bert(), resumed, tmp_path / "new").train(
+        resume_from_checkpoint=str(tmp_path / "elsewhere" / "checkpoint-4")
+    )
+    for name, value in straight.module.state_dict().items():
+        assert torch.equal(resumed.module.state_dict()[name], value), name
+
+
+def test_hf_resume_without_an_ema_file_warns_and_a_file_of_another_step_raises(tmp_path):
+    import shutil
+
+    from fastema.transformers import EMA_CHECKPOINT_NAME, EMACallback
+
+    hf_trainer(tiny_bert(), EMACallback(decay=0.8), tmp_path, save_strategy="steps", save_steps=4).train()
+    (tmp_path / "checkpoint-4" / EMA_CHECKPOINT_NAME).unlink()
+    with pytest.warns(UserWarning, match="without an EMA checkpoint"):
+        hf_trainer(tiny_bert(), EMACallback(decay=0.8), tmp_path).train(
+            resume_from_checkpoint=str(tmp_path / "checkpoint-4")
+        )
+    shutil.copy(tmp_path / "checkpoint-8" / EMA_CHECKPOINT_NAME, tmp_path / "checkpoint-4" / EMA_CHECKPOINT_NAME)
+    with pytest.raises(ValueError, match="written at step 8, resuming at 4"):
+        hf_trainer(tiny_bert(), EMACallback(decay=0.8), tmp_path).train(
+            resume_from_checkpoint=str(tmp_path / "checkpoint-4")
+        )
+
+
+def test_hf_replace_weights_puts_the_ema_into_the_model(tmp_path):
+    from fastema.transformers import EMACallback
+
+    model = tiny_bert()
+    callback = EMACallback(decay=0.8, replace_weights=True)
+    real = RealSteps(model, 0.8)
+    try:
+        hf_trainer(model, callback, tmp_path).train()
+    finally:
+        real.remove()
+    assert_state_matches(dict(model.state_dict()), real.reference.state, rtol=1e-5, atol=1e-6)
+
+
+def test_hf_validate_ema_false_evaluates_the_model_s_own_weights(tmp_path):
+    from fastema.transformers import EMACallback
+
+    trainer = hf_trainer(
+        tiny_bert(), EMACallback(decay=0.8, validate_ema=False), tmp_path, eval_strategy="steps", eval_steps=8
+    )
+    trainer.train()
+    (during,) = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert during == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
+
+
+def test_hf_load_best_model_at_end_gives_the_ema_saved_with_the_best_checkpoint(tmp_path):
+    from fastema.transformers import EMA_CHECKPOINT_NAME, EMACallback
+
+    callback = EMACallback(decay=0.8)
+    trainer = hf_trainer(
+        tiny_bert(),
+        callback,
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # the worst, on purpose
+    )
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name != "checkpoint-8"  # not the last: the EMA must come from there
+    saved = torch.load(best / EMA_CHECKPOINT_NAME, weights_only=True)["ema"]["engine"]
+    for name, value in saved["tensors"].items():
+        assert torch.equal(callback.module.state_dict()[name], value), name
+
+
+def test_hf_never_started_warns_and_save_pretrained_raises(tmp_path):
+    from fastema.transformers import EMACallback
+
+    callback = EMACallback(decay=0.8, start=100, tensor_names=["classifier.weight", "classifier.bias"])
+    with pytest.warns(UserWarning, match="before start"):
+        hf_trainer(tiny_bert(), callback, tmp_path).train()
+    with pytest.raises(RuntimeError, match="has not started"):
+        callback.save_pretrained(tmp_path / "never")
+    assert callback.engine.tensor_names == ["classifier.weight", "classifier.bias"]
+    with pytest.raises(TypeError, match="resume_from"):
+        EMACallback(resume_from=123)
+
+
 def test_hf_save_pretrained_writes_the_ema_model_also_when_flattened(tmp_path):
     from transformers import BertForSequenceClassification
 
@@ -433,16 +790,20 @@ HF_DDP = textwrap.dedent(
     """
     import os, sys, torch
     sys.path.insert(0, {tests!r})
+    from fastema import transformers as integration
     from fastema.transformers import EMACallback
     from test_trainers import hf_trainer, tiny_bert
 
+    writes = []
+    atomic_save = integration.atomic_save
+    integration.atomic_save = lambda obj, path: writes.append(str(path)) or atomic_save(obj, path)
     torch.set_num_threads(1)
     callback = EMACallback(decay=0.8)
     trainer = hf_trainer(tiny_bert(), callback, {out!r}, ddp_backend="gloo", save_strategy="steps", save_steps=4,
                          max_steps=4)
     trainer.train()
     rank = int(os.environ["RANK"])
-    torch.save({{"ema": dict(callback.module.state_dict()), "updates": callback.engine.num_updates}},
+    torch.save({{"ema": dict(callback.module.state_dict()), "updates": callback.engine.num_updates, "writes": writes}},
                {out!r} + f"/rank{{rank}}.pt")
     """
 )
@@ -460,3 +821,4 @@ def test_hf_trainer_under_torchrun_keeps_the_ema_identical_and_rank0_writes(tmp_
     for name, value in ranks[0]["ema"].items():
         assert torch.equal(ranks[1]["ema"][name], value), name
     assert [p.name for p in (tmp_path / "checkpoint-4").glob("fastema_ema.pt")] == ["fastema_ema.pt"]
+    assert len(ranks[0]["writes"]) == 1 and ranks[1]["writes"] == []  # rank 0 wrote it

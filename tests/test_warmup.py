@@ -132,6 +132,14 @@ def test_bad_warmup_arguments_raise(make, name):
         make()
 
 
+@pytest.mark.parametrize(
+    "make,name", [(lambda: ExponentialWarmup(tau="3"), "tau"), (lambda: InverseGammaWarmup(power=None), "power")]
+)
+def test_warmup_arguments_of_the_wrong_type_raise_type_errors(make, name):
+    with pytest.raises(TypeError, match=name):
+        make()
+
+
 # ---- fastai ----------------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,8 @@ its own: that is `ModelEMA`'s.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from numbers import Integral, Real
@@ -17,7 +19,9 @@ from typing import Any
 
 from torch import nn
 
+from ._checks import check_flag
 from ._hooks import RemovableHandle, attach_to_optimizer
+from .distributed import unwrap_model
 from .engine import ModelEMA
 from .schedules import DecayWarmup
 
@@ -44,45 +48,91 @@ class ModelEMAFactory:
 
     def __init__(self, decay: float, warmup: DecayWarmup | None, options: dict[str, Any]) -> None:
         self.decay, self.warmup, self.options = decay, warmup, options
-        self(nn.Linear(1, 1))  # every option checked now, when the callback is built, not at fit
+        # Every option checked now, when the callback is built, not at fit. `tensor_names` name the
+        # real model's tensors: checked for type here, against the model when the EMA is built.
+        names = options.get("tensor_names")
+        if names is not None and (isinstance(names, str) or not all(isinstance(name, str) for name in names)):
+            raise TypeError(f"Invalid tensor_names: {names!r}; expected a sequence of state-dict names")
+        ModelEMA(nn.Linear(1, 1), decay, warmup=warmup, **{k: v for k, v in options.items() if k != "tensor_names"})
 
     def __call__(self, model: nn.Module) -> ModelEMA:
         return ModelEMA(model, self.decay, warmup=self.warmup, **self.options)
 
 
 class StepDrivenEMA:
-    """A `ModelEMA` updated by optimizer step hooks, with a start, evaluation swaps and a checkpointable state."""
+    """A `ModelEMA` moved after optimizer steps, with a start, evaluation swaps and a checkpointable state.
 
-    def __init__(self, make_engine: Callable[[nn.Module], Any], start: int | float) -> None:
+    `per_batch=False`: one update after every optimizer step (the step hook). `per_batch=True`:
+    the hooks only note that a step happened and `end_batch()` updates once (Lightning's manual
+    optimization may step several optimizers in one batch; the EMA should see the batch's result).
+    Steps are counted from the run's start (`begin(..., steps_so_far=...)`), so `start` means the
+    same whether a run is resumed or not.
+    """
+
+    def __init__(self, make_engine: Callable[[nn.Module], Any], start: int | float, per_batch: bool = False) -> None:
         self.make_engine = make_engine
         self.start = check_start(start)
+        self.per_batch = per_batch
         self.engine: Any = None
-        self.steps = 0  # optimizer steps since the fit began (or since the run began, when resumed)
+        self.steps = 0  # optimizer steps (batches with one, per_batch) since the run began
         self.started = False
+        self.running = False
         self._start_step = 0
+        self._stepped = False
         self._handles: list[RemovableHandle] = []
         self._swap: ExitStack | None = None
-        self._pending: dict | None = None  # a checkpoint's state that arrived before the engine
+        self._pending: dict | None = None  # a checkpoint's state that arrived before the engine it is for
 
-    def begin(self, model: nn.Module, optimizers: Iterable[Any], total_steps: int | None) -> None:
-        """Build the engine on `model` (where it trains) and hook it to the optimizers."""
+    def begin(
+        self, model: nn.Module, optimizers: Iterable[Any], total_steps: float | None, steps_so_far: int = 0
+    ) -> None:
+        """Start (or continue) averaging `model` (where it trains) and hook the optimizers.
+
+        The EMA continues when the same model continues from where the last run of this EMA
+        stopped (a second `fit` on the same trainer); otherwise a new one is built.
+        """
+        continuing = (
+            self.engine is not None
+            and self.engine.model is unwrap_model(model)
+            and self._pending is None
+            and steps_so_far == self.steps
+            and steps_so_far > 0
+        )
         self.end()
-        self.engine = self.make_engine(model)
         if isinstance(self.start, float):
-            if not total_steps:
+            if not total_steps or not math.isfinite(total_steps):
                 raise ValueError(
-                    f"Invalid start: {self.start} (a fraction), but the number of training steps is unknown"
+                    f"Invalid start: {self.start} (a fraction of training), but the number of training steps is "
+                    f"unknown ({total_steps}); give start as an int number of steps"
                 )
             self._start_step = round(self.start * total_steps)
         else:
             self._start_step = self.start
-        self.steps, self.started = 0, self._start_step == 0
+        if not continuing:
+            self.engine = self.make_engine(model)
+            self.steps, self.started = steps_so_far, steps_so_far >= self._start_step
+            if self.started and steps_so_far > 0:
+                self.engine.reset()  # resumed past `start` without the EMA's state: it starts from here
+        self._stepped = False
         self._handles = [attach_to_optimizer(optimizer, self._after_step) for optimizer in optimizers]
+        self.running = True
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            self.load_state_dict(pending)
+            self._load(pending)
 
     def _after_step(self) -> None:
+        if self.per_batch:
+            self._stepped = True
+        else:
+            self._advance()
+
+    def end_batch(self) -> None:
+        """After a training batch (per_batch): one update if any optimizer stepped in it."""
+        if self._stepped:
+            self._stepped = False
+            self._advance()
+
+    def _advance(self) -> None:
         self.steps += 1
         if self.started:
             self.engine.update()
@@ -98,8 +148,9 @@ class StepDrivenEMA:
     def swap_in(self, *args: Any) -> None:
         """Put the EMA weights into the model for an evaluation (a no-op before the EMA has moved)."""
         if self._swap is None and self.averaging:
-            self._swap = ExitStack()
-            self._swap.enter_context(self.engine.use_ema_weights(*args))
+            swap = ExitStack()
+            swap.enter_context(self.engine.use_ema_weights(*args))
+            self._swap = swap
 
     def swap_out(self) -> None:
         """Put the model's own weights back, exactly."""
@@ -113,8 +164,30 @@ class StepDrivenEMA:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.running = False
         if replace_weights and self.averaging:
             self.engine.copy_to()
+
+    def warn_if_not_started(self, who: str) -> None:
+        """At the end of training: say so if `start` was never reached (there is no EMA to use)."""
+        if self.engine is not None and not self.started:
+            warnings.warn(
+                f"{who}: training ended after {self.steps} optimizer steps, before start ({self._start_step}); "
+                "there is no EMA (reading it raises) and replace_weights did nothing",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def ema_module(self, who: str) -> nn.Module:
+        """The EMA model, or a RuntimeError if there is none yet."""
+        if self.engine is None:
+            raise RuntimeError(f"{who}.module: no EMA yet; it is built when training starts")
+        if not self.started:
+            raise RuntimeError(
+                f"{who}.module: the EMA has not started: {self.steps} optimizer steps so far, start is "
+                f"{self._start_step}"
+            )
+        return self.engine.module
 
     def state_dict(self) -> dict:
         return {
@@ -126,12 +199,51 @@ class StepDrivenEMA:
         }
 
     def load_state_dict(self, state: object) -> None:
-        """Restore from `state_dict()`: now if the engine exists, else when `begin` builds it."""
+        """Restore from `state_dict()`: now during a run, else when the next run (or evaluation) begins."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise ValueError(f"Invalid EMA state: not a {STATE_FORMAT} v{STATE_VERSION} state")
-        if self.engine is None:
+        if self.running:
+            self._load(state)
+        else:
             self._pending = state
+
+    @property
+    def has_pending_state(self) -> bool:
+        return self._pending is not None
+
+    def discard_pending_state(self) -> None:
+        self._pending = None
+
+    def load_pending_for_evaluation(self, model: nn.Module) -> None:
+        """Outside training: a checkpoint's EMA restored for an evaluation, into the EMA of `model`."""
+        if self._pending is None:
             return
+        if self.engine is None or self.engine.model is not unwrap_model(model):
+            self.engine = self.make_engine(model)
+        pending, self._pending = self._pending, None
+        self._load(pending)
+
+    def _load(self, state: dict) -> None:
         if state["engine"] is not None:
             self.engine.load_state_dict(state["engine"])
         self.steps, self.started = int(state["steps"]), bool(state["started"])
+
+
+class StepDrivenCallback:
+    """What the Lightning and Hugging Face callbacks share: the flags, the engine and the EMA model."""
+
+    ema: StepDrivenEMA
+
+    def _init_flags(self, validate_ema: bool, replace_weights: bool) -> None:
+        self.validate_ema = check_flag(validate_ema, "validate_ema")
+        self.replace_weights = check_flag(replace_weights, "replace_weights")
+
+    @property
+    def engine(self) -> ModelEMA | None:
+        """The `ModelEMA` of the current (or last) run."""
+        return self.ema.engine
+
+    @property
+    def module(self) -> nn.Module:
+        """The EMA model (raises before the EMA has started)."""
+        return self.ema.ema_module(type(self).__name__)

@@ -35,7 +35,7 @@ from ._checks import (
     check_foreach,
     check_update_every,
 )
-from ._hooks import RemovableHandle, attach_to_optimizer
+from ._hooks import RemovableHandle, attach_once
 from ._plan import Plan, plan_update
 from ._state import STATE_FORMAT, STATE_VERSION, check_state_dict
 from ._steps import is_dense
@@ -298,7 +298,7 @@ class ModelEMA:
         and `accelerate` loops (pass the torch optimizer; an accelerate `AcceleratedOptimizer` is
         unwrapped).
         """
-        return attach_to_optimizer(optimizer, lambda: self.update())
+        return attach_once(self, optimizer, lambda: self.update())
 
     def update(self, decay: float | None = None) -> None:
         """Move the EMA toward the model; call after each optimizer step.

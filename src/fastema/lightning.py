@@ -11,24 +11,22 @@ resumes it exactly. Importing `fastema` does not import Lightning; this module d
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
-
-import torch
 
 try:
     from lightning.pytorch import Callback
 except ImportError:  # the standalone `pytorch_lightning` package
     from pytorch_lightning import Callback  # type: ignore[assignment]  # the same class under its older name
 
-from ._checks import check_flag
-from ._trainer import ModelEMAFactory, StepDrivenEMA
-from .engine import ModelEMA
+from ._trainer import ModelEMAFactory, StepDrivenCallback, StepDrivenEMA
+from .distributed import unwrap_model
 from .schedules import DecayWarmup
 
 __all__ = ["EMACallback"]
 
 
-class EMACallback(Callback):
+class EMACallback(StepDrivenCallback, Callback):
     """An exponential moving average of the LightningModule's weights (a `ModelEMA`), for `lightning.Trainer`."""
 
     def __init__(
@@ -40,43 +38,76 @@ class EMACallback(Callback):
         replace_weights: bool = False,  # at the end of fit, copy the EMA into the module
         **options: Any,  # ModelEMA's: all_parameters, all_buffers, foreach, device, flatten_model, ema_dtype, ...
     ) -> None:
-        self.validate_ema = check_flag(validate_ema, "validate_ema")
-        self.replace_weights = check_flag(replace_weights, "replace_weights")
-        self.ema = StepDrivenEMA(ModelEMAFactory(decay, warmup, options), start)
+        self._init_flags(validate_ema, replace_weights)
+        # One update per training batch in which an optimizer stepped (manual optimization may step several).
+        self.ema = StepDrivenEMA(ModelEMAFactory(decay, warmup, options), start, per_batch=True)
+        self._key = dict(decay=decay, start=start, **{k: v for k, v in options.items() if isinstance(v, (int, str))})
 
     @property
-    def engine(self) -> ModelEMA | None:
-        """The `ModelEMA` of the current (or last) fit."""
-        return self.ema.engine
-
-    @property
-    def module(self) -> torch.nn.Module:
-        """The EMA model."""
-        if self.ema.engine is None:
-            raise RuntimeError("EMACallback.module: no EMA yet; it is built when fit starts")
-        return self.ema.engine.module
+    def state_key(self) -> str:
+        # Two EMACallbacks (say, two decays) in one Trainer: each its own key in the checkpoint.
+        return self._generate_state_key(**self._key)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.ema.begin(pl_module, trainer.optimizers, trainer.estimated_stepping_batches)
+        validating = [
+            callback for callback in trainer.callbacks if isinstance(callback, EMACallback) and callback.validate_ema
+        ]
+        if len(validating) > 1:
+            raise ValueError(
+                f"Invalid callbacks: {len(validating)} EMACallbacks with validate_ema=True; one model holds one EMA "
+                "at a time: give validate_ema=False to all but one"
+            )
+        if self.ema.has_pending_state and trainer.ckpt_path is None:
+            self.ema.discard_pending_state()  # restored for an earlier evaluation, not for this fit
+        elif trainer.ckpt_path is not None and not self.ema.has_pending_state:
+            warnings.warn(
+                f"EMACallback: resuming from {trainer.ckpt_path}, which holds no EMACallback state: the EMA starts "
+                "again from the model's weights",
+                UserWarning,
+                stacklevel=2,
+            )
 
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Here, not at on_fit_start: a resumed fit has its global step (and optimizers) back by now.
+        self.ema.begin(pl_module, trainer.optimizers, trainer.estimated_stepping_batches, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ema.end_batch()
+
+    def _evaluation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and not self.ema.running:
+            return  # the sanity check before training: no EMA of this fit yet
+        if trainer.state.fn != "fit":  # validate()/test() on their own: a checkpoint's EMA, if one was restored
+            self.ema.load_pending_for_evaluation(pl_module)
+            engine = self.ema.engine
+            if self.validate_ema and engine is not None and engine.model is not unwrap_model(pl_module):
+                warnings.warn(
+                    "EMACallback: evaluating another module than the one whose EMA this callback holds; the EMA is "
+                    "not used",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return
         if self.validate_ema:
             self.ema.swap_in()
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._evaluation_start(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self.ema.swap_out()
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        if self.validate_ema:
-            self.ema.swap_in()
+        self._evaluation_start(trainer, pl_module)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self.ema.swap_out()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self.ema.swap_out()  # an evaluation interrupted by an error: the module gets its own weights back
+        self.ema.end()  # the module gets its own weights back (an interrupted evaluation); the hooks go
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        self.ema.warn_if_not_started("EMACallback")
         self.ema.end(self.replace_weights)
 
     def state_dict(self) -> dict:
@@ -88,5 +119,5 @@ class EMACallback(Callback):
     def __getstate__(self) -> dict:
         # `strategy="ddp_spawn"` pickles the callbacks to start the processes: the engine and hooks stay behind.
         state = dict(self.__dict__)
-        state["ema"] = StepDrivenEMA(self.ema.make_engine, self.ema.start)
+        state["ema"] = StepDrivenEMA(self.ema.make_engine, self.ema.start, per_batch=True)
         return state

@@ -35,7 +35,7 @@ from ._checks import (
     check_foreach,
     check_update_every,
 )
-from ._hooks import RemovableHandle, attach_to_optimizer
+from ._hooks import RemovableHandle, attach_once
 from ._plan import Plan, kernel_steps, pack_model
 from ._steps import StackedStep, Step, fused_step_supported, is_averaged, layout_strides
 from ._swap import WeightSwap
@@ -330,7 +330,7 @@ class PostHocEMA:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Call `update()` after every step `optimizer` really takes (see `ModelEMA.attach`)."""
-        return attach_to_optimizer(optimizer, lambda: self.update())
+        return attach_once(self, optimizer, lambda: self.update())
 
     # ---- reading -------------------------------------------------------------------------------------
 

@@ -43,12 +43,19 @@ class DecayWarmup:
         raise NotImplementedError
 
 
+def _check_positive(value: object, name: str) -> None:
+    """A finite number > 0: a TypeError for a non-number, a ValueError for a bad number."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"Invalid {name}: {value!r}; expected a finite number > 0")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Invalid {name}: {value!r}; expected a finite number > 0")
+
+
 class ExponentialWarmup(DecayWarmup):
     """YOLOv5/ultralytics' ramp: `decay * (1 - exp(-step / tau))`, about `decay` after a few `tau` steps."""
 
     def __init__(self, tau: float = 2000.0) -> None:
-        if isinstance(tau, bool) or not isinstance(tau, Real) or not math.isfinite(tau) or tau <= 0:
-            raise ValueError(f"Invalid tau: {tau!r}; expected a finite number > 0 (steps)")
+        _check_positive(tau, "tau")
         self.tau: float = float(tau)
 
     def __call__(self, step: int, decay: float) -> float:
@@ -68,8 +75,7 @@ class InverseGammaWarmup(DecayWarmup):
 
     def __init__(self, inv_gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0) -> None:
         for name, value in (("inv_gamma", inv_gamma), ("power", power)):
-            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"Invalid {name}: {value!r}; expected a finite number > 0")
+            _check_positive(value, name)
         self.inv_gamma, self.power = float(inv_gamma), float(power)
         self.min_decay = check_decay(min_decay, "min_decay")
 

@@ -13,17 +13,15 @@ this module does.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
-from ._checks import check_flag
-from ._trainer import ModelEMAFactory, StepDrivenEMA
+from ._trainer import ModelEMAFactory, StepDrivenCallback, StepDrivenEMA
 from .checkpoint import atomic_save, read_checkpoint
-from .engine import ModelEMA
 from .schedules import DecayWarmup
 
 __all__ = ["EMA_CHECKPOINT_NAME", "EMACallback"]
@@ -31,7 +29,21 @@ __all__ = ["EMA_CHECKPOINT_NAME", "EMACallback"]
 EMA_CHECKPOINT_NAME = "fastema_ema.pt"
 
 
-class EMACallback(TrainerCallback):
+def _training_loop() -> tuple[Any, object]:
+    """The running `Trainer` and the `resume_from_checkpoint` it was given, from the training loop's frame.
+
+    Callbacks are not given the Trainer; its `_inner_training_loop` is on the stack when it
+    calls `on_train_begin`. (None, None) if the frame is not found (another Trainer subclass).
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_inner_training_loop" and isinstance(frame.f_locals.get("self"), Trainer):
+            return frame.f_locals["self"], frame.f_locals.get("resume_from_checkpoint")
+        frame = frame.f_back  # type: ignore[assignment]  # None ends the loop
+    return None, None
+
+
+class EMACallback(StepDrivenCallback, TrainerCallback):
     """An exponential moving average of the model's weights (a `ModelEMA`), for the Hugging Face `Trainer`."""
 
     def __init__(
@@ -42,67 +54,107 @@ class EMACallback(TrainerCallback):
         validate_ema: bool = True,  # evaluate with the EMA weights during training (swapped in place)
         replace_weights: bool = False,  # at the end of training, copy the EMA into the model
         resume_from: str | os.PathLike | None = None,  # the checkpoint folder to resume the EMA from; None: the
-        # one `resume_from_checkpoint` names, output_dir/checkpoint-<step>
+        # one `train(resume_from_checkpoint=...)` resumes from
         **options: Any,  # ModelEMA's: all_parameters, all_buffers, foreach, device, flatten_model, ema_dtype, ...
     ) -> None:
-        self.validate_ema = check_flag(validate_ema, "validate_ema")
-        self.replace_weights = check_flag(replace_weights, "replace_weights")
+        self._init_flags(validate_ema, replace_weights)
+        if resume_from is not None and not isinstance(resume_from, (str, os.PathLike)):
+            raise TypeError(f"Invalid resume_from: {resume_from!r}; expected None or a checkpoint folder path")
         self.resume_from = None if resume_from is None else Path(resume_from)
         self.ema = StepDrivenEMA(ModelEMAFactory(decay, warmup, options), start)
-
-    @property
-    def engine(self) -> ModelEMA | None:
-        """The `ModelEMA` of the current (or last) training run."""
-        return self.ema.engine
-
-    @property
-    def module(self) -> torch.nn.Module:
-        """The EMA model."""
-        if self.ema.engine is None:
-            raise RuntimeError("EMACallback.module: no EMA yet; it is built when training begins")
-        return self.ema.engine.module
+        self._trainer: Any = None
+        self._evaluate: Any = None  # the Trainer's own `_evaluate`, while ours wraps it
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.ema.begin(model, [optimizer], state.max_steps)
+        trainer, resume_from_checkpoint = _training_loop()
+        self.ema.begin(model, [optimizer], state.max_steps, state.global_step)
+        self._wrap_evaluation(trainer)
         if state.global_step > 0:  # resuming from a checkpoint: the EMA saved with it
-            folder = self.resume_from or Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            path = folder / EMA_CHECKPOINT_NAME
-            if not path.is_file():
-                warnings.warn(
-                    f"Resuming at step {state.global_step} without an EMA checkpoint ({path} does not exist): the EMA "
-                    "starts again from the model's weights. Pass EMACallback(resume_from=checkpoint folder).",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                return
-            saved = read_checkpoint(path)
-            if not isinstance(saved, dict) or saved.get("global_step") != state.global_step:
-                raise ValueError(
-                    f"Invalid EMA checkpoint {path}: written at step "
-                    f"{saved.get('global_step') if isinstance(saved, dict) else None}, resuming at {state.global_step}"
-                )
+            self._resume(args, state, resume_from_checkpoint)
+
+    def _resume(self, args, state, resume_from_checkpoint) -> None:
+        if self.resume_from is not None:
+            folder = self.resume_from
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            folder = Path(resume_from_checkpoint)
+        else:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        path = folder / EMA_CHECKPOINT_NAME
+        if not path.is_file():
+            warnings.warn(
+                f"Resuming at step {state.global_step} without an EMA checkpoint ({path} does not exist): the EMA "
+                "starts again from the model's weights. Pass EMACallback(resume_from=checkpoint folder).",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        saved = read_checkpoint(path)
+        if not isinstance(saved, dict) or saved.get("global_step") != state.global_step:
+            raise ValueError(
+                f"Invalid EMA checkpoint {path}: written at step "
+                f"{saved.get('global_step') if isinstance(saved, dict) else None}, resuming at {state.global_step}"
+            )
+        try:
+            self.ema.load_state_dict(saved["ema"])
+        except ValueError as error:
+            raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
+
+    def _wrap_evaluation(self, trainer: Any) -> None:
+        """Evaluate with the EMA during training: around the Trainer's whole in-training evaluation.
+
+        Wrapping `Trainer._evaluate` (all eval datasets, then the metrics) puts the EMA in for all of
+        them and takes it out in a `finally`, so an error in evaluation cannot leave it in the model,
+        and the checkpoint saved right after holds the model's own weights.
+        """
+        self._unwrap_evaluation()
+        if trainer is None or not callable(getattr(trainer, "_evaluate", None)):
+            return
+        original = trainer._evaluate
+
+        def evaluate_with_ema(*args: Any, **kwargs: Any) -> Any:
+            if self.validate_ema:
+                self.ema.swap_in()
             try:
-                self.ema.load_state_dict(saved["ema"])
-            except ValueError as error:
-                raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
+                return original(*args, **kwargs)
+            finally:
+                self.ema.swap_out()
+
+        self._trainer, self._evaluate = trainer, original
+        trainer._evaluate = evaluate_with_ema
+
+    def _unwrap_evaluation(self) -> None:
+        if self._trainer is not None:
+            vars(self._trainer).pop("_evaluate", None)  # the class's method again
+            self._trainer = self._evaluate = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if control.should_evaluate and self.validate_ema:
-            self.ema.swap_in()  # the Trainer evaluates right after this event; `on_evaluate` swaps back
+        if self._trainer is None and control.should_evaluate and self.validate_ema:
+            self.ema.swap_in()  # without the Trainer's frame: the evaluation follows; `on_evaluate` swaps back
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if control.should_evaluate and self.validate_ema:
+        if self._trainer is None and control.should_evaluate and self.validate_ema:
             self.ema.swap_in()
 
     def on_evaluate(self, args, state, control, **kwargs):
-        self.ema.swap_out()
+        if self._trainer is None:
+            self.ema.swap_out()
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.ema.engine is not None:
+        if self.ema.engine is None:
+            return
+        ema_state = self.ema.state_dict()  # on every rank: for a sharded (FSDP2) EMA it is a collective
+        if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            atomic_save({"global_step": state.global_step, "ema": self.ema.state_dict()}, folder / EMA_CHECKPOINT_NAME)
+            atomic_save({"global_step": state.global_step, "ema": ema_state}, folder / EMA_CHECKPOINT_NAME)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._unwrap_evaluation()
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best is not None and (Path(best) / EMA_CHECKPOINT_NAME).is_file():
+            # The Trainer loaded the best checkpoint's model weights; the EMA saved with it is the one that scored.
+            saved = read_checkpoint(Path(best) / EMA_CHECKPOINT_NAME)
+            self.ema.load_state_dict(cast(dict, saved)["ema"])  # still running: loaded now
+        self.ema.warn_if_not_started("EMACallback")
         self.ema.end(self.replace_weights)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -111,9 +163,8 @@ class EMACallback(TrainerCallback):
         With `flatten_model=True` the EMA's tensors share one buffer, which safetensors refuses;
         they are saved as separate copies then, so the files are the same as without it.
         """
+        module: Any = self.ema.ema_module("EMACallback")  # raises before the EMA has started
         engine = self.ema.engine
-        if engine is None:
-            raise RuntimeError("EMACallback.save_pretrained: no EMA yet; train first")
         if engine.flatten_model:
-            kwargs.setdefault("state_dict", {k: v.clone() for k, v in engine.module.state_dict().items()})
-        engine.module.save_pretrained(save_directory, **kwargs)
+            kwargs.setdefault("state_dict", {k: v.clone() for k, v in module.state_dict().items()})
+        module.save_pretrained(save_directory, **kwargs)
