@@ -151,3 +151,19 @@ def sgd_steps(model, optimizer, ema, reference, tracked, n_steps, decay, make_in
         optimizer.step()
         ema.update(decay)
         reference.update(tracked, decay)
+
+
+def kill_while_writing(script: str) -> int:
+    """Run `script` in a new Python; when it prints `writing` (it then hangs mid-write), SIGKILL it. The exit code."""
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "writing"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+        process.stdout.close()
+    return process.returncode

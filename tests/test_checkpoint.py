@@ -18,8 +18,8 @@ from fastai.callback.tracker import SaveModelCallback
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import load_model
 
-from fastema import EMACallback, EMASchedule, InverseGammaWarmup, ModelEMA
-from helpers import ToyNet, make_learner
+from fastema import EMACallback, EMASchedule, InverseGammaWarmup, ModelEMA, PostHocEMACallback
+from helpers import ToyNet, kill_while_writing, make_learner
 from reference import ReferenceEMA, expected_tracked
 
 
@@ -137,14 +137,8 @@ KILLED_WRITER = textwrap.dedent(
 def test_killed_save_leaves_the_previous_checkpoint_intact(tmp_path):
     path = tmp_path / "ema.pt"
     script = KILLED_WRITER.format(tests=str(Path(__file__).parent), path=str(path))
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout.readline().strip() == "writing"
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(timeout=30)
-        process.stdout.close()
-    assert process.returncode == -signal.SIGKILL
+    returncode = kill_while_writing(script)
+    assert returncode == -signal.SIGKILL
     assert list(tmp_path.glob(".ema.pt.*.tmp"))  # the half-written temporary the kill left
     torch.manual_seed(0)
     expected = ModelEMA(ToyNet(), 0.5)  # the same construction as the first, complete save
@@ -468,7 +462,12 @@ def test_reference_after_resume(tmp_path):
             assert torch.equal(actual, expected), name
 
 
-def test_save_during_ema_validation_raises_instead_of_writing_swapped_weights(tmp_path):
+@pytest.mark.parametrize(
+    "make_callback",
+    [lambda: EMACallback(decay=0.9), lambda: PostHocEMACallback((0.05, 0.10), validate_sigma_rel=0.05)],
+    ids=["EMACallback", "PostHocEMACallback"],
+)
+def test_save_during_ema_validation_raises_instead_of_writing_swapped_weights(tmp_path, make_callback):
     class SaveWhileValidating(Callback):
         order = EMACallback.order - 1  # its after_validate runs before the EMA callback swaps back
 
@@ -479,7 +478,7 @@ def test_save_during_ema_validation_raises_instead_of_writing_swapped_weights(tm
                 self.error = error
 
     spy = SaveWhileValidating()
-    learn = make_learner(cbs=[EMACallback(decay=0.9), spy], path=tmp_path)
+    learn = make_learner(cbs=[make_callback(), spy], path=tmp_path)
     learn.fit(1)
     assert "during EMA validation" in str(spy.error)
     assert not (tmp_path / "models" / "mid.pth").exists()

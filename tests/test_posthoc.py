@@ -3,9 +3,6 @@ written here, exact resume, and the snapshot directory's errors."""
 
 import math
 import shutil
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import torch
 from torch import nn
 
 from fastema.posthoc import PostHocEMA, gamma_to_sigma_rel, sigma_rel_to_gamma, synthesize
-from helpers import ConvNet, ToyNet, calls_during
+from helpers import ConvNet, ToyNet, calls_during, kill_while_writing
 from reference import expected_tracked, snapshot
 
 SIGMA_RELS = (0.05, 0.10)
@@ -527,13 +524,7 @@ KILLED_SNAPSHOT = textwrap.dedent(
 
 def test_a_snapshot_killed_mid_write_leaves_the_directory_usable(tmp_path):
     script = KILLED_SNAPSHOT.format(tests=str(Path(__file__).parent), path=str(tmp_path))
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout.readline().strip() == "writing"
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(timeout=30)
-        process.stdout.close()
+    kill_while_writing(script)
     assert list(tmp_path.glob(".posthoc-step*.tmp"))  # the half-written temporary
     synthesized = synthesize(tmp_path, 0.07)  # from the complete step-1 snapshots
     torch.manual_seed(0)
@@ -689,28 +680,6 @@ def test_fastai_resume_with_start_epoch_is_bit_identical(tmp_path):
     assert resumed_callback.engine.num_steps == straight_callback.engine.num_steps == 24
     straight_files = sorted(p.name for p in (tmp_path / "straight").iterdir())
     assert straight_files == sorted(p.name for p in (tmp_path / "resumed").iterdir())
-
-
-def test_fastai_save_during_validation_with_a_tracked_ema_raises(tmp_path):
-    from fastai.callback.core import Callback
-
-    from fastema import PostHocEMACallback
-    from helpers import make_learner
-
-    class SaveWhileValidating(Callback):
-        order = PostHocEMACallback.order - 1  # its after_validate runs before the EMA callback swaps back
-
-        def after_validate(self):
-            try:
-                self.learn.save("mid")
-            except RuntimeError as error:
-                self.error = error
-
-    spy = SaveWhileValidating()
-    learn = make_learner(cbs=[PostHocEMACallback(SIGMA_RELS, validate_sigma_rel=0.05), spy], path=tmp_path)
-    learn.fit(1)
-    assert "during EMA validation" in str(spy.error)
-    assert not (tmp_path / "models" / "mid.pth").exists()
 
 
 def test_fastai_a_second_fit_into_the_same_directory_is_refused_before_training(tmp_path):

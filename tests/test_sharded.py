@@ -1,9 +1,6 @@
 """Sharded EMA checkpoints with torch.distributed.checkpoint: real gloo processes, resharding 2 ranks -> 3 ranks
 and -> one process, against the single-process float64 reference; refusals that change nothing; memory."""
 
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import torch
 import distributed_workers as workers
 from fastema import ModelEMA
 from fastema.sharded import consolidate_ema, load_sharded, save_sharded
-from helpers import assert_state_matches
+from helpers import assert_state_matches, kill_while_writing
 from test_distributed import single_process_reference
 
 
@@ -145,13 +142,7 @@ KILLED_SAVE = textwrap.dedent(
 def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path):
     target = tmp_path / "ckpt"
     script = KILLED_SAVE.format(tests=str(Path(__file__).parent), path=str(target))
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout.readline().strip() == "writing"
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(timeout=30)
-        process.stdout.close()
+    kill_while_writing(script)
     (interrupted,) = tmp_path.glob(".ckpt.saving-*")
     ema = plain_ema()
     with pytest.raises(FileNotFoundError, match=r"no \.metadata"):  # the half-written directory is refused
