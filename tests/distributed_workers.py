@@ -396,6 +396,16 @@ def dcp_save_worker(rank, out_dir):
         optimizer.step()
         ema.update()
     dcp.save({"model": model.state_dict(), "ema": ema.sharded_state()}, checkpoint_id=os.path.join(out_dir, "ckpt"))
+    dcp.save({"model": model.state_dict()}, checkpoint_id=os.path.join(out_dir, "ckpt-model"))
+
+    class AppState:  # the wrapper pattern of DCP's tutorial: state_dict() not called by DCP for the EMA itself
+        def state_dict(self):
+            return {"ema": ema.sharded_state().state_dict()}
+
+        def load_state_dict(self, state):
+            ema.sharded_state().load_state_dict(state["ema"])
+
+    dcp.save({"app": AppState()}, checkpoint_id=os.path.join(out_dir, "wrapped"))
     wider = ModelEMA(sharded_mlp(WORLD, hidden=12), DECAY)
     dcp.save({"ema": wider.sharded_state()}, checkpoint_id=os.path.join(out_dir, "wider"))
     torch.save({"full": ema.state_dict()["tensors"]}, os.path.join(out_dir, f"saved{rank}.pt"))

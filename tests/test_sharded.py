@@ -90,6 +90,122 @@ def test_mismatched_checkpoints_are_refused_and_change_nothing(saved_by_two_rank
         load_sharded({"ema": ema.sharded_state()}, tmp_path / "nowhere")
 
 
+def test_the_checks_of_a_load_each_refuse_and_change_nothing():
+    ema = plain_ema()
+    ema.update()
+    before = {name: tensor.clone() for name, tensor in ema.module.state_dict().items()}
+    good = ema.sharded_state().state_dict()  # copies (not called by DCP)
+    renamed = [name.replace("layers.4", "layers.9") for name in ema.tensor_names]
+    cases = {
+        "names differ": dict(good, names=torch.tensor(list("\n".join(renamed).encode()), dtype=torch.uint8)),
+        "dtypes differ": dict(good, dtypes=torch.tensor(list("\n".join(["torch.float32"] * 7).encode()))),
+        "read no EMA": dict(good, header=torch.tensor([-1, 0, 0, 1, 0, 0])),
+        "version 7": dict(good, header=torch.tensor([7, 0, 0, 1, 0, 0])),
+        "expected tensors": dict(good, header=[1, 0, 0, 1, 0, 0]),
+    }
+    for match, state in cases.items():
+        with pytest.raises(ValueError, match=match):
+            ema.sharded_state().load_state_dict(state)
+        assert ema.num_updates == 1, match
+        for name, value in ema.module.state_dict().items():
+            assert torch.equal(value, before[name]), (match, name)
+    with ema.use_ema_weights(), pytest.raises(RuntimeError, match="inside use_ema_weights"):
+        ema.sharded_state()
+    reordered = plain_ema()  # the same tensors, listed in another order: DCP loads by name
+    names = bytes(good["names"].tolist()).decode().split("\n")[::-1]
+    dtypes = bytes(good["dtypes"].tolist()).decode().split("\n")[::-1]
+    encode = lambda strings: torch.tensor(list("\n".join(strings).encode()), dtype=torch.uint8)  # noqa: E731
+    reordered.sharded_state().load_state_dict(dict(good, names=encode(names), dtypes=encode(dtypes)))
+    assert reordered.num_updates == 1
+
+
+def test_a_state_dict_taken_outside_dcp_is_a_copy_and_a_wrapper_stateful_works(saved_by_two_ranks):
+    import torch.distributed.checkpoint as dcp
+
+    _, reference = single_process_reference()
+    ema = plain_ema()
+    initial = {name: tensor.clone() for name, tensor in ema.module.state_dict().items()}
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.load({"ema": ema.sharded_state().state_dict()}, checkpoint_id=str(saved_by_two_ranks / "ckpt"))
+    assert ema.num_updates == 0  # a plain dict: DCP read into copies, the EMA is untouched
+    for name, value in ema.module.state_dict().items():
+        assert torch.equal(value, initial[name]), name
+
+    class AppState:  # the wrapper pattern of DCP's tutorial
+        def state_dict(self):
+            return {"ema": ema.sharded_state().state_dict()}
+
+        def load_state_dict(self, state):
+            ema.sharded_state().load_state_dict(state["ema"])
+
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.load({"app": AppState()}, checkpoint_id=str(saved_by_two_ranks / "wrapped"))
+    assert ema.num_updates == workers.STEPS
+    assert_state_matches(dict(ema.module.state_dict()), reference.state, rtol=1e-10, atol=1e-12)
+
+
+def test_partial_loads_dtype_changes_and_non_tensor_entries_are_refused(saved_by_two_ranks, tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    ema = plain_ema()
+    ema.update()
+    snapshot = {name: tensor.clone() for name, tensor in ema.module.state_dict().items()}
+
+    def unchanged():
+        return ema.num_updates == 1 and all(torch.equal(ema.module.state_dict()[n], t) for n, t in snapshot.items())
+
+    model_only = {"model": workers.Mlp().double().state_dict()}
+    with pytest.raises(ValueError, match="read no EMA"), pytest.warns(UserWarning, match="single process"):
+        dcp.load(
+            {**model_only, "ema": ema.sharded_state()},
+            checkpoint_id=str(saved_by_two_ranks / "ckpt-model"),
+            planner=DefaultLoadPlanner(allow_partial_load=True),
+        )
+    assert unchanged()
+    torch.manual_seed(0)
+    float32 = ModelEMA(workers.Mlp().double(), workers.DECAY, ema_dtype=torch.float32)
+    save_sharded({"ema": float32.sharded_state()}, tmp_path / "float32")
+    with pytest.raises(ValueError, match="dtypes differ"):
+        load_sharded({"ema": ema.sharded_state()}, tmp_path / "float32")
+    assert unchanged()
+    save_sharded({"ema": {"header": 1, "tensors": {}}}, tmp_path / "pickled")  # a non-tensor entry
+    with pytest.raises(ValueError, match="not tensors"):
+        load_sharded({"ema": ema.sharded_state()}, tmp_path / "pickled")
+    with pytest.raises(ValueError, match="not tensors"):
+        consolidate_ema(tmp_path / "pickled", tmp_path / "never.pt")
+    assert unchanged() and not (tmp_path / "never.pt").exists()
+
+
+def test_save_sharded_refuses_what_is_not_a_checkpoint_and_recovers_a_save_killed_between_renames(tmp_path):
+    ema = plain_ema()
+    ema.update()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "important.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a DCP checkpoint"):
+        save_sharded({"ema": ema.sharded_state()}, tmp_path / "notes")
+    assert (tmp_path / "notes" / "important.txt").read_text() == "keep"
+    with pytest.raises(ValueError, match="checkpoint_id"):
+        save_sharded({"ema": ema.sharded_state()}, "/")
+    save_sharded({"ema": ema.sharded_state()}, tmp_path / "ckpt")
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.previous-0123")  # killed after the first rename
+    loaded = plain_ema()
+    with pytest.warns(UserWarning, match="interrupted between its two renames"):
+        load_sharded({"ema": loaded.sharded_state()}, tmp_path / "ckpt")
+    assert loaded.num_updates == 1
+    save_sharded({"ema": ema.sharded_state()}, tmp_path / "ckpt")  # the next save cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "notes"]
+
+
+def test_a_sharded_load_recovers_an_ema_whose_update_failed(tmp_path):
+    ema = plain_ema()
+    ema.update()
+    save_sharded({"ema": ema.sharded_state()}, tmp_path / "ckpt")
+    ema._failure = RuntimeError("a background update failed")  # what a failed offloaded update leaves
+    load_sharded({"ema": ema.sharded_state()}, tmp_path / "ckpt")
+    assert ema._failure is None and ema.num_updates == 1
+
+
 def test_save_sharded_replaces_a_checkpoint_and_one_process_round_trips(tmp_path):
     ema = plain_ema()
     ema.update()

@@ -481,9 +481,9 @@ class ModelEMA:
 
         The model object is not replaced, so DDP, FSDP2, `torch.compile` and other wrappers that
         hold it keep working. Inside the block `state_dict()`, `save()` and `copy_to(other)`
-        still give the EMA; `module`, `update()`, `reset()`, `copy_from()`, `load_state_dict()`
-        and `load()` raise a RuntimeError. The model's parameters are the EMA's inside the block:
-        an in-place write to one is kept in the EMA (with a warning); writes to buffers
+        still give the EMA; `module`, `update()`, `reset()`, `copy_from()`, `load_state_dict()`,
+        `load()` and `sharded_state()` raise a RuntimeError. The model's parameters are the EMA's
+        inside the block: an in-place write to one is kept in the EMA (with a warning); writes to buffers
         (BatchNorm statistics in train mode, DDP's broadcasts) are discarded.
         """
         self._check_outside_swap("use_ema_weights()")
@@ -583,6 +583,7 @@ class ModelEMA:
         """
         from .sharded import ShardedEMAState
 
+        self._check_outside_swap("sharded_state()")
         return ShardedEMAState(self)
 
     def save(self, path: str | os.PathLike) -> Path:

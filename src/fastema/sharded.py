@@ -33,7 +33,7 @@ import secrets
 import shutil
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -54,17 +54,21 @@ SHARDED_VERSION = 1
 _HEADER = ("version", "num_updates", "num_steps", "update_every", "all_parameters", "all_buffers")
 
 
-def _called_by_dcp_load() -> bool:
-    """Whether our caller is `torch.distributed.checkpoint.load` asking for the tensors to load into."""
-    caller = sys._getframe(2)
-    return caller.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict_loader"
+_LOADER = "torch.distributed.checkpoint.state_dict_loader"
+_SAVER = "torch.distributed.checkpoint.state_dict_saver"
+_NOT_LOADED = -1  # the version slot of the buffers handed to dcp.load: still there afterwards, nothing was read
 
 
-def _encode_names(names: list[str]) -> Tensor:
-    return torch.tensor(list("\n".join(names).encode()), dtype=torch.uint8)
+def _caller_module() -> str:
+    """The module of whoever called `ShardedEMAState.state_dict` (DCP's loader or saver, or user code)."""
+    return str(sys._getframe(2).f_globals.get("__name__"))
 
 
-def _decode_names(encoded: Tensor) -> list[str]:
+def _encode_strings(strings: list[str]) -> Tensor:
+    return torch.tensor(list("\n".join(strings).encode()), dtype=torch.uint8)
+
+
+def _decode_strings(encoded: Tensor) -> list[str]:
     return bytes(encoded.tolist()).decode().split("\n")
 
 
@@ -90,17 +94,31 @@ class ShardedEMAState:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The EMA's shards and its counts, as tensors: views for `dcp.save`, fresh buffers for `dcp.load`."""
+        """The EMA's shards and its counts, as tensors.
+
+        Called by `dcp.save`: views of the EMA (no copy). Called by `dcp.load`: fresh buffers
+        (DCP reads into them; `load_state_dict` checks them before copying into the EMA).
+        Called from anywhere else (a wrapper `Stateful`, a plain dict): copies of the EMA, which
+        serve both a save and a load without ever letting DCP write into the EMA itself.
+        """
         ema = self.ema
         ema._check_outside_swap("sharded_state()")
-        ema._readable()
-        for_loading = _called_by_dcp_load()
+        caller = _caller_module()
+        if caller == _LOADER:
+            ema.synchronize()  # no update in flight; a failed one is forgotten by the load
+        else:
+            ema._readable()
         tensors = {}
         for name, ema_tensor in zip(ema.tensor_names, ema._binding.ema_tensors):
-            local = torch.empty_like(ema_tensor) if for_loading else ema_tensor.detach()
+            if caller == _SAVER:
+                local = ema_tensor.detach()
+            elif caller == _LOADER:
+                local = torch.empty_like(ema_tensor)
+            else:
+                local = ema_tensor.detach().clone()
             tensors[name] = self._layout_tensor(name, local)
         header = [
-            SHARDED_VERSION,
+            _NOT_LOADED if caller == _LOADER else SHARDED_VERSION,
             ema.num_updates,
             ema.num_steps,
             ema.update_every,
@@ -111,24 +129,41 @@ class ShardedEMAState:
         return {
             "header": torch.tensor(header, dtype=torch.int64),
             "decays": torch.tensor([ema.decay, last_decay], dtype=torch.float64),
-            "names": _encode_names(ema.tensor_names),
+            "names": _encode_strings(ema.tensor_names),
+            "dtypes": _encode_strings([str(tensor.dtype) for tensor in ema._binding.ema_tensors]),
             "tensors": tensors,
         }
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check what `dcp.load` read (names, counts, shapes, dtypes), then copy it into the EMA."""
+        """Check what `dcp.load` read (names, dtypes, counts, shapes), then copy it into the EMA."""
         ema = self.ema
+        entries = ("header", "decays", "names", "dtypes", "tensors")
+        if not isinstance(state_dict, dict) or not all(isinstance(state_dict.get(key), Tensor) for key in entries[:4]):
+            raise ValueError(f"Invalid sharded EMA checkpoint (nothing was loaded): expected tensors {entries[:4]}")
         header = dict(zip(_HEADER, state_dict["header"].tolist()))
+        if header["version"] == _NOT_LOADED:
+            raise ValueError(
+                "Invalid sharded EMA checkpoint (nothing was loaded): DCP read no EMA (the checkpoint has none under "
+                "this key, and the load planner allowed a partial load)"
+            )
         problems = []
         if header["version"] != SHARDED_VERSION:
             problems.append(f"version {header['version']} != {SHARDED_VERSION}")
-        names = _decode_names(state_dict["names"])
-        if names != list(ema.tensor_names):
+        names = _decode_strings(state_dict["names"])
+        if set(names) != set(ema.tensor_names) or len(names) != len(ema.tensor_names):  # DCP loads by key
             problems.append(
                 f"tensor names differ (missing {sorted(set(ema.tensor_names) - set(names))}, "
                 f"unexpected {sorted(set(names) - set(ema.tensor_names))})"
             )
+        else:
+            saved_dtypes = dict(zip(names, _decode_strings(state_dict["dtypes"])))
+            own_dtypes = {name: str(tensor.dtype) for name, tensor in zip(ema.tensor_names, ema._binding.ema_tensors)}
+            differing = [
+                f"{n}: {saved_dtypes.get(n)} != {d}" for n, d in own_dtypes.items() if saved_dtypes.get(n) != d
+            ]
+            if differing:
+                problems.append("dtypes differ (" + "; ".join(differing[:3]) + ")")
         if header["update_every"] != ema.update_every:
             problems.append(f"update_every {header['update_every']} != {ema.update_every}")
         if problems:
@@ -151,23 +186,25 @@ class ShardedEMAState:
 
 
 def consolidate_ema(checkpoint_id: str | os.PathLike, path: str | os.PathLike, key: str = "ema") -> Path:
-    """Write the EMA of a DCP checkpoint as one `model.state_dict()`-style file (offline, one process).
+    """Write the EMA of a DCP checkpoint as one file of tensors by state-dict name (offline, one process).
 
     DCP's own loader assembles each tensor from the shards of every rank; the file is written
-    atomically and loads with `torch.load(path, weights_only=True)` and `model.load_state_dict(...,
-    strict=False)` (it holds the averaged tensors).
+    atomically and loads with `torch.load(path, weights_only=True)`. It holds the averaged
+    tensors only (no frozen parameters, one name per tied pair): load it with
+    `model.load_state_dict(state, strict=False)`.
     """
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     checkpoint = _complete_checkpoint(checkpoint_id)
+    _check_ema_entries(checkpoint, key)
     with _single_process_intended():
         loaded = _load_state_dict_from_keys({key}, checkpoint_id=str(checkpoint))
     state = loaded.get(key)
     if not isinstance(state, dict) or not isinstance(state.get("tensors"), dict) or "names" not in state:
         raise ValueError(f"Invalid checkpoint_id: {checkpoint} holds no fastema EMA under {key!r}")
-    names = _decode_names(state["names"])
+    names = _decode_strings(state["names"])
     tensors = {name: state["tensors"][name] for name in names}
-    return atomic_save(tensors, path) or Path(path)
+    return atomic_save(tensors, path)
 
 
 def _distributed() -> bool:
@@ -183,14 +220,53 @@ def _single_process_intended() -> Iterator[None]:
         yield
 
 
+def _target(checkpoint_id: str | os.PathLike) -> Path:
+    target = Path(checkpoint_id).resolve()
+    if target.parent == target:
+        raise ValueError(f"Invalid checkpoint_id: {checkpoint_id!r}; expected a directory path with a name")
+    return target
+
+
+def _previous_versions(target: Path) -> list[Path]:
+    """Complete checkpoints that `save_sharded` set aside and did not get to delete (killed between renames)."""
+    return sorted(path for path in target.parent.glob(f".{target.name}.previous-*") if (path / ".metadata").is_file())
+
+
 def _complete_checkpoint(checkpoint_id: str | os.PathLike) -> Path:
-    checkpoint = Path(checkpoint_id)
-    if not (checkpoint / ".metadata").is_file():
-        raise FileNotFoundError(
-            f"Invalid checkpoint_id: {checkpoint} is not a complete DCP checkpoint (no .metadata: it does not "
-            "exist, or its save was interrupted)"
+    checkpoint = _target(checkpoint_id)
+    if (checkpoint / ".metadata").is_file():
+        return checkpoint
+    previous = _previous_versions(checkpoint)
+    if not checkpoint.exists() and previous:
+        warnings.warn(
+            f"{checkpoint} does not exist: a save_sharded was interrupted between its two renames; loading the "
+            f"previous checkpoint {previous[-1]}",
+            UserWarning,
+            stacklevel=3,
         )
-    return checkpoint
+        return previous[-1]
+    raise FileNotFoundError(
+        f"Invalid checkpoint_id: {checkpoint} is not a complete DCP checkpoint (no .metadata: it does not exist, "
+        "or its save was interrupted)"
+    )
+
+
+def _check_ema_entries(checkpoint: Path, key: str) -> None:
+    """Every entry of the EMA under `key` must be a tensor: DCP unpickles other entries (`weights_only=False`)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    not_tensors = [
+        fqn
+        for fqn, entry in entries.items()
+        if fqn.startswith(key + ".") and not isinstance(entry, TensorStorageMetadata)
+    ]
+    if not_tensors:
+        raise ValueError(
+            f"Invalid checkpoint {checkpoint}: its EMA entries {not_tensors[:3]} are not tensors (a fastema EMA holds "
+            "only tensors); refusing to unpickle them"
+        )
 
 
 def _barrier() -> None:
@@ -198,15 +274,36 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _on_rank_0(action: Callable[[], None]) -> None:
+    """Run `action` on rank 0 and raise its error (if any) on every rank, so that no rank runs ahead."""
+    error: list[str | None] = [None]
+    if rank() == 0:
+        try:
+            action()
+        except Exception as failure:
+            error[0] = f"{type(failure).__name__}: {failure}"
+    if _distributed():
+        torch.distributed.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RuntimeError(f"save_sharded failed on rank 0: {error[0]}")
+
+
 def save_sharded(state_dict: dict[str, Any], checkpoint_id: str | os.PathLike) -> Path:
     """`dcp.save(state_dict)` into a temporary directory, renamed over `checkpoint_id` once every rank is done.
 
-    Every rank must call it (a collective). A rank killed mid-save leaves the previous checkpoint
-    at `checkpoint_id` as it was (and a `.<name>.saving-*` directory to delete).
+    Every rank must call it (a collective). The target must be absent or a DCP checkpoint (a
+    directory with `.metadata`); anything else is refused before saving. A rank killed mid-save
+    leaves the previous checkpoint in place; a kill between the two renames leaves it in a
+    `.<name>.previous-*` directory, which `load_sharded` finds. Temporaries of killed saves are
+    deleted by the next successful one.
     """
     import torch.distributed.checkpoint as dcp
 
-    target = Path(checkpoint_id)
+    target = _target(checkpoint_id)
+    if target.exists() and not (target / ".metadata").is_file():
+        raise ValueError(
+            f"Invalid checkpoint_id: {target} exists and is not a DCP checkpoint (no .metadata); refusing to replace it"
+        )
     token = [secrets.token_hex(8)]
     if _distributed():
         torch.distributed.broadcast_object_list(token, src=0)  # one temporary name for all ranks
@@ -214,23 +311,32 @@ def save_sharded(state_dict: dict[str, Any], checkpoint_id: str | os.PathLike) -
     with _single_process_intended():
         dcp.save(state_dict, checkpoint_id=str(staging))
     _barrier()  # every rank's shards are written (dcp.save wrote the metadata last)
-    if rank() == 0:
+
+    def replace() -> None:
         previous = target.with_name(f".{target.name}.previous-{token[0]}")
         if target.exists():
             target.rename(previous)
         staging.rename(target)
-        if previous.exists():
-            shutil.rmtree(previous)
-    _barrier()
+        leftovers = [previous, *target.parent.glob(f".{target.name}.saving-*")]
+        leftovers += target.parent.glob(f".{target.name}.previous-*")
+        for leftover in leftovers:
+            if leftover.exists():  # the set-aside checkpoint, and what killed saves left
+                shutil.rmtree(leftover)
+
+    _on_rank_0(replace)
     return target
 
 
-def load_sharded(state_dict: dict[str, Any], checkpoint_id: str | os.PathLike) -> None:
-    """`dcp.load(state_dict)` from a complete checkpoint; a failure raises a `ValueError` naming it on every rank."""
+def load_sharded(state_dict: dict[str, Any], checkpoint_id: str | os.PathLike, key: str = "ema") -> None:
+    """`dcp.load(state_dict)` from a complete checkpoint; a failure raises a `ValueError` naming it on every rank.
+
+    The EMA entries under `key` are checked to be tensors first (DCP would unpickle anything else).
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     checkpoint = _complete_checkpoint(checkpoint_id)
+    _check_ema_entries(checkpoint, key)
     try:
         with _single_process_intended():
             dcp.load(state_dict, checkpoint_id=str(checkpoint))
