@@ -463,6 +463,7 @@ class PeakRSS:
 
 def sharded_memory_worker(rank, out_dir):
     """Per-rank peak memory of saving and loading a 2-rank FSDP2 EMA: DCP shards vs gather-to-rank-0."""
+    import ctypes
     import gc
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -486,6 +487,7 @@ def sharded_memory_worker(rank, out_dir):
         ("gather_save", lambda: ema.save(os.path.join(out_dir, "memory-gather.pt"))),
     ]:
         gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the system: each peak starts from the same floor
         dist.barrier()
         with PeakRSS() as memory:
             action()

@@ -276,6 +276,6 @@ def test_sharded_save_and_load_use_shard_sized_memory_where_gathering_uses_the_m
     for rank in range(workers.WORLD):
         memory = torch.load(tmp_path / f"memory{rank}.pt", weights_only=True)
         full = memory["full_bytes"]
-        assert memory["gather_save"] > 0.9 * full  # the control: gathering materialises the whole EMA
+        assert memory["gather_save"] > 0.8 * full  # the control: gathering materialises the whole EMA
         assert memory["dcp_save"] < 0.5 * full  # less than this rank's shard (views are written)
         assert memory["dcp_load"] < 0.75 * full  # this rank's shard in fresh buffers, plus reading
