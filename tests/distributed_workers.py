@@ -493,3 +493,202 @@ def sharded_memory_worker(rank, out_dir):
             action()
         results[name] = memory.delta
     torch.save(results, os.path.join(out_dir, f"memory{rank}.pt"))
+
+
+# ---- fastai learn.save / learn.load with a sharded model ---------------------------------------------
+
+
+def _gloo_distributed_dl():
+    """fastai's DistributedDL broadcasts its indices with `.cuda()` (written for nccl); on CPU, over gloo."""
+    from fastai.distributed import DistributedDL
+
+    def broadcast_over_gloo(self, values, source_rank):
+        tensor = torch.tensor(values, dtype=torch.long)
+        dist.broadcast(tensor, source_rank)
+        return tensor.tolist()
+
+    DistributedDL._broadcast = broadcast_over_gloo
+
+
+def mlp_learner(cbs, path, optimizer, world=None, hidden=10, seed=0):
+    """A fastai Learner on the Mlp (float64); with `world`, the model is FSDP2-sharded and the data split."""
+    from functools import partial
+
+    from fastai.data.core import DataLoaders
+    from fastai.distributed import DistributedDL
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.optimizer import Adam, OptimWrapper
+
+    from helpers import TensorPairs
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(48, 6, generator=generator, dtype=torch.float64)
+    y = x[:, :3].argmax(dim=1)
+    dls = DataLoaders.from_dsets(TensorPairs(x[:32], y[:32]), TensorPairs(x[32:], y[32:]), bs=8, shuffle=False)
+    torch.manual_seed(seed)
+    model = Mlp().double()
+    if hidden != 10:
+        model.layers[0], model.layers[2] = nn.Linear(6, hidden).double(), nn.Linear(hidden, 5).double()
+    if world is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in list(model.layers)[:-1]:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        dls.loaders = [DistributedDL(dl) for dl in dls.loaders]
+    opt_func = Adam if optimizer == "fastai" else partial(OptimWrapper, opt=torch.optim.AdamW)
+    from fastai.learner import Learner
+    from fastcore.basics import noop
+
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=0.01, cbs=cbs, path=path)
+    learn.remove_cb(learn.progress)  # quiet logs: no progress bars, no result table
+    learn.logger = noop
+    return learn
+
+
+def full_state(state):
+    """A state dict (nested) with every DTensor gathered (a collective) and everything on CPU."""
+    from fastema.distributed import is_sharded
+
+    if isinstance(state, dict):
+        return {key: full_state(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [full_state(value) for value in state]
+    if isinstance(state, torch.Tensor):
+        return (state.full_tensor() if is_sharded(state) else state).detach().clone()
+    return state
+
+
+def optimizer_state(learn):
+    """The Learner's optimizer state, full tensors, by parameter name (either optimizer kind)."""
+    names = {id(p): n for n, p in learn.model.named_parameters()}
+    if hasattr(learn.opt, "opt"):  # OptimWrapper: torch's state, keyed by the index in the groups
+        params = [p for group in learn.opt.opt.param_groups for p in group["params"]]
+        return {names[id(params[i])]: full_state(s) for i, s in learn.opt.opt.state_dict()["state"].items()}
+    return {names[id(p)]: full_state(dict(learn.opt.state[p])) for p, *_ in learn.opt.all_params()}
+
+
+def fastai_sharded_worker(rank, out_dir):
+    """fastai Learners with an FSDP2 model: SaveModelCallback saves every epoch (DCP), a fresh Learner loads epoch 1
+    and continues; a mismatched or single-file checkpoint is refused on every rank and changes nothing."""
+    from fastai.callback.core import Callback
+    from fastai.callback.tracker import SaveModelCallback
+    from fastai.torch_core import defaults
+
+    from fastema import EMASchedule
+    from reference import ReferenceEMA, expected_tracked
+
+    class FullReference(Callback):
+        """A float64 reference EMA of the full (gathered) weights, with the decay the callback used."""
+
+        order = EMASchedule.order + 1
+
+        def __init__(self, start=None):
+            self.initial = start  # the EMA to continue (resume=True); None: start from the weights
+
+        def before_fit(self):
+            self.reference, self.epochs = None, []
+
+        def before_batch(self):
+            if self.training and self.reference is None:
+                self.start = self.initial or full_state(dict(expected_tracked(self.learn.model)))
+
+        def after_epoch(self):  # what SaveModelCallback saved at the end of this epoch
+            self.epochs.append(
+                {
+                    "model": full_state(dict(self.learn.model.state_dict())),
+                    "ema": full_state(self.learn.ema_schedule.engine.state_dict()["tensors"]),
+                    "optimizer": optimizer_state(self.learn),
+                }
+            )
+
+        def after_step(self):
+            if self.reference is None:
+                self.reference = ReferenceEMA(self.start)
+            self.reference.update(full_state(dict(expected_tracked(self.learn.model))), self.learn.ema_schedule.decay)
+
+    _gloo_distributed_dl()
+    defaults.cpus = 0
+    results = {}
+    for optimizer in ("fastai", "torch"):
+        path = os.path.join(out_dir, optimizer)
+
+        def schedule():
+            return EMASchedule(start_decay=0.5, final_decay=DECAY, finish=0.5)
+
+        saves = SaveModelCallback(every_epoch=True, fname="epoch", with_opt=True)  # learn.save on every rank
+        whole = mlp_learner([schedule(), FullReference(), saves], path, optimizer, world=WORLD)
+        if rank == 0:  # an older single-file checkpoint of the same name: the sharded save replaces it
+            os.makedirs(os.path.join(path, "models"))
+            for stale in ("epoch_0.pth", "epoch_0.ema.pth"):
+                torch.save({}, os.path.join(path, "models", stale))
+        dist.barrier()
+        whole.fit(3)
+        resumed = mlp_learner([schedule()], path, optimizer, world=WORLD, seed=1)
+        resumed.load("epoch_1")
+        loaded = {
+            "model": full_state(dict(resumed.model.state_dict())),
+            "ema": full_state(resumed.ema_schedule.engine.state_dict()["tensors"]),
+            "optimizer": optimizer_state(resumed),
+            "model_ema": resumed.model_ema,
+        }
+        resumed.fit(3, start_epoch=2)
+        after_resume = {
+            "model": full_state(dict(resumed.model.state_dict())),
+            "ema": full_state(resumed.ema_schedule.engine.state_dict()["tensors"]),
+            "optimizer": optimizer_state(resumed),
+            "num_updates": resumed.ema_schedule.engine.num_updates,
+            "decay": resumed.ema_schedule.decay,
+        }
+        # resume=True continues the EMA of the previous fit (a sharded one: from the callback, shard by shard).
+        previous = full_state(resumed.ema_schedule.engine.state_dict()["tensors"])
+        continued = FullReference(start=previous)
+        resumed.ema_schedule.resume = True
+        resumed.add_cb(continued)
+        resumed.fit(1)
+        continuation = {
+            "ema": full_state(resumed.ema_schedule.engine.state_dict()["tensors"]),
+            "reference": continued.reference.state,
+            "decays": resumed.ema_schedule.decay,
+        }
+        refused = {}
+        wider = mlp_learner([schedule()], path, optimizer, world=WORLD, hidden=12)
+        wider.fit(1)
+        before = (
+            full_state(dict(wider.model.state_dict())),
+            full_state(wider.ema_schedule.engine.state_dict()["tensors"]),
+        )
+        for name in ("epoch_2", "plain"):
+            if rank == 0 and name == "plain":
+                torch.save(whole.model.state_dict(), os.path.join(path, "models", "plain.pth"))
+            dist.barrier()
+            try:
+                wider.load(name)
+            except ValueError as error:
+                refused[name] = str(error)
+        after = (
+            full_state(dict(wider.model.state_dict())),
+            full_state(wider.ema_schedule.engine.state_dict()["tensors"]),
+        )
+        results[optimizer] = {
+            "files": sorted(os.listdir(os.path.join(path, "models"))),
+            "whole": {
+                "model": full_state(dict(whole.model.state_dict())),
+                "ema": full_state(whole.ema_schedule.engine.state_dict()["tensors"]),
+                "optimizer": optimizer_state(whole),
+                "num_updates": whole.ema_schedule.engine.num_updates,
+                "model_ema": whole.model_ema,
+                "decay": whole.ema_schedule.decay,
+            },
+            "reference": whole.cbs.filter(lambda cb: isinstance(cb, FullReference))[0].reference.state,
+            "epochs": whole.cbs.filter(lambda cb: isinstance(cb, FullReference))[0].epochs,
+            "loaded": loaded,
+            "resumed": after_resume,
+            "refused": refused,
+            "continuation": continuation,
+            "unchanged": all(torch.equal(a, b) for x, y in zip(before, after) for a, b in zip(x.values(), y.values())),
+        }
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

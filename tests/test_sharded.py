@@ -1,7 +1,10 @@
 """Sharded EMA checkpoints with torch.distributed.checkpoint: real gloo processes, resharding 2 ranks -> 3 ranks
 and -> one process, against the single-process float64 reference; refusals that change nothing; memory."""
 
+import os
 import textwrap
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -279,3 +282,111 @@ def test_sharded_save_and_load_use_shard_sized_memory_where_gathering_uses_the_m
         assert memory["gather_save"] > 0.8 * full  # the control: gathering materialises the whole EMA
         assert memory["dcp_save"] < 0.5 * full  # less than this rank's shard (views are written)
         assert memory["dcp_load"] < 0.75 * full  # this rank's shard in fresh buffers, plus reading
+
+
+# ---- fastai: learn.save / learn.load with a sharded model --------------------------------------------
+
+
+def assert_equal_nested(actual, expected, where=""):
+    """Bit-for-bit equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(expected, dict):
+        assert sorted(actual) == sorted(expected), where
+        for key in expected:
+            assert_equal_nested(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, torch.Tensor):
+        assert torch.equal(actual, expected), where
+    else:
+        assert actual == expected, where
+
+
+def user_warnings(action) -> list[str]:
+    """The UserWarnings `action()` raises (fastai's own DeprecationWarnings while loading are not ours)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action()
+    return [str(warning.message) for warning in caught if warning.category is UserWarning]
+
+
+@pytest.fixture(scope="module")
+def fastai_sharded_run(tmp_path_factory):
+    """2 ranks, FSDP2 model in a fastai Learner, both optimizer kinds: see `workers.fastai_sharded_worker`."""
+    out = tmp_path_factory.mktemp("fastai-dcp")
+    workers.launch(workers.fastai_sharded_worker, out, timeout_s=240)
+    return out, [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(workers.WORLD)]
+
+
+@pytest.mark.parametrize("optimizer", ["fastai", "torch"])
+def test_fastai_saves_a_sharded_model_as_dcp_and_a_fresh_learner_resumes_it_bit_for_bit(fastai_sharded_run, optimizer):
+    _, ranks = fastai_sharded_run
+    for result in ranks:
+        run = result[optimizer]
+        # SaveModelCallback(every_epoch) on every rank: one DCP directory per save, no rank-0 .pth or .ema.pth
+        assert run["files"] == ["epoch_0.dcp", "epoch_1.dcp", "epoch_2.dcp", "plain.pth"]
+        whole = run["whole"]
+        assert whole["num_updates"] == 6  # 3 epochs of 2 batches per rank
+        assert whole["model_ema"] is None  # a sharded EMA has no module to hand out
+        assert_state_matches(whole["ema"], run["reference"], rtol=1e-10, atol=1e-12)
+        # A Learner built from another seed loads exactly what was saved after epoch 1: model, optimizer, EMA...
+        assert_equal_nested(run["loaded"], dict(run["epochs"][1], model_ema=None))
+        # ...and fit(3, start_epoch=2) from there ends where the uninterrupted fit did, bit for bit.
+        for part in ("model", "ema", "optimizer", "num_updates", "decay"):
+            assert_equal_nested(run["resumed"][part], whole[part], part)
+        # A wider model and a single-file checkpoint are refused on every rank, changing nothing.
+        assert "layers.0.weight: shape (10, 6) in the checkpoint, (12, 6) in the model" in run["refused"]["epoch_2"]
+        assert "single-file checkpoint" in run["refused"]["plain"]
+        assert run["unchanged"]
+        # A later fit with resume=True continues that EMA with the final decay.
+        assert run["continuation"]["decays"] == workers.DECAY
+        assert_state_matches(run["continuation"]["ema"], run["continuation"]["reference"], rtol=1e-10, atol=1e-12)
+    assert_equal_nested(ranks[1][optimizer]["whole"]["ema"], ranks[0][optimizer]["whole"]["ema"])
+
+
+def test_a_two_rank_fastai_checkpoint_loads_into_one_unsharded_learner_and_formats_replace_each_other(
+    fastai_sharded_run, tmp_path
+):
+    import shutil
+
+    from fastema import EMASchedule
+
+    out, ranks = fastai_sharded_run
+    epochs = ranks[0]["fastai"]["epochs"]
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(out / "fastai" / "models" / "epoch_1.dcp", models / "run.dcp")
+    # An EMA that does not fit (update_every differs) fails inside dcp.load, after the model was read: into
+    # fresh buffers, so the model is as it was.
+    other = workers.mlp_learner([EMASchedule(update_every=2)], tmp_path, "fastai", seed=1)
+    before = {name: tensor.clone() for name, tensor in other.model.state_dict().items()}
+    with pytest.raises(ValueError, match="update_every 1 != 2"):
+        other.load("run")
+    assert_equal_nested(dict(other.model.state_dict()), before)
+    assert other.ema_schedule.engine is None
+
+    learn = workers.mlp_learner([EMASchedule(start_decay=0.5, final_decay=workers.DECAY)], tmp_path, "fastai", seed=1)
+    learn.load("run")  # saved by 2 ranks, read by one process into an unsharded model
+
+    def assert_holds(epoch):
+        assert_equal_nested(dict(learn.model.state_dict()), epoch["model"])
+        assert_equal_nested(workers.optimizer_state(learn), epoch["optimizer"])
+        assert_equal_nested({n: learn.model_ema.state_dict()[n] for n in epoch["ema"]}, epoch["ema"])
+
+    assert_holds(epochs[1])
+    assert learn.ema_schedule.engine.num_updates == 4
+    learn.save("run")  # unsharded: fastai's file and the EMA beside it replace the sharded checkpoint
+    assert sorted(path.name for path in models.iterdir()) == ["run.ema.pth", "run.pth"]
+    # Both formats present (a save interrupted before deleting the other one): the newer wins, with a warning.
+    shutil.copytree(out / "fastai" / "models" / "epoch_2.dcp", models / "run.dcp")
+    now = time.time()
+    os.utime(models / "run.dcp" / ".metadata", (now + 10, now + 10))
+    assert any("Both" in message for message in user_warnings(lambda: learn.load("run")))
+    assert_holds(epochs[2])
+    os.utime(models / "run.pth", (now + 20, now + 20))
+    assert any("Both" in message for message in user_warnings(lambda: learn.load("run")))
+    assert_holds(epochs[1])
+
+    # A checkpoint of the other optimizer kind: model and EMA load, the optimizer is skipped with a warning (as fastai).
+    shutil.rmtree(models / "run.dcp")
+    shutil.copytree(out / "torch" / "models" / "epoch_2.dcp", models / "torch.dcp")
+    with pytest.warns(UserWarning, match="Could not load the optimizer state .* saved from a torch optimizer"):
+        learn.load("torch")
+    assert_equal_nested(dict(learn.model.state_dict()), ranks[0]["torch"]["epochs"][2]["model"])

@@ -110,6 +110,14 @@ def _resumed_epoch(learn) -> int:
     return 0
 
 
+def _copy_engine_state(source: ModelEMA, target: ModelEMA) -> None:
+    """`target` takes `source`'s EMA and counts; shard by shard for a sharded EMA (no rank gathers it)."""
+    if source.sharded:
+        target.sharded_state().load_state_dict(source.sharded_state().state_dict())
+    else:
+        target.load_state_dict(source.state_dict())
+
+
 class AveragingCallback(Callback, EMACheckpointing):
     "What every fastema callback does with fastai's events: start, update on real steps, validate with the EMA"
 
@@ -258,6 +266,13 @@ class AveragingCallback(Callback, EMACheckpointing):
             swap.close()
         self._validation_depth = 0
 
+    def _check_saveable(self) -> None:
+        self._restore_if_interrupted()
+        if self._engine.ema_weights_in_use:  # mid-validation the model and the EMA hold each other's weights
+            raise RuntimeError(
+                "Cannot save during EMA validation: the model holds the EMA weights; save after_validate"
+            )
+
     def _restore_if_interrupted(self) -> None:
         """Before reading the EMA outside a fit: undo a swap that an exception left behind."""
         if self._ema_swap is not None and not _fit_running(self.learn):
@@ -358,9 +373,13 @@ class EMACallback(AveragingCallback):
             # `learn.load(...)` then `fit(..., start_epoch=k)`: continue exactly where the checkpoint stood,
             # with the tensors it tracked (a checkpoint saved unfrozen can be resumed in a frozen Learner).
             engine = self._new_engine(decay, tensor_names=loaded_engine.tensor_names)
-            engine.load_state_dict(loaded_engine.state_dict())
+            _copy_engine_state(loaded_engine, engine)
             return engine, loaded["started"]
         engine = self._new_engine(decay)
+        if self.resume and loaded_engine is not None and loaded_engine.sharded:  # no learn.model_ema: shards only
+            _copy_engine_state(loaded_engine, engine)
+            self._resumed = True
+            return engine, True
         previous = getattr(self.learn, "model_ema", None)
         if self.resume and previous is not None:  # without one (the first fit of fine_tune), start afresh
             try:
@@ -389,11 +408,7 @@ class EMACallback(AveragingCallback):
         "What `learn.save` writes beside the model: the EMA state and where this callback stood (None before any EMA)"
         if self.engine is None:
             return None
-        self._restore_if_interrupted()
-        if self._engine.ema_weights_in_use:  # mid-validation the model and the EMA hold each other's weights
-            raise RuntimeError(
-                "Cannot save during EMA validation: the model holds the EMA weights; save after_validate"
-            )
+        self._check_saveable()
         return {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -426,11 +441,32 @@ class EMACallback(AveragingCallback):
 
     def restore_ema_checkpoint(self, state: dict) -> None:
         "Install a checked checkpoint: `learn.model_ema` is its EMA; `fit(..., start_epoch=k)` continues it"
-        self.engine = self._new_engine(self.decay, tensor_names=list(state["engine"]["tensors"]))
-        self.engine.load_state_dict(state["engine"])
-        self._loaded = {"started": state["started"]}
-        self.learn.model_ema = self.engine.module
-        self._restore_current_decay(state["decay"])
+        engine = self._new_engine(self.decay, tensor_names=list(state["engine"]["tensors"]))
+        engine.load_state_dict(state["engine"])
+        self.install_sharded_checkpoint(engine, state["started"], state["decay"])
+
+    def sharded_ema_checkpoint(self) -> dict | None:
+        "The EMA's entries in a sharded (DCP) `learn.save`: its shards and where this callback stood"
+        if self.engine is None:
+            return None
+        self._check_saveable()
+        position = {"started": torch.tensor(self._started), "decay": torch.tensor(self.decay, dtype=torch.float64)}
+        return {"ema": self._engine.sharded_state(), "ema_callback": position}
+
+    def sharded_candidate(self, tensor_names: list[str]) -> ModelEMA:
+        "A new engine averaging `tensor_names`, for a sharded `learn.load` to read into and check"
+        return self._new_engine(self.decay, tensor_names=tensor_names)
+
+    def install_sharded_checkpoint(self, engine: ModelEMA, started: bool, decay: float) -> None:
+        "Make a loaded and checked engine this callback's EMA; `fit(..., start_epoch=k)` continues it"
+        self.engine = engine
+        self._loaded = {"started": started}
+        self._publish(engine)
+        self._restore_current_decay(decay)
+
+    def _publish(self, engine: ModelEMA) -> None:
+        # A sharded (FSDP2) EMA is shards only: no module to hand out (validate with it, or save it).
+        self.learn.model_ema = None if engine.sharded else engine.module
 
     def _restore_current_decay(self, decay: float) -> None:
         pass  # EMACallback's `decay` is its configuration: the one given to this callback wins
@@ -467,7 +503,7 @@ class EMACallback(AveragingCallback):
         if self.replace_weights:
             self._engine.copy_to()
         else:
-            self.learn.model_ema = self._engine.module
+            self._publish(self._engine)
 
 
 class EMASchedule(EMACallback):
@@ -651,11 +687,7 @@ class PostHocEMACallback(AveragingCallback):
         "What `learn.save` writes beside the model: the EMAs and where this callback stood (None before any)"
         if self.engine is None:
             return None
-        self._restore_if_interrupted()
-        if self._engine.ema_weights_in_use:  # mid-validation the model and the EMA hold each other's weights
-            raise RuntimeError(
-                "Cannot save during EMA validation: the model holds the EMA weights; save after_validate"
-            )
+        self._check_saveable()
         return {
             "format": POSTHOC_CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,

@@ -12,6 +12,9 @@ state's metadata (`state_dict._metadata`, which `load_state_dict` ignores), so `
 refuses an EMA file written by another save than the model file beside it (a crash between
 the two writes, a copy from elsewhere). Both are written atomically, the EMA first.
 
+For a sharded (FSDP2) model, `learn.save`/`learn.load` use one DCP directory, `models/best.dcp/`,
+instead of both files: see `fastema.learner_sharded`.
+
 `learn.export()` leaves the EMA out (the exported Learner is for inference with the model's
 weights); `learn.export_ema()` exports a Learner whose model is the EMA. Learners without an
 EMA callback behave exactly as in fastai, apart from `save` writing atomically.
@@ -31,7 +34,14 @@ from fastai.learner import Learner
 from fastai.torch_core import distrib_barrier, get_model, rank_distrib
 from fastcore.xtras import join_path_file
 
+from . import learner_sharded
 from .checkpoint import atomic_save, read_checkpoint
+from .learner_sharded import (
+    is_sharded_model,
+    remove_sharded_checkpoint,
+    sharded_checkpoint_exists,
+    sharded_checkpoint_path,
+)
 
 if TYPE_CHECKING:
     from .engine import ModelEMA
@@ -55,6 +65,20 @@ class EMACheckpointing:
         raise NotImplementedError
 
     def restore_ema_checkpoint(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def sharded_ema_checkpoint(self) -> dict | None:
+        """The EMA's entries in a sharded (DCP) `learn.save`; None before any EMA."""
+        if self.engine is None:
+            return None
+        raise ValueError(f"Invalid callback: {type(self).__name__} does not support sharded (FSDP2) checkpoints")
+
+    def sharded_candidate(self, tensor_names: list[str]) -> ModelEMA:
+        """A new engine (not yet this callback's) for a sharded `learn.load` to read into and check."""
+        raise ValueError(f"Invalid callback: {type(self).__name__} does not support sharded (FSDP2) checkpoints")
+
+    def install_sharded_checkpoint(self, engine: ModelEMA, started: bool, decay: float) -> None:
+        """Make `engine`, read and checked by a sharded `learn.load`, this callback's EMA."""
         raise NotImplementedError
 
 
@@ -82,9 +106,11 @@ def _add_note(error: BaseException, note: str) -> None:
 def save(self: Learner, file, with_opt: bool = True, **torch_save_kwargs) -> Path:
     "Save model and optimizer state (if `with_opt`) to `self.path/self.model_dir/file`, and the EMA beside it"
     path = join_path_file(file, self.path / self.model_dir, ext=".pth")
+    callback = _ema_callback(self)
+    if is_sharded_model(get_model(self.model)):  # every rank writes its shards: `models/<file>.dcp/`
+        return learner_sharded.save(self, path, with_opt, callback)
     if rank_distrib():  # like fastai: only the main process writes
         return path
-    callback = _ema_callback(self)
     state = get_model(self.model).state_dict()
     if callback is not None:
         ema_path = ema_checkpoint_path(path)
@@ -99,6 +125,7 @@ def save(self: Learner, file, with_opt: bool = True, **torch_save_kwargs) -> Pat
     if with_opt and opt is not None:
         state = {"model": state, "opt": opt.state_dict()}
     atomic_save(state, path, **torch_save_kwargs)
+    remove_sharded_checkpoint(path)  # an older sharded checkpoint of this name: one name, one checkpoint
     return path
 
 
@@ -113,14 +140,44 @@ def _holds_token(path: Path, token: str) -> bool:
         return needle in path.read_bytes()
 
 
+def _sharded_wins(path: Path, sharded_model: bool) -> bool:
+    """Whether `learn.load` of `path` reads the sharded checkpoint of that name (`.dcp/`) rather than the file."""
+    if not sharded_checkpoint_exists(path):
+        if sharded_model and path.is_file():
+            raise ValueError(
+                f"Invalid checkpoint {path}: a single-file checkpoint, but this Learner's model is sharded (FSDP2); "
+                "load it before sharding the model (then `learn.save` writes the sharded format), nothing was loaded"
+            )
+        return False
+    if not path.is_file():
+        return True
+    # Both: a save of the other format was interrupted before it deleted this one. The newer one wins.
+    sharded = sharded_checkpoint_path(path)
+    sharded_time = (sharded / ".metadata").stat().st_mtime if sharded.is_dir() else 0.0
+    newer = sharded_time >= path.stat().st_mtime
+    warnings.warn(
+        f"Both {path} and {sharded} exist (an interrupted save); loading the newer, {sharded if newer else path}",
+        UserWarning,
+        stacklevel=3,
+    )
+    return newer
+
+
 def load(self: Learner, file, device=None, **kwargs) -> Learner:
     "Load model and optimizer state (if `with_opt`) from `self.path/self.model_dir/file`, and the EMA beside it"
     callback = _ema_callback(self)
+    path = join_path_file(file, self.path / self.model_dir, ext=".pth")
+    distrib_barrier()  # as fastai does before reading: rank 0 may still be writing (or deleting) files
+    if _sharded_wins(path, is_sharded_model(get_model(self.model))):
+        unknown = set(kwargs) - {"with_opt", "strict"}
+        if unknown:
+            raise TypeError(f"Invalid arguments {sorted(unknown)} for loading the sharded checkpoint of {path}")
+        with_opt, strict = kwargs.get("with_opt", True), kwargs.get("strict", True)
+        learner_sharded.load(self, path, with_opt=with_opt, strict=strict, callback=callback)
+        return self
     if callback is None:
         return _fastai_load(self, file, device=device, **kwargs)
-    path = join_path_file(file, self.path / self.model_dir, ext=".pth")
     ema_path = ema_checkpoint_path(path)
-    distrib_barrier()  # as fastai does before reading: rank 0 may still be writing both files
     ema_state: dict | None = None
     if ema_path.exists():
         saved = read_checkpoint(ema_path)

@@ -274,7 +274,7 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _on_rank_0(action: Callable[[], None]) -> None:
+def _on_rank_0(action: Callable[[], None], what: str = "save_sharded") -> None:
     """Run `action` on rank 0 and raise its error (if any) on every rank, so that no rank runs ahead."""
     error: list[str | None] = [None]
     if rank() == 0:
@@ -285,7 +285,7 @@ def _on_rank_0(action: Callable[[], None]) -> None:
     if _distributed():
         torch.distributed.broadcast_object_list(error, src=0)
     if error[0] is not None:
-        raise RuntimeError(f"save_sharded failed on rank 0: {error[0]}")
+        raise RuntimeError(f"{what} failed on rank 0: {error[0]}")
 
 
 def save_sharded(state_dict: dict[str, Any], checkpoint_id: str | os.PathLike) -> Path:
@@ -340,7 +340,14 @@ def load_sharded(state_dict: dict[str, Any], checkpoint_id: str | os.PathLike, k
     try:
         with _single_process_intended():
             dcp.load(state_dict, checkpoint_id=str(checkpoint))
-    except CheckpointException as error:  # a BaseException in DCP: one per rank, gathered on every rank
-        failures = [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
-        reasons = sorted({f"{type(failure).__name__}: {failure}" for failure in failures})
-        raise ValueError(f"Invalid checkpoint {checkpoint} (the EMA is unchanged): " + "; ".join(reasons)) from None
+    except CheckpointException as error:
+        raise _dcp_failure(error, checkpoint) from None
+
+
+def _dcp_failure(error: BaseException, checkpoint: Path) -> ValueError:
+    """DCP's `CheckpointException` (a BaseException: one failure per rank, gathered on every rank) as a ValueError."""
+    failures = [
+        failure[0] if isinstance(failure, tuple) else failure for failure in getattr(error, "failures", {}).values()
+    ]
+    reasons = sorted({f"{type(failure).__name__}: {failure}" for failure in failures}) or [str(error)]
+    return ValueError(f"Invalid checkpoint {checkpoint} (nothing was loaded): " + "; ".join(reasons))
