@@ -354,12 +354,14 @@ def test_a_two_rank_fastai_checkpoint_loads_into_one_unsharded_learner_and_forma
     models.mkdir()
     shutil.copytree(out / "fastai" / "models" / "epoch_1.dcp", models / "run.dcp")
     # An EMA that does not fit (update_every differs) fails inside dcp.load, after the model was read: into
-    # fresh buffers, so the model is as it was.
-    other = workers.mlp_learner([EMASchedule(update_every=2)], tmp_path, "fastai", seed=1)
+    # fresh buffers, so the model is as it was, in its own storage (flatten_model packs only a checked EMA).
+    other = workers.mlp_learner([EMASchedule(update_every=2, flatten_model=True)], tmp_path, "fastai", seed=1)
     before = {name: tensor.clone() for name, tensor in other.model.state_dict().items()}
+    storage = [p.data_ptr() for p in other.model.parameters()]
     with pytest.raises(ValueError, match="update_every 1 != 2"):
         other.load("run")
     assert_equal_nested(dict(other.model.state_dict()), before)
+    assert [p.data_ptr() for p in other.model.parameters()] == storage
     assert other.ema_schedule.engine is None
 
     learn = workers.mlp_learner([EMASchedule(start_decay=0.5, final_decay=workers.DECAY)], tmp_path, "fastai", seed=1)

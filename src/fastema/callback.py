@@ -390,7 +390,9 @@ class EMACallback(AveragingCallback):
             return engine, True
         return engine, False
 
-    def _new_engine(self, decay: float, tensor_names: list[str] | None = None) -> ModelEMA:
+    def _new_engine(
+        self, decay: float, tensor_names: list[str] | None = None, flatten_model: bool | None = None
+    ) -> ModelEMA:
         return ModelEMA(
             self.learn.model,
             decay,
@@ -398,7 +400,7 @@ class EMACallback(AveragingCallback):
             all_buffers=self.all_buffers,
             foreach=self.foreach,
             device=self.ema_device,
-            flatten_model=self.flatten_model,
+            flatten_model=self.flatten_model if flatten_model is None else flatten_model,
             ema_dtype=self.ema_dtype,
             update_every=self.update_every,
             tensor_names=tensor_names,
@@ -455,7 +457,9 @@ class EMACallback(AveragingCallback):
 
     def sharded_candidate(self, tensor_names: list[str]) -> ModelEMA:
         "A new engine averaging `tensor_names`, for a sharded `learn.load` to read into and check"
-        return self._new_engine(self.decay, tensor_names=tensor_names)
+        # Not flattened: packing would move the model's storage before the checkpoint is known to fit
+        # (the next fit builds its engine as configured).
+        return self._new_engine(self.decay, tensor_names=tensor_names, flatten_model=False)
 
     def install_sharded_checkpoint(self, engine: ModelEMA, started: bool, decay: float) -> None:
         "Make a loaded and checked engine this callback's EMA; `fit(..., start_epoch=k)` continues it"
