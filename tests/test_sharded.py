@@ -338,7 +338,36 @@ def test_fastai_saves_a_sharded_model_as_dcp_and_a_fresh_learner_resumes_it_bit_
         # A later fit with resume=True continues that EMA with the final decay.
         assert run["continuation"]["decays"] == workers.DECAY
         assert_state_matches(run["continuation"]["ema"], run["continuation"]["reference"], rtol=1e-10, atol=1e-12)
-    assert_equal_nested(ranks[1][optimizer]["whole"]["ema"], ranks[0][optimizer]["whole"]["ema"])
+
+
+def test_a_two_rank_fastai_checkpoint_loads_into_three_ranks(fastai_sharded_run):
+    out, ranks = fastai_sharded_run
+    workers.launch(workers.fastai_sharded_load_worker, out, timeout_s=120, world=3)
+    saved = ranks[0]["fastai"]["epochs"][2]
+    for rank in range(3):
+        loaded = torch.load(out / f"three{rank}.pt", weights_only=True)
+        assert_equal_nested({part: loaded[part] for part in saved}, saved)
+        assert loaded["num_updates"] == 6
+
+
+def test_a_model_sharded_at_the_root_only_saves_sharded_after_validation_and_savemodelcallback_reloads_the_best(
+    fastai_sharded_run,
+):
+    _, ranks = fastai_sharded_run
+    for result in ranks:
+        run = result["root_only"]
+        # After validation the root's parameters are plain tensors: still a sharded save (no rank-0-only .pth, no
+        # hang gathering an EMA that did not validate), and SaveModelCallback's load of the best at the end works.
+        assert run["files"] == ["best.dcp", "plain.dcp", "plain.pth"]
+        for part in ("model", "ema", "optimizer"):
+            assert_equal_nested(run["final"][part], run["epochs"][0][part], part)  # epoch 0 was "best"
+        assert not torch.equal(
+            run["epochs"][2]["model"]["layers.0.weight"], run["epochs"][0]["model"]["layers.0.weight"]
+        )
+        assert_equal_nested(run["fresh"], run["plain"])  # a Learner without EMA: saved and loaded sharded
+        assert "lr_find does not support a sharded" in run["lr_find_error"]
+        assert_equal_nested(run["after_lr_find"], run["plain"])  # refused before any step
+        assert "newer than" in run["newer_file_error"] and "sharded (FSDP2)" in run["newer_file_error"]
 
 
 def test_a_two_rank_fastai_checkpoint_loads_into_one_unsharded_learner_and_formats_replace_each_other(
@@ -392,3 +421,125 @@ def test_a_two_rank_fastai_checkpoint_loads_into_one_unsharded_learner_and_forma
     with pytest.warns(UserWarning, match="Could not load the optimizer state .* saved from a torch optimizer"):
         learn.load("torch")
     assert_equal_nested(dict(learn.model.state_dict()), ranks[0]["torch"]["epochs"][2]["model"])
+
+
+def sharded_save(learn, name, with_opt=True):
+    """`learn.save`'s sharded path, taken by an unsharded Learner in one process (DCP needs no process group)."""
+    from fastema import learner_sharded
+    from fastema.learner_checkpoint import _ema_callback
+
+    return learner_sharded.save(learn, learn.path / learn.model_dir / f"{name}.pth", with_opt, _ema_callback(learn))
+
+
+def learner_state(learn):
+    ema = learn.ema_schedule.engine
+    return {
+        "model": {name: tensor.clone() for name, tensor in learn.model.state_dict().items()},
+        "optimizer": workers.full_state(workers.optimizer_state(learn)),
+        "ema": None if ema is None else workers.full_state(ema.state_dict()["tensors"]),
+        "hypers": [dict(hypers) for hypers in learn.opt.hypers],
+    }
+
+
+def test_sharded_checkpoints_that_do_not_fit_are_refused_or_their_optimizer_skipped_changing_nothing(tmp_path):
+    from fastai.optimizer import ranger
+
+    from fastema import EMASchedule
+
+    def learner(optimizer="fastai", seed=0, **kwargs):
+        schedule = EMASchedule(start_decay=0.5, final_decay=workers.DECAY)
+        return workers.mlp_learner([schedule], tmp_path, optimizer, seed=seed, **kwargs)
+
+    target = learner(seed=1)
+    target.fit(1, lr=0.003)
+    before = learner_state(target)
+
+    # One that fits, loaded without the optimizer, then with it (the hyperparameters too: lr 0.01, not 0.003).
+    good = learner()
+    good.fit(1)
+    sharded_save(good, "good")
+    target.load("good", with_opt=False)
+    assert_equal_nested(learner_state(target)["optimizer"], before["optimizer"])
+    assert_equal_nested(learner_state(target)["model"], learner_state(good)["model"])
+    target.load("good")
+    assert_equal_nested(learner_state(target), learner_state(good))
+    target = learner(seed=1)
+    target.fit(1, lr=0.003)
+    before = learner_state(target)
+
+    # EMA entries that are not tensors: refused before DCP would unpickle them.
+    import torch.distributed.checkpoint as dcp
+
+    from fastema.sharded import _encode_strings
+
+    junk = {"names": _encode_strings(["layers.0.weight"]), "payload": {"not": "a tensor"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: no process group, one process assumed
+        dcp.save({"model": good.model.state_dict(), "ema": junk}, checkpoint_id=str(tmp_path / "models" / "junk.dcp"))
+    with pytest.raises(ValueError, match="are not tensors"):
+        target.load("junk")
+    assert_equal_nested(learner_state(target), before)
+
+    # A decay out of [0, 1] where the callback stood: refused before anything is written.
+    bad = learner()
+    bad.fit(1)
+    bad.ema_schedule.decay = 2.0
+    sharded_save(bad, "bad")
+    with pytest.raises(ValueError, match=r"bad\.dcp .*Invalid decay: 2\.0"):
+        target.load("bad")
+    assert_equal_nested(learner_state(target), before)
+
+    # Saved with the first layer frozen (the optimizer holds 4 parameters, not 6): the model and the EMA load,
+    # the optimizer state is skipped with a warning and left as it was (fastai would assign it to other parameters).
+    frozen = learner()
+    frozen.model.layers[0].requires_grad_(False)
+    frozen.fit(1)
+    sharded_save(frozen, "frozen")
+    warned = user_warnings(lambda: target.load("frozen"))
+    assert any("Could not load the optimizer state" in message for message in warned), warned
+    assert_equal_nested(dict(target.model.state_dict()), dict(frozen.model.state_dict()))
+    assert_equal_nested(learner_state(target)["optimizer"], before["optimizer"])
+    assert_equal_nested(learner_state(target)["hypers"], before["hypers"])
+    assert "layers.0.weight" not in target.ema_schedule.engine.tensor_names  # the checkpoint's EMA, as it was
+
+    # A torch optimizer that never stepped: saving does not initialise it (DCP would, with a step).
+    unstepped = learner("torch")
+    unstepped.create_opt()
+    sharded_save(unstepped, "unstepped")
+    assert not unstepped.opt.opt.state
+    fresh = learner("torch", seed=1)
+    warned = user_warnings(lambda: fresh.load("unstepped"))
+    assert any("holds no optimizer state" in message for message in warned), warned
+    assert not fresh.opt.opt.state
+
+    # fastai's Lookahead keeps state of its own that a sharded checkpoint does not hold: refused, unless with_opt=False.
+    lookahead = workers.mlp_learner(None, tmp_path, "fastai", opt_func=ranger)
+    lookahead.create_opt()
+    with pytest.raises(ValueError, match="Invalid with_opt: True, but the optimizer is a Lookahead"):
+        sharded_save(lookahead, "lookahead")
+    sharded_save(lookahead, "lookahead", with_opt=False)
+
+
+def test_a_sharded_checkpoint_saved_before_the_ema_started_resumes_bit_for_bit(tmp_path):
+    from fastai.callback.core import Callback
+
+    from fastema import EMASchedule
+
+    class SaveFirstEpoch(Callback):
+        def after_epoch(self):
+            if self.epoch == 0:
+                sharded_save(self.learn, "epoch_0")
+
+    def learner(seed=0, cbs=()):
+        schedule = EMASchedule(start_decay=0.5, final_decay=workers.DECAY, start=1, finish=2)
+        return workers.mlp_learner([schedule, *cbs], tmp_path, "fastai", seed=seed)
+
+    whole = learner(cbs=[SaveFirstEpoch()])
+    whole.fit(3)
+    resumed = learner(seed=1)
+    resumed.load("epoch_0")  # the EMA had not started: the checkpoint says so
+    assert resumed.ema_schedule.engine.num_updates == 0
+    resumed.fit(3, start_epoch=1)
+    assert_equal_nested(learner_state(resumed), learner_state(whole))
+    assert resumed.ema_schedule.engine.num_updates == whole.ema_schedule.engine.num_updates == 8
+    assert resumed.ema_schedule.decay == whole.ema_schedule.decay

@@ -377,7 +377,10 @@ class EMACallback(AveragingCallback):
             return engine, loaded["started"]
         engine = self._new_engine(decay)
         if self.resume and loaded_engine is not None and loaded_engine.sharded:  # no learn.model_ema: shards only
-            _copy_engine_state(loaded_engine, engine)
+            try:
+                engine._copy_from_engine(loaded_engine)
+            except ValueError as error:
+                raise ValueError(f"Invalid resume: the previous EMA does not match the model ({error})") from error
             self._resumed = True
             return engine, True
         previous = getattr(self.learn, "model_ema", None)
@@ -430,6 +433,10 @@ class EMACallback(AveragingCallback):
             raise ValueError(f"Invalid EMA checkpoint {path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file")
         # The EMA that `restore_ema_checkpoint` builds averages the tensors the checkpoint names (which
         # parameters were trainable when it was saved may differ from now), in `ema_dtype` if set.
+        try:
+            check_decay(state.get("decay"), "decay")  # the decay this callback stood at: EMASchedule resumes it
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
         engine_state = state.get("engine")
         saved = engine_state.get("tensors") if isinstance(engine_state, dict) else None
         if not isinstance(saved, dict) or not saved:

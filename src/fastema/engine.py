@@ -475,6 +475,22 @@ class ModelEMA:
             ema_tensor.copy_(source)
         self._failure = None
 
+    @torch.no_grad()
+    def _copy_from_engine(self, other: ModelEMA) -> None:
+        """Set the EMA weights from another EMA of this model, by name, part by part (a sharded EMA's `copy_from`)."""
+        self._check_outside_swap("copy_from()")
+        other._check_outside_swap("copy_from()")
+        other._readable()
+        sources = dict(zip(other.tensor_names, other._binding.ema_tensors))
+        missing = [name for name in self.tensor_names if name not in sources]
+        if missing:
+            raise ValueError(f"Invalid copy_from: the other EMA does not average {missing[:5]}")
+        self._wait_forgetting_failure()
+        self._ensure_current()
+        for name, ema_tensor in zip(self.tensor_names, self._binding.ema_tensors):
+            ema_tensor.copy_(sources[name])
+        self._failure = None
+
     @contextmanager
     def use_ema_weights(self) -> Iterator[nn.Module]:
         """Temporarily put the EMA weights into the live model, in place; restore the model's exactly after.

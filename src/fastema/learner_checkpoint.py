@@ -42,6 +42,7 @@ from .learner_sharded import (
     sharded_checkpoint_exists,
     sharded_checkpoint_path,
 )
+from .sharded import _complete_checkpoint
 
 if TYPE_CHECKING:
     from .engine import ModelEMA
@@ -140,21 +141,29 @@ def _holds_token(path: Path, token: str) -> bool:
         return needle in path.read_bytes()
 
 
+def _single_file_refused(path: Path, why: str) -> ValueError:
+    return ValueError(
+        f"Invalid checkpoint {path}: a single-file checkpoint{why}, but this Learner's model is sharded (FSDP2); "
+        "load it before sharding the model (then `learn.save` writes the sharded format); nothing was loaded"
+    )
+
+
 def _sharded_wins(path: Path, sharded_model: bool) -> bool:
     """Whether `learn.load` of `path` reads the sharded checkpoint of that name (`.dcp/`) rather than the file."""
+    sharded = sharded_checkpoint_path(path)
     if not sharded_checkpoint_exists(path):
+        if sharded.exists() and not path.is_file():
+            _complete_checkpoint(sharded)  # raises, saying the directory is incomplete
         if sharded_model and path.is_file():
-            raise ValueError(
-                f"Invalid checkpoint {path}: a single-file checkpoint, but this Learner's model is sharded (FSDP2); "
-                "load it before sharding the model (then `learn.save` writes the sharded format), nothing was loaded"
-            )
+            raise _single_file_refused(path, "")
         return False
     if not path.is_file():
         return True
     # Both: a save of the other format was interrupted before it deleted this one. The newer one wins.
-    sharded = sharded_checkpoint_path(path)
     sharded_time = (sharded / ".metadata").stat().st_mtime if sharded.is_dir() else 0.0
     newer = sharded_time >= path.stat().st_mtime
+    if not newer and sharded_model:
+        raise _single_file_refused(path, f" newer than {sharded} (an interrupted save)")
     warnings.warn(
         f"Both {path} and {sharded} exist (an interrupted save); loading the newer, {sharded if newer else path}",
         UserWarning,
@@ -169,7 +178,9 @@ def load(self: Learner, file, device=None, **kwargs) -> Learner:
     path = join_path_file(file, self.path / self.model_dir, ext=".pth")
     distrib_barrier()  # as fastai does before reading: rank 0 may still be writing (or deleting) files
     if _sharded_wins(path, is_sharded_model(get_model(self.model))):
-        unknown = set(kwargs) - {"with_opt", "strict"}
+        # `weights_only` and `device` concern torch.load (fastai's SaveModelCallback passes the former): DCP
+        # reads tensors only, onto the devices of the model's own.
+        unknown = set(kwargs) - {"with_opt", "strict", "weights_only"}
         if unknown:
             raise TypeError(f"Invalid arguments {sorted(unknown)} for loading the sharded checkpoint of {path}")
         with_opt, strict = kwargs.get("with_opt", True), kwargs.get("strict", True)

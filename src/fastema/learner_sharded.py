@@ -16,8 +16,8 @@ writes its own shards of:
 `SaveModelCallback` does). The directory is written by `save_sharded` (a temporary directory
 renamed over the target); the other format's files of the same name (`best.pth`,
 `best.ema.pth`) are deleted afterwards, so that one name means one checkpoint. `learn.load("best")`
-reads `best.dcp/` into any layout: a 2-rank save loads into 3 ranks, or into one process with
-an unsharded model. Everything is read into fresh buffers and checked (names, shapes, the
+reads `best.dcp/` into any layout (DCP reshards): a 2-rank save loads into 3 ranks, or into
+one process with an unsharded model. Everything is read into fresh buffers and checked (names, shapes, the
 EMA's counts and decay) before the model, the optimizer or the EMA is written: a mismatch raises
 on every rank and changes nothing. As in fastai, an optimizer state that does not fit the
 Learner's optimizer is skipped with a warning.
@@ -36,8 +36,17 @@ from fastai.optimizer import Optimizer, OptimWrapper
 from fastai.torch_core import get_model
 from torch import Tensor, nn
 
-from .distributed import is_sharded
-from .sharded import _check_ema_entries, _complete_checkpoint, _dcp_failure, _on_rank_0, _single_process_intended
+from ._checks import check_decay
+from .distributed import FSDPModule, is_sharded, reshard
+from .sharded import (
+    _check_ema_entries,
+    _complete_checkpoint,
+    _dcp_failure,
+    _decode_strings,
+    _encode_strings,
+    _on_rank_0,
+    _single_process_intended,
+)
 from .sharded import save_sharded as _save_sharded
 
 if TYPE_CHECKING:
@@ -55,9 +64,14 @@ def sharded_checkpoint_path(model_path: str | Path) -> Path:
 
 
 def is_sharded_model(model: nn.Module) -> bool:
-    """Whether any parameter or buffer of `model` is a DTensor (FSDP2, tensor parallel)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return any(is_sharded(tensor) for tensor in tensors)
+    """Whether `model` is sharded: an FSDP2 module in it, or a DTensor parameter or buffer (tensor parallel).
+
+    Not the parameters alone: after a forward, FSDP2 leaves the root module's parameters
+    unsharded (plain tensors), which for a model sharded at the root only is all of them.
+    """
+    if FSDPModule is not None and any(isinstance(module, FSDPModule) for module in model.modules()):
+        return True
+    return any(is_sharded(tensor) for tensor in [*model.parameters(), *model.buffers()])
 
 
 def sharded_checkpoint_exists(model_path: Path) -> bool:
@@ -86,34 +100,54 @@ def _torch_optimizer(opt: object) -> torch.optim.Optimizer | None:
     return inner if isinstance(opt, OptimWrapper) and isinstance(inner, torch.optim.Optimizer) else None
 
 
-def _check_optimizer(opt: object) -> None:
-    if _torch_optimizer(opt) is None and not isinstance(opt, Optimizer):
+def _check_optimizer(opt: Any) -> None:
+    # fastai's Optimizer with exactly its own state (Lookahead, ranger add keys of their own), or torch's.
+    fastai_own = isinstance(opt, Optimizer) and set(opt.state_dict()) == {"state", "hypers"}
+    if _torch_optimizer(opt) is None and not fastai_own:
         raise ValueError(
             f"Invalid with_opt: True, but the optimizer is a {type(opt).__name__}; a sharded checkpoint holds the "
             "state of fastai's Optimizer or of an OptimWrapper around a torch optimizer. Pass with_opt=False."
         )
 
 
-def _optimizer_state(model: nn.Module, opt: Any) -> dict[str, Any]:
+def _parameter_names(model: nn.Module, opt: Any) -> list[str]:
+    """The names of fastai optimizer `opt`'s parameters, in the order of its state."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    return [names.get(id(parameter), "?") for parameter, *_ in opt.all_params()]
+
+
+def _optimizer_state(model: nn.Module, opt: Any) -> dict[str, Any] | None:
+    """What the checkpoint holds of the optimizer; None for a torch optimizer that has not stepped yet."""
     inner = _torch_optimizer(opt)
     if inner is not None:
+        if not inner.state:
+            return None  # DCP would initialise it with a step (lr 0): saving must not change the optimizer
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, inner)
     state = opt.state_dict()  # plain containers, so that DCP stores each tensor (a DTensor: its shards) apart
-    return {"state": [dict(per_param) for per_param in state["state"]], "hypers": [dict(h) for h in state["hypers"]]}
+    return {
+        "state": [dict(per_param) for per_param in state["state"]],
+        "hypers": [dict(h) for h in state["hypers"]],
+        # Which parameter each state belongs to (an empty per-parameter dict leaves no entry of its own).
+        "names": _encode_strings(_parameter_names(model, opt)),
+    }
 
 
 def save(learn: Learner, path: Path, with_opt: bool, callback: EMACheckpointing | None) -> Path:
     """Write `learn`'s sharded model (and optimizer, and EMA) as `path`'s `.dcp` directory (every rank calls it)."""
+    if hasattr(learn, "lr_finder"):  # fastai restores the model from `_tmp.pth` in a per-rank temporary directory
+        raise RuntimeError("lr_find does not support a sharded (FSDP2) model; run it before sharding the model")
     model = get_model(learn.model)
+    reshard(model)  # the state dict holds the shards (not a forward's unsharded copies)
     opt = getattr(learn, "opt", None)
     if with_opt and opt is not None:
         _check_optimizer(opt)
     ema_state = callback.sharded_ema_checkpoint() if callback is not None else None  # raises mid-validation
     state: dict[str, Any] = {"model": model.state_dict()}
-    if with_opt and opt is not None:
-        state["opt"] = _optimizer_state(model, opt)
+    optimizer_state = _optimizer_state(model, opt) if with_opt and opt is not None else None
+    if optimizer_state is not None:
+        state["opt"] = optimizer_state
     if ema_state is not None:
         state.update(ema_state)
     target = _save_sharded(state, sharded_checkpoint_path(path))
@@ -145,7 +179,7 @@ def _leaf(entry: Any, like: Tensor | None) -> Any:
     dtype = entry.properties.dtype
     if like is not None and tuple(like.shape) == tuple(entry.size):
         return _fresh(like, dtype)  # an optimizer state shaped as its parameter: sharded as it is
-    return torch.empty(tuple(entry.size), dtype=dtype, device=like.device if like is not None else "cpu")
+    return torch.empty(tuple(entry.size), dtype=dtype)  # a step count, ...: on the CPU, as torch keeps it
 
 
 def _insert(container: Any, path: tuple, value: Any) -> None:
@@ -165,7 +199,7 @@ def _insert(container: Any, path: tuple, value: Any) -> None:
 
 
 def _optimizer_template(
-    model: nn.Module, opt: Any, entries: dict[str, Any], paths: dict[str, tuple]
+    model: nn.Module, opt: Any, entries: dict[str, Any], paths: dict[str, tuple], names: list[str] | None
 ) -> tuple[dict[str, Any] | None, str | None]:
     """Buffers for the checkpoint's optimizer state, or (None, why not) when it does not fit `opt`."""
     saved = {fqn: path[1:] for fqn, path in paths.items() if path[0] == "opt"}
@@ -174,34 +208,64 @@ def _optimizer_template(
     if torch_format != (inner is not None):
         kinds = ("fastai's Optimizer", "a torch optimizer (OptimWrapper)")
         return None, f"it was saved from {kinds[torch_format]}, this Learner has {kinds[inner is not None]}"
+    groups = {path[1] for path in saved.values() if path[0] in ("param_groups", "hypers")}
     if inner is not None:
         parameters = dict(model.named_parameters())
+        unknown = sorted({path[1] for path in saved.values() if path[0] == "state"} - set(parameters))
+        if unknown or len(groups) != len(inner.param_groups):
+            return None, f"its parameters or groups differ ({len(groups)} groups; not in the model: {unknown[:3]})"
         like = {key: parameters.get(path[1]) for key, path in saved.items() if path[0] == "state"}
     else:
         parameters_in_order = [p for p, *_ in opt.all_params()]
-        indices = {path[1] for path in saved.values() if path[0] == "state"}
-        if indices and max(indices) >= len(parameters_in_order):
-            return (
-                None,
-                f"it holds state for {max(indices) + 1}+ parameters, the optimizer has {len(parameters_in_order)}",
+        own_names = _parameter_names(model, opt)
+        if names != own_names or len(groups) != len(opt.param_lists):
+            return None, (
+                f"it holds the state of {len(names or [])} parameters in {len(groups)} groups, the optimizer has "
+                f"{len(own_names)} in {len(opt.param_lists)}, or other parameters"
             )
         like = {key: parameters_in_order[path[1]] for key, path in saved.items() if path[0] == "state"}
     template: dict[str, Any] = {"state": {} if inner is not None else [{} for _ in opt.all_params()]}
     for fqn, path in saved.items():
-        _insert(template, path, _leaf(entries[fqn], like.get(fqn)))
+        if path != ("names",):  # read already
+            _insert(template, path, _leaf(entries[fqn], like.get(fqn)))
     return template, None
 
 
-def _install_optimizer(model: nn.Module, opt: Any, state: dict[str, Any]) -> None:
+def _optimizer_mismatch(model: nn.Module, opt: Any, state: dict[str, Any]) -> str | None:
+    """Why the optimizer state read from a checkpoint does not fit `opt` (None: it fits); changes nothing."""
+    inner = _torch_optimizer(opt)
+    if inner is None:
+        return None  # fastai's: counts checked before reading, its load only assigns
+    names = {id(p): name for name, p in model.named_parameters()}
+    own = [[names.get(id(p)) for p in group["params"]] for group in inner.param_groups]
+    saved = [list(group.get("params", [])) for group in state.get("param_groups", [])]
+    return None if own == saved else "its parameter groups hold other parameters"
+
+
+def _install_optimizer(model: nn.Module, opt: Any, state: dict[str, Any]) -> str | None:
+    """Load `state` into `opt`; on failure put the optimizer back as it was and say why."""
     inner = _torch_optimizer(opt)
     if inner is not None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, inner, state)
-        return
+        before = inner.state_dict()  # torch's load replaces the state tensors, it does not write into them
+        try:
+            set_optimizer_state_dict(model, inner, state)
+        except Exception as error:
+            inner.load_state_dict(before)
+            return f"{type(error).__name__}: {error}"
+        return None
     from fastcore.foundation import L
 
-    opt.load_state_dict({"state": state["state"], "hypers": L(state.get("hypers", []))})
+    kept = dict(opt.state), opt.hypers
+    try:
+        opt.load_state_dict({"state": state["state"], "hypers": L(state["hypers"])})
+    except Exception as error:
+        opt.state.clear()
+        opt.state.update(kept[0])
+        opt.hypers = kept[1]
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def _model_problems(own: dict[str, Any], saved: dict[str, Any], strict: bool) -> list[str]:
@@ -213,34 +277,55 @@ def _model_problems(own: dict[str, Any], saved: dict[str, Any], strict: bool) ->
         if unexpected:
             problems.append(f"unexpected keys {unexpected[:5]}")
     for name in sorted(set(own) & set(saved)):
+        if not isinstance(own[name], Tensor):
+            continue
         size = getattr(saved[name], "size", None)
-        if isinstance(own[name], Tensor) and size is not None and tuple(size) != tuple(own[name].shape):
+        if size is None:
+            problems.append(f"{name}: not a tensor in the checkpoint")
+        elif tuple(size) != tuple(own[name].shape):
             problems.append(f"{name}: shape {tuple(size)} in the checkpoint, {tuple(own[name].shape)} in the model")
     return problems
 
 
-def _read_ema_names(checkpoint: Path, entries: dict[str, Any]) -> list[str]:
-    """The names of the tensors the checkpoint's EMA averages (a small read, before anything is built)."""
+def _dcp_load(state: dict[str, Any], checkpoint: Path) -> None:
+    """`dcp.load`, its failures (a BaseException, on every rank) as a ValueError naming the checkpoint."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    from .sharded import _decode_strings
+    try:
+        with _single_process_intended():
+            dcp.load(state, checkpoint_id=str(checkpoint))
+    except CheckpointException as error:
+        raise _dcp_failure(error, checkpoint) from None
+    except ValueError as error:  # the EMA's checks (`ShardedEMAState.load_state_dict`), on every rank
+        raise ValueError(f"Invalid checkpoint {checkpoint}: {error}") from error
 
-    names = torch.empty(tuple(entries["ema.names"].size), dtype=torch.uint8)
-    with _single_process_intended():
-        dcp.load({"ema": {"names": names}}, checkpoint_id=str(checkpoint))
-    return _decode_strings(names)
+
+def _read_names(checkpoint: Path, entries: dict[str, Any]) -> dict[str, list[str]]:
+    """The names the checkpoint's EMA averages and those of the fastai optimizer's parameters, where present."""
+    small = {
+        key: {"names": torch.empty(tuple(entries[f"{key}.names"].size), dtype=torch.uint8)}
+        for key in ("ema", "opt")
+        if f"{key}.names" in entries
+    }
+    if small:
+        _dcp_load(small, checkpoint)
+    return {key: _decode_strings(value["names"]) for key, value in small.items()}
 
 
 def load(learn: Learner, path: Path, with_opt: bool, strict: bool, callback: EMACheckpointing | None) -> None:
     """Read `path`'s `.dcp` directory into `learn` (every rank calls it); a mismatch raises and changes nothing."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.api import CheckpointException
 
     checkpoint = _complete_checkpoint(sharded_checkpoint_path(path))
     metadata = FileSystemReader(str(checkpoint)).read_metadata()
     entries, paths = metadata.state_dict_metadata, metadata.planner_data
+    has_ema = "ema.names" in entries
+    if callback is not None and has_ema:
+        _check_ema_entries(checkpoint, "ema")  # before DCP unpickles anything of the EMA
+    names = _read_names(checkpoint, entries)
     model = get_model(learn.model)
+    reshard(model)  # the buffers to read into are laid out as the shards
     own = model.state_dict()
     saved = {path[1]: entries[fqn] for fqn, path in paths.items() if path[0] == "model"}
     problems = _model_problems(own, saved, strict)
@@ -253,18 +338,19 @@ def load(learn: Learner, path: Path, with_opt: bool, strict: bool, callback: EMA
         if learn.opt is None:
             learn.create_opt()
         if not any(path[0] == "opt" for path in paths.values()):
-            warnings.warn(f"{checkpoint} holds no optimizer state", stacklevel=3)
+            warnings.warn(
+                f"{checkpoint} holds no optimizer state (saved with with_opt=False, or before the optimizer stepped)",
+                stacklevel=3,
+            )
         else:
-            template["opt"], why_not = _optimizer_template(model, learn.opt, entries, paths)
+            template["opt"], why_not = _optimizer_template(model, learn.opt, entries, paths, names.get("opt"))
             if why_not is not None:
                 template.pop("opt")
                 warnings.warn(f"Could not load the optimizer state of {checkpoint}: {why_not}", stacklevel=3)
     candidate = None
-    has_ema = "ema.names" in entries
-    if callback is not None and has_ema:
-        _check_ema_entries(checkpoint, "ema")
+    if callback is not None and "ema" in names:
         try:
-            candidate = callback.sharded_candidate(_read_ema_names(checkpoint, entries))
+            candidate = callback.sharded_candidate(names["ema"])
         except (KeyError, ValueError) as error:
             raise ValueError(f"Invalid checkpoint {checkpoint} (nothing was loaded): its EMA: {error}") from error
         # DCP reads the EMA into fresh buffers and hands them to the candidate's checks (see fastema.sharded).
@@ -275,18 +361,21 @@ def load(learn: Learner, path: Path, with_opt: bool, strict: bool, callback: EMA
         }
     elif callback is not None and callback.engine is not None:
         warnings.warn(f"{checkpoint} holds no EMA: the EMA was not loaded", stacklevel=3)
-    try:
-        with _single_process_intended():
-            dcp.load(template, checkpoint_id=str(checkpoint))
-    except CheckpointException as error:
-        raise _dcp_failure(error, checkpoint) from None
-    # Everything is read and the EMA checked: now write.
-    model.load_state_dict(template["model"], strict=strict)
-    if "opt" in template:
+    _dcp_load(template, checkpoint)
+    position = template.get("ema_callback")
+    if candidate is not None and callback is not None and position is not None:
+        started, decay = bool(position["started"]), float(position["decay"])
         try:
-            _install_optimizer(model, learn.opt, template["opt"])
-        except Exception as error:  # as fastai: the model loads, the optimizer state is skipped with a warning
-            warnings.warn(f"Could not load the optimizer state of {checkpoint}: {error}", stacklevel=3)
+            check_decay(decay, "decay")
+        except ValueError as error:
+            raise ValueError(f"Invalid checkpoint {checkpoint} (nothing was loaded): {error}") from error
+    # Everything is read and checked: now write.
+    model.load_state_dict(template["model"], strict=strict)
+    if "opt" in template:  # as fastai: if the optimizer state does not fit, it is skipped with a warning
+        why_not = _optimizer_mismatch(model, learn.opt, template["opt"]) or _install_optimizer(
+            model, learn.opt, template["opt"]
+        )
+        if why_not is not None:
+            warnings.warn(f"Could not load the optimizer state of {checkpoint}: {why_not}", stacklevel=3)
     if candidate is not None and callback is not None:
-        position = template["ema_callback"]
-        callback.install_sharded_checkpoint(candidate, bool(position["started"]), float(position["decay"]))
+        callback.install_sharded_checkpoint(candidate, started, decay)

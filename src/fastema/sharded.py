@@ -12,8 +12,9 @@ names as UTF-8 bytes), so DCP reads it with `weights_only=True`.
 
 For `dcp.save` the state holds views of the EMA (no copy). For `dcp.load` it holds fresh
 buffers of this rank's shard size: DCP reads into them, `load_state_dict` checks the names,
-counts and decay, and only then copies them into the EMA. A mismatched, damaged or
-interrupted checkpoint raises on every rank and leaves every rank's EMA as it was.
+counts and decay, and only then copies them into the EMA. A mismatched, truncated or
+interrupted checkpoint raises on every rank and leaves every rank's EMA as it was (DCP keeps
+no checksums: a bit flipped inside a tensor's bytes is not detected).
 `consolidate_ema` turns a DCP checkpoint's EMA into one `model.state_dict()`-style file,
 offline, with DCP's own loader.
 
