@@ -376,19 +376,17 @@ class EMACallback(AveragingCallback):
             _copy_engine_state(loaded_engine, engine)
             return engine, loaded["started"]
         engine = self._new_engine(decay)
-        if self.resume and loaded_engine is not None and loaded_engine.sharded:  # no learn.model_ema: shards only
-            try:
-                engine._copy_from_engine(loaded_engine)
-            except ValueError as error:
-                raise ValueError(f"Invalid resume: the previous EMA does not match the model ({error})") from error
-            self._resumed = True
-            return engine, True
-        previous = getattr(self.learn, "model_ema", None)
+        # A sharded EMA has no learn.model_ema (shards only): it continues from the callback's own engine.
+        sharded = loaded_engine is not None and loaded_engine.sharded
+        previous = loaded_engine if sharded else getattr(self.learn, "model_ema", None)
         if self.resume and previous is not None:  # without one (the first fit of fine_tune), start afresh
             try:
-                engine.copy_from(previous)
+                if sharded:
+                    engine._copy_from_engine(previous)
+                else:
+                    engine.copy_from(previous)
             except ValueError as error:
-                raise ValueError(f"Invalid resume: learn.model_ema does not match the model ({error})") from error
+                raise ValueError(f"Invalid resume: the previous EMA does not match the model ({error})") from error
             self._resumed = True
             return engine, True
         return engine, False
