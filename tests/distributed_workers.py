@@ -48,6 +48,9 @@ def free_port() -> int:
 
 def launch(worker, out_dir, timeout_s=120.0, *args, world=WORLD):
     """Run `worker(rank, out_dir, *args)` on `world` processes (torch.multiprocessing, spawn); fail past the timeout."""
+    for rank in range(world):  # markers of an earlier launch into the same folder
+        if os.path.exists(_done_marker(out_dir, rank)):
+            os.remove(_done_marker(out_dir, rank))
     port = free_port()
     context = mp.start_processes(
         _entry, args=(worker, port, str(out_dir), world, *args), nprocs=world, join=False, start_method="spawn"
@@ -59,11 +62,12 @@ def launch(worker, out_dir, timeout_s=120.0, *args, world=WORLD):
                 for process in context.processes:
                     process.kill()
                 raise TimeoutError(f"{worker.__name__} did not finish within {timeout_s} s")
-    except mp.ProcessExitedException:
+    except mp.ProcessExitedException as error:
         # A rank killed by a signal after every rank's worker returned and passed the final barrier: gloo's
-        # teardown (seen rarely: "terminate called without an active exception", SIGABRT), not the code under
-        # test, whose results are all written by then. Anything earlier fails the test.
-        if not all(os.path.exists(_done_marker(out_dir, rank)) for rank in range(world)):
+        # teardown (seen once: "terminate called without an active exception", SIGABRT), not the code under
+        # test, whose results are all written by then. Anything earlier, or any exit code, fails the test.
+        finished = all(os.path.exists(_done_marker(out_dir, rank)) for rank in range(world))
+        if error.signal_name is None or not finished:
             raise
     finally:
         for rank in range(world):
@@ -678,6 +682,14 @@ def fastai_sharded_worker(rank, out_dir):
             "reference": continued.reference.state,
             "decays": resumed.ema_schedule.decay,
         }
+        # fine_tune's pattern: a fit with the first layer frozen, then one with it trainable, each resuming.
+        resumed.remove_cb(continued)
+        resumed.model.layers[0].requires_grad_(False)
+        resumed.fit(1)
+        frozen_names = list(resumed.ema_schedule.engine.tensor_names)
+        resumed.model.layers[0].requires_grad_(True)
+        resumed.fit(1)
+        continuation["names"] = [frozen_names, list(resumed.ema_schedule.engine.tensor_names)]
         refused = {}
         wider = mlp_learner([schedule()], path, optimizer, world=WORLD, hidden=12)
         wider.fit(1)

@@ -335,9 +335,12 @@ def test_fastai_saves_a_sharded_model_as_dcp_and_a_fresh_learner_resumes_it_bit_
         assert "layers.0.weight: shape (10, 6) in the checkpoint, (12, 6) in the model" in run["refused"]["epoch_2"]
         assert "single-file checkpoint" in run["refused"]["plain"]
         assert run["unchanged"]
-        # A later fit with resume=True continues that EMA with the final decay.
+        # A later fit with resume=True continues that EMA with the final decay...
         assert run["continuation"]["decays"] == workers.DECAY
         assert_state_matches(run["continuation"]["ema"], run["continuation"]["reference"], rtol=1e-10, atol=1e-12)
+        # ...and so do fits that freeze a layer, then unfreeze it (by name).
+        frozen, unfrozen = run["continuation"]["names"]
+        assert "layers.0.weight" not in frozen and "layers.0.weight" in unfrozen
 
 
 def test_a_two_rank_fastai_checkpoint_loads_into_three_ranks(fastai_sharded_run):
@@ -502,6 +505,39 @@ def test_sharded_checkpoints_that_do_not_fit_are_refused_or_their_optimizer_skip
     assert_equal_nested(learner_state(target)["hypers"], before["hypers"])
     assert "layers.0.weight" not in target.ema_schedule.engine.tensor_names  # the checkpoint's EMA, as it was
 
+    # As many parameters, but others: skipped too (the names say which parameter each state belongs to).
+    frozen_last = learner()
+    frozen_last.model.layers[4].requires_grad_(False)
+    frozen_last.fit(1)
+    sharded_save(frozen_last, "frozen_last")
+    frozen_first = learner(seed=1)
+    frozen_first.model.layers[0].requires_grad_(False)
+    frozen_first.fit(1)
+    kept = learner_state(frozen_first)
+    warned = user_warnings(lambda: frozen_first.load("frozen_last"))
+    assert any("or other parameters" in message for message in warned), warned
+    assert_equal_nested(learner_state(frozen_first)["optimizer"], kept["optimizer"])
+
+    # A torch optimizer over other parameters: read, compared with the optimizer's groups, skipped.
+    torch_all = learner("torch")
+    torch_all.fit(1)
+    sharded_save(torch_all, "torch_all")
+    torch_frozen = learner("torch", seed=1)
+    torch_frozen.model.layers[0].requires_grad_(False)
+    torch_frozen.fit(1)
+    kept = learner_state(torch_frozen)
+    warned = user_warnings(lambda: torch_frozen.load("torch_all"))
+    assert any("parameter groups hold other parameters" in message for message in warned), warned
+    assert_equal_nested(learner_state(torch_frozen)["optimizer"], kept["optimizer"])
+
+    # A Lookahead Learner loading a checkpoint of fastai's Adam: the optimizer part is skipped, untouched.
+    lookahead = workers.mlp_learner(None, tmp_path, "fastai", opt_func=ranger)
+    lookahead.fit(1)
+    hypers = lookahead.opt.hypers
+    warned = user_warnings(lambda: lookahead.load("good"))
+    assert any("Lookahead, which keeps state" in message for message in warned), warned
+    assert lookahead.opt.hypers is hypers and "hypers" not in vars(lookahead.opt)
+
     # A torch optimizer that never stepped: saving does not initialise it (DCP would, with a step).
     unstepped = learner("torch")
     unstepped.create_opt()
@@ -513,11 +549,91 @@ def test_sharded_checkpoints_that_do_not_fit_are_refused_or_their_optimizer_skip
     assert not fresh.opt.opt.state
 
     # fastai's Lookahead keeps state of its own that a sharded checkpoint does not hold: refused, unless with_opt=False.
-    lookahead = workers.mlp_learner(None, tmp_path, "fastai", opt_func=ranger)
-    lookahead.create_opt()
     with pytest.raises(ValueError, match="Invalid with_opt: True, but the optimizer is a Lookahead"):
         sharded_save(lookahead, "lookahead")
     sharded_save(lookahead, "lookahead", with_opt=False)
+    assert (tmp_path / "models" / "lookahead.dcp" / ".metadata").is_file()
+
+
+def test_a_failed_optimizer_load_is_undone_and_non_tensors_are_read_weights_only(tmp_path, monkeypatch):
+    from fractions import Fraction
+
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.state_dict as dcp_state_dict
+    from fastai.optimizer import Optimizer
+
+    from fastema import EMASchedule
+
+    def learner(optimizer="fastai", seed=0):
+        schedule = EMASchedule(start_decay=0.5, final_decay=workers.DECAY)
+        return workers.mlp_learner([schedule], tmp_path, optimizer, seed=seed)
+
+    # The optimizer's load writes, then fails: the optimizer is put back as it was, with a warning.
+    for optimizer, owner, name in [
+        ("fastai", Optimizer, "load_state_dict"),
+        ("torch", dcp_state_dict, "set_optimizer_state_dict"),
+    ]:
+        source = learner(optimizer)
+        source.fit(1)
+        sharded_save(source, optimizer)
+        target = learner(optimizer, seed=1)
+        target.fit(1, lr=0.003)
+        before = learner_state(target)
+        original = getattr(owner, name)
+
+        def write_then_fail(*args, original=original, **kwargs):
+            original(*args, **kwargs)
+            raise RuntimeError("disk on fire")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, write_then_fail)
+            warned = user_warnings(lambda target=target, optimizer=optimizer: target.load(optimizer))
+        assert any("disk on fire" in message for message in warned), warned
+        after = learner_state(target)
+        assert_equal_nested(after["optimizer"], before["optimizer"])
+        assert_equal_nested(after["hypers"], before["hypers"])
+        assert_equal_nested(after["model"], learner_state(source)["model"])  # the model did load, as in fastai
+
+    # A hyperparameter that weights_only=True does not unpickle: refused, unless the caller allows it.
+    odd = learner()
+    odd.fit(1)
+    odd.opt.hypers[0]["note"] = Fraction(1, 3)
+    sharded_save(odd, "odd")
+    target = learner(seed=1)
+    with pytest.raises(ValueError, match=r"odd\.dcp"):
+        target.load("odd")
+    target.load("odd", weights_only=False)
+    assert target.opt.hypers[0]["note"] == Fraction(1, 3)
+
+    # The callback's decay is checked before anything is written on the single-file path too.
+    bad = learner()
+    bad.fit(1)
+    bad.ema_schedule.decay = 2.0
+    bad.save("bad_decay")
+    before = learner_state(target)
+    with pytest.raises(ValueError, match=r"Invalid decay: 2\.0"):
+        target.load("bad_decay")
+    assert_equal_nested(learner_state(target), before)
+
+    # Damaged entries: a model tensor stored as something else, EMA names that are not a uint8 tensor.
+    model_state = dict(odd.model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: no process group, one process assumed
+        dcp.save(
+            {"model": dict(model_state, **{"layers.0.bias": "text"})}, checkpoint_id=str(tmp_path / "models" / "m.dcp")
+        )
+        dcp.save(
+            {"model": model_state, "ema": {"names": torch.zeros(3)}}, checkpoint_id=str(tmp_path / "models" / "n.dcp")
+        )
+        names = torch.tensor([0xFF, 0xFE], dtype=torch.uint8)
+        dcp.save({"model": model_state, "ema": {"names": names}}, checkpoint_id=str(tmp_path / "models" / "u.dcp"))
+    with pytest.raises(ValueError, match=r"layers\.0\.bias: not a tensor in the checkpoint"):
+        target.load("m")
+    with pytest.raises(ValueError, match=r"ema\.names is not a uint8 tensor"):
+        target.load("n")
+    with pytest.raises(ValueError, match="names that are not text"):
+        target.load("u")
+    assert_equal_nested(learner_state(target), before)
 
 
 def test_a_sharded_checkpoint_saved_before_the_ema_started_resumes_bit_for_bit(tmp_path):

@@ -477,18 +477,22 @@ class ModelEMA:
 
     @torch.no_grad()
     def _copy_from_engine(self, other: ModelEMA) -> None:
-        """Set the EMA weights from another EMA of this model, by name, part by part (a sharded EMA's `copy_from`)."""
+        """Set the EMA weights from another EMA of this model, part by part (a sharded EMA's `copy_from`).
+
+        By name: a tensor the other EMA did not average (frozen then) keeps its start, the model's value.
+        """
         self._check_outside_swap("copy_from()")
         other._check_outside_swap("copy_from()")
         other._readable()
         sources = dict(zip(other.tensor_names, other._binding.ema_tensors))
-        missing = [name for name in self.tensor_names if name not in sources]
-        if missing:
-            raise ValueError(f"Invalid copy_from: the other EMA does not average {missing[:5]}")
+        pairs = [(t, sources[n]) for n, t in zip(self.tensor_names, self._binding.ema_tensors) if n in sources]
+        differing = [tuple(source.shape) for ema_tensor, source in pairs if ema_tensor.shape != source.shape]
+        if differing:
+            raise ValueError(f"Invalid copy_from: the other EMA's tensors have other shapes ({differing[:3]})")
         self._wait_forgetting_failure()
         self._ensure_current()
-        for name, ema_tensor in zip(self.tensor_names, self._binding.ema_tensors):
-            ema_tensor.copy_(sources[name])
+        for ema_tensor, source in pairs:
+            ema_tensor.copy_(source)
         self._failure = None
 
     @contextmanager

@@ -25,6 +25,7 @@ from __future__ import annotations
 import secrets
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -160,16 +161,32 @@ def _sharded_wins(path: Path, sharded_model: bool) -> bool:
     if not path.is_file():
         return True
     # Both: a save of the other format was interrupted before it deleted this one. The newer one wins.
-    sharded_time = (sharded / ".metadata").stat().st_mtime if sharded.is_dir() else 0.0
-    newer = sharded_time >= path.stat().st_mtime
+    complete = _complete_checkpoint(sharded)  # or the one a killed save_sharded set aside
+    newer = (complete / ".metadata").stat().st_mtime >= path.stat().st_mtime
     if not newer and sharded_model:
-        raise _single_file_refused(path, f" newer than {sharded} (an interrupted save)")
+        raise _single_file_refused(path, f" newer than {complete} (an interrupted save)")
     warnings.warn(
-        f"Both {path} and {sharded} exist (an interrupted save); loading the newer, {sharded if newer else path}",
+        f"Both {path} and {complete} exist (an interrupted save); loading the newer, {complete if newer else path}",
         UserWarning,
-        stacklevel=3,
+        stacklevel=5,  # learn.load's caller
     )
     return newer
+
+
+def _decided_on_rank_0(decide: Callable[[], bool]) -> bool:
+    """`decide()` on rank 0, its answer (or its error) on every rank: all ranks take the same path, none hangs."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return decide()
+    outcome: list[object] = [None]
+    if rank_distrib() == 0:
+        try:
+            outcome[0] = decide()
+        except (ValueError, FileNotFoundError) as error:
+            outcome[0] = error
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return bool(outcome[0])
 
 
 def load(self: Learner, file, device=None, **kwargs) -> Learner:
@@ -177,14 +194,16 @@ def load(self: Learner, file, device=None, **kwargs) -> Learner:
     callback = _ema_callback(self)
     path = join_path_file(file, self.path / self.model_dir, ext=".pth")
     distrib_barrier()  # as fastai does before reading: rank 0 may still be writing (or deleting) files
-    if _sharded_wins(path, is_sharded_model(get_model(self.model))):
-        # `weights_only` and `device` concern torch.load (fastai's SaveModelCallback passes the former): DCP
-        # reads tensors only, onto the devices of the model's own.
+    sharded_model = is_sharded_model(get_model(self.model))
+    if _decided_on_rank_0(lambda: _sharded_wins(path, sharded_model)):
+        # `device` concerns torch.load: DCP reads onto the devices of the model's own. `weights_only=False`
+        # (fastai's SaveModelCallback passes it) lets DCP unpickle non-tensor entries as it would by default.
         unknown = set(kwargs) - {"with_opt", "strict", "weights_only"}
         if unknown:
             raise TypeError(f"Invalid arguments {sorted(unknown)} for loading the sharded checkpoint of {path}")
         with_opt, strict = kwargs.get("with_opt", True), kwargs.get("strict", True)
-        learner_sharded.load(self, path, with_opt=with_opt, strict=strict, callback=callback)
+        weights_only = kwargs.get("weights_only", True) is not False  # for what is not a tensor (hyperparameters)
+        learner_sharded.load(self, path, with_opt, strict, callback, weights_only)
         return self
     if callback is None:
         return _fastai_load(self, file, device=device, **kwargs)

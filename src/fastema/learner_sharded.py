@@ -101,9 +101,7 @@ def _torch_optimizer(opt: object) -> torch.optim.Optimizer | None:
 
 
 def _check_optimizer(opt: Any) -> None:
-    # fastai's Optimizer with exactly its own state (Lookahead, ranger add keys of their own), or torch's.
-    fastai_own = isinstance(opt, Optimizer) and set(opt.state_dict()) == {"state", "hypers"}
-    if _torch_optimizer(opt) is None and not fastai_own:
+    if _torch_optimizer(opt) is None and not _fastai_own_state(opt):
         raise ValueError(
             f"Invalid with_opt: True, but the optimizer is a {type(opt).__name__}; a sharded checkpoint holds the "
             "state of fastai's Optimizer or of an OptimWrapper around a torch optimizer. Pass with_opt=False."
@@ -111,9 +109,18 @@ def _check_optimizer(opt: Any) -> None:
 
 
 def _parameter_names(model: nn.Module, opt: Any) -> list[str]:
-    """The names of fastai optimizer `opt`'s parameters, in the order of its state."""
+    """`group/name` of fastai optimizer `opt`'s parameters, in the order of its state."""
     names = {id(parameter): name for name, parameter in model.named_parameters()}
-    return [names.get(id(parameter), "?") for parameter, *_ in opt.all_params()]
+    return [
+        f"{group}/{names.get(id(parameter), '?')}"
+        for group, parameters in enumerate(opt.param_lists)
+        for parameter in parameters
+    ]
+
+
+def _fastai_own_state(opt: Any) -> bool:
+    """fastai's Optimizer with exactly its own state (Lookahead, ranger keep more of their own)."""
+    return isinstance(opt, Optimizer) and set(opt.state_dict()) == {"state", "hypers"}
 
 
 def _optimizer_state(model: nn.Module, opt: Any) -> dict[str, Any] | None:
@@ -205,6 +212,8 @@ def _optimizer_template(
     saved = {fqn: path[1:] for fqn, path in paths.items() if path[0] == "opt"}
     torch_format = any(path[0] == "param_groups" for path in saved.values())
     inner = _torch_optimizer(opt)
+    if inner is None and not _fastai_own_state(opt):
+        return None, f"the optimizer is a {type(opt).__name__}, which keeps state a sharded checkpoint does not hold"
     if torch_format != (inner is not None):
         kinds = ("fastai's Optimizer", "a torch optimizer (OptimWrapper)")
         return None, f"it was saved from {kinds[torch_format]}, this Learner has {kinds[inner is not None]}"
@@ -257,13 +266,11 @@ def _install_optimizer(model: nn.Module, opt: Any, state: dict[str, Any]) -> str
         return None
     from fastcore.foundation import L
 
-    kept = dict(opt.state), opt.hypers
+    kept_state, kept_hypers = opt.state, opt.hypers
     try:
         opt.load_state_dict({"state": state["state"], "hypers": L(state["hypers"])})
     except Exception as error:
-        opt.state.clear()
-        opt.state.update(kept[0])
-        opt.hypers = kept[1]
+        opt.state, opt.hypers = kept_state, kept_hypers  # fastai's load assigns both: put the objects back
         return f"{type(error).__name__}: {error}"
     return None
 
@@ -287,14 +294,30 @@ def _model_problems(own: dict[str, Any], saved: dict[str, Any], strict: bool) ->
     return problems
 
 
-def _dcp_load(state: dict[str, Any], checkpoint: Path) -> None:
+def _weights_only_planner() -> Any:
+    """DCP's load planner, but reading non-tensor entries (hyperparameters, counts) with `weights_only=True`."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return WeightsOnlyLoadPlanner()
+
+
+def _dcp_load(state: dict[str, Any], checkpoint: Path, weights_only: bool = True) -> None:
     """`dcp.load`, its failures (a BaseException, on every rank) as a ValueError naming the checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         with _single_process_intended():
-            dcp.load(state, checkpoint_id=str(checkpoint))
+            dcp.load(state, checkpoint_id=str(checkpoint), planner=_weights_only_planner() if weights_only else None)
     except CheckpointException as error:
         raise _dcp_failure(error, checkpoint) from None
     except ValueError as error:  # the EMA's checks (`ShardedEMAState.load_state_dict`), on every rank
@@ -303,17 +326,30 @@ def _dcp_load(state: dict[str, Any], checkpoint: Path) -> None:
 
 def _read_names(checkpoint: Path, entries: dict[str, Any]) -> dict[str, list[str]]:
     """The names the checkpoint's EMA averages and those of the fastai optimizer's parameters, where present."""
-    small = {
-        key: {"names": torch.empty(tuple(entries[f"{key}.names"].size), dtype=torch.uint8)}
-        for key in ("ema", "opt")
-        if f"{key}.names" in entries
-    }
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    present = [key for key in ("ema", "opt") if f"{key}.names" in entries]
+    for key in present:
+        entry = entries[f"{key}.names"]
+        if not isinstance(entry, TensorStorageMetadata) or entry.properties.dtype != torch.uint8:
+            raise ValueError(f"Invalid checkpoint {checkpoint} (nothing was loaded): {key}.names is not a uint8 tensor")
+    small = {key: {"names": torch.empty(tuple(entries[f"{key}.names"].size), dtype=torch.uint8)} for key in present}
     if small:
         _dcp_load(small, checkpoint)
-    return {key: _decode_strings(value["names"]) for key, value in small.items()}
+    try:
+        return {key: _decode_strings(value["names"]) for key, value in small.items()}
+    except UnicodeDecodeError as error:
+        raise ValueError(f"Invalid checkpoint {checkpoint} (nothing was loaded): names that are not text") from error
 
 
-def load(learn: Learner, path: Path, with_opt: bool, strict: bool, callback: EMACheckpointing | None) -> None:
+def load(
+    learn: Learner,
+    path: Path,
+    with_opt: bool,
+    strict: bool,
+    callback: EMACheckpointing | None,
+    weights_only: bool = True,
+) -> None:
     """Read `path`'s `.dcp` directory into `learn` (every rank calls it); a mismatch raises and changes nothing."""
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -339,7 +375,8 @@ def load(learn: Learner, path: Path, with_opt: bool, strict: bool, callback: EMA
             learn.create_opt()
         if not any(path[0] == "opt" for path in paths.values()):
             warnings.warn(
-                f"{checkpoint} holds no optimizer state (saved with with_opt=False, or before the optimizer stepped)",
+                f"{checkpoint} holds no optimizer state (saved with with_opt=False, or from a torch optimizer "
+                "without state)",
                 stacklevel=3,
             )
         else:
@@ -361,10 +398,10 @@ def load(learn: Learner, path: Path, with_opt: bool, strict: bool, callback: EMA
         }
     elif callback is not None and callback.engine is not None:
         warnings.warn(f"{checkpoint} holds no EMA: the EMA was not loaded", stacklevel=3)
-    _dcp_load(template, checkpoint)
-    position = template.get("ema_callback")
-    if candidate is not None and callback is not None and position is not None:
-        started, decay = bool(position["started"]), float(position["decay"])
+    _dcp_load(template, checkpoint, weights_only)
+    started, decay = False, 0.0
+    if candidate is not None:
+        started, decay = bool(template["ema_callback"]["started"]), float(template["ema_callback"]["decay"])
         try:
             check_decay(decay, "decay")
         except ValueError as error:
