@@ -370,20 +370,20 @@ def load(
     template: dict[str, Any] = {
         "model": {name: _fresh(t) if isinstance(t, Tensor) else None for name, t in own.items() if name in saved}
     }
+    notes = []  # warned once the load is known to succeed
     if with_opt:
         if learn.opt is None:
             learn.create_opt()
         if not any(path[0] == "opt" for path in paths.values()):
-            warnings.warn(
+            notes.append(
                 f"{checkpoint} holds no optimizer state (saved with with_opt=False, or from a torch optimizer "
-                "without state)",
-                stacklevel=3,
+                "without state)"
             )
         else:
             template["opt"], why_not = _optimizer_template(model, learn.opt, entries, paths, names.get("opt"))
             if why_not is not None:
                 template.pop("opt")
-                warnings.warn(f"Could not load the optimizer state of {checkpoint}: {why_not}", stacklevel=3)
+                notes.append(f"Could not load the optimizer state of {checkpoint}: {why_not}")
     candidate = None
     if callback is not None and "ema" in names:
         try:
@@ -397,7 +397,7 @@ def load(
             "decay": torch.empty((), dtype=torch.float64),
         }
     elif callback is not None and callback.engine is not None:
-        warnings.warn(f"{checkpoint} holds no EMA: the EMA was not loaded", stacklevel=3)
+        notes.append(f"{checkpoint} holds no EMA: the EMA was not loaded")
     _dcp_load(template, checkpoint, weights_only)
     started, decay = False, 0.0
     if candidate is not None:
@@ -407,6 +407,8 @@ def load(
         except ValueError as error:
             raise ValueError(f"Invalid checkpoint {checkpoint} (nothing was loaded): {error}") from error
     # Everything is read and checked: now write.
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
     model.load_state_dict(template["model"], strict=strict)
     if "opt" in template:  # as fastai: if the optimizer state does not fit, it is skipped with a warning
         why_not = _optimizer_mismatch(model, learn.opt, template["opt"]) or _install_optimizer(
