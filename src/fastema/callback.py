@@ -124,6 +124,7 @@ class AveragingCallback(Callback, EMACheckpointing):
     # After TrainEvalCallback (-10) has moved the model to its device, and after the loggers
     # (Recorder.order + 1) so that `ema_decay` lands on the step they just logged.
     order = Recorder.order + 2
+    checkpoint_format = ""  # the "format" of the EMA file `learn.save` writes: each callback its own
 
     def _init_events(self, start: int | float, skip_ema: bool) -> None:
         self.start = _check_position(start, "start", is_finish=False)
@@ -266,6 +267,32 @@ class AveragingCallback(Callback, EMACheckpointing):
             swap.close()
         self._validation_depth = 0
 
+    def _checkpoint(self, **extra: object) -> dict | None:
+        """The EMA file `learn.save` writes: engine state, whether the EMA started, and `extra` (None before any)."""
+        if self.engine is None:
+            return None
+        self._check_saveable()
+        return {
+            "format": self.checkpoint_format,
+            "version": CHECKPOINT_VERSION,
+            "engine": self._engine.state_dict(),
+            "started": self._started,
+            **extra,
+        }
+
+    def _check_checkpoint_header(self, state: object, path) -> dict:
+        """`state`, or a ValueError naming `path` unless it is an EMA file of this callback's kind and version."""
+        if (
+            not isinstance(state, dict)
+            or state.get("format") != self.checkpoint_format
+            or state.get("version") != CHECKPOINT_VERSION
+            or not isinstance(state.get("started"), bool)
+        ):
+            raise ValueError(
+                f"Invalid EMA checkpoint {path}: not a {self.checkpoint_format} v{CHECKPOINT_VERSION} file"
+            )
+        return state
+
     def _check_saveable(self) -> None:
         self._restore_if_interrupted()
         if self._engine.ema_weights_in_use:  # mid-validation the model and the EMA hold each other's weights
@@ -294,6 +321,7 @@ class EMACallback(AveragingCallback):
     "Exponential moving average of the model's weights, updated after every optimizer step"
 
     log_decay = False
+    checkpoint_format = CHECKPOINT_FORMAT
 
     def __init__(
         self,
@@ -409,26 +437,11 @@ class EMACallback(AveragingCallback):
 
     def ema_checkpoint(self) -> dict | None:
         "What `learn.save` writes beside the model: the EMA state and where this callback stood (None before any EMA)"
-        if self.engine is None:
-            return None
-        self._check_saveable()
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "engine": self._engine.state_dict(),
-            "started": self._started,
-            "decay": self.decay,
-        }
+        return self._checkpoint(decay=self.decay)
 
     def check_ema_checkpoint(self, state: object, path) -> None:
         "Raise a ValueError naming `path` unless `state` fits this Learner's model; changes nothing"
-        if (
-            not isinstance(state, dict)
-            or state.get("format") != CHECKPOINT_FORMAT
-            or state.get("version") != CHECKPOINT_VERSION
-            or not isinstance(state.get("started"), bool)
-        ):
-            raise ValueError(f"Invalid EMA checkpoint {path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file")
+        state = self._check_checkpoint_header(state, path)
         # The EMA that `restore_ema_checkpoint` builds averages the tensors the checkpoint names (which
         # parameters were trainable when it was saved may differ from now), in `ema_dtype` if set.
         try:
@@ -599,6 +612,8 @@ POSTHOC_CHECKPOINT_FORMAT = "fastema.PostHocEMACallback"
 class PostHocEMACallback(AveragingCallback):
     "Post-hoc EMA (EDM2): K power-function EMAs with snapshots; choose the EMA length after fit, `learn.posthoc_sweep`"
 
+    checkpoint_format = POSTHOC_CHECKPOINT_FORMAT
+
     def __init__(
         self,
         sigma_rels: Sequence[float] = (0.05, 0.10),  # the relative EMA widths to track
@@ -694,25 +709,11 @@ class PostHocEMACallback(AveragingCallback):
 
     def ema_checkpoint(self) -> dict | None:
         "What `learn.save` writes beside the model: the EMAs and where this callback stood (None before any)"
-        if self.engine is None:
-            return None
-        self._check_saveable()
-        return {
-            "format": POSTHOC_CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "engine": self._engine.state_dict(),
-            "started": self._started,
-        }
+        return self._checkpoint()
 
     def check_ema_checkpoint(self, state: object, path) -> None:
         "Raise a ValueError naming `path` unless `state` fits this Learner's model; changes nothing"
-        if (
-            not isinstance(state, dict)
-            or state.get("format") != POSTHOC_CHECKPOINT_FORMAT
-            or state.get("version") != CHECKPOINT_VERSION
-            or not isinstance(state.get("started"), bool)
-        ):
-            raise ValueError(f"Invalid EMA checkpoint {path}: not a {POSTHOC_CHECKPOINT_FORMAT} file")
+        state = self._check_checkpoint_header(state, path)
         try:
             # A throwaway engine (not flattened: packing would move the model's storage) that only reads the model.
             self._new_engine(flatten_model=False).load_state_dict(state["engine"])
