@@ -121,9 +121,9 @@ def record_writes(module, delay_s=0.0):
 
 
 def ddp_worker(rank, out_dir):
-    from fastema import ModelEMA, engine
+    from fastema import ModelEMA, checkpoint
 
-    writes = record_writes(engine)
+    writes = record_writes(checkpoint)  # where ModelEMA.save writes from
 
     torch.manual_seed(0)
     model = Mlp().double()

@@ -7,9 +7,12 @@ import os
 import secrets
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from .distributed import rank
 
 _TEMPORARY_SUFFIX = ".tmp"
 
@@ -98,3 +101,21 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise RuntimeError(
             f"Cannot read checkpoint {path}: truncated, corrupt or not a weights-only torch file ({error})"
         ) from error
+
+
+def save_on_rank_0(state: object, path: str | os.PathLike) -> Path:
+    """`atomic_save(state, path)` on rank 0 only (under `torch.distributed`); the path, on every rank."""
+    if rank() == 0:
+        atomic_save(state, path)
+    return Path(path)
+
+
+def load_into(path: str | os.PathLike, load_state_dict: Callable[[dict], None], kind: str) -> None:
+    """Read the checkpoint at `path` and pass it to `load_state_dict`; a bad file raises a ValueError naming it."""
+    state = read_checkpoint(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"Invalid checkpoint {path}: not a {kind} state")
+    try:
+        load_state_dict(state)
+    except ValueError as error:
+        raise ValueError(f"Invalid checkpoint {path}: {error}") from error

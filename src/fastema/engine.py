@@ -40,12 +40,12 @@ from ._plan import Plan, plan_update
 from ._state import STATE_FORMAT, STATE_VERSION, check_state_dict
 from ._steps import is_dense
 from ._swap import WeightSwap
-from .checkpoint import atomic_save, read_checkpoint
+from .checkpoint import load_into, save_on_rank_0
 
 if TYPE_CHECKING:
     from .sharded import ShardedEMAState
 
-from .distributed import gather_full, is_sharded, local_part, rank, reshard, shard_like, unwrap_model
+from .distributed import gather_full, is_sharded, local_part, reshard, shard_like, unwrap_model
 from .schedules import DecayWarmup, check_warmup
 
 
@@ -612,21 +612,12 @@ class ModelEMA:
         Under `torch.distributed` only rank 0 writes; for a sharded (FSDP2) model every rank must
         call it (gathering the EMA is a collective). Other ranks should `dist.barrier()` before loading.
         """
-        state = self.state_dict()
-        if rank() == 0:
-            atomic_save(state, path)
-        return Path(path)
+        return save_on_rank_0(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore from a file written by `save()`, made on any device; a bad file changes nothing."""
         self._check_outside_swap("load()")
-        state = read_checkpoint(path)
-        if not isinstance(state, dict):
-            raise ValueError(f"Invalid checkpoint {path}: not a fastema.ModelEMA state")
-        try:
-            self.load_state_dict(state)
-        except ValueError as error:
-            raise ValueError(f"Invalid checkpoint {path}: {error}") from error
+        load_into(path, self.load_state_dict, "fastema.ModelEMA")
 
     # ---- copying and pickling ------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from ._hooks import RemovableHandle, attach_once
 from ._plan import Plan, kernel_steps, pack_model
 from ._steps import StackedStep, Step, fused_step_supported, is_averaged, layout_strides
 from ._swap import WeightSwap
-from .checkpoint import atomic_save, read_checkpoint
+from .checkpoint import atomic_save, load_into, read_checkpoint, save_on_rank_0
 from .distributed import is_sharded, local_part, rank, unwrap_model
 
 __all__ = ["PostHocEMA", "gamma_to_sigma_rel", "sigma_rel_to_gamma", "synthesize"]
@@ -503,20 +503,11 @@ class PostHocEMA:
     def save(self, path: str | os.PathLike) -> Path:
         """Write `state_dict()` atomically (rank 0 only)."""
         self._check_outside_swap("save()")
-        state = self.state_dict()
-        if rank() == 0:
-            atomic_save(state, path)
-        return Path(path)
+        return save_on_rank_0(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore from a file written by `save()`; a bad file changes nothing."""
-        state = read_checkpoint(path)
-        if not isinstance(state, dict):
-            raise ValueError(f"Invalid checkpoint {path}: not a fastema.PostHocEMA state")
-        try:
-            self.load_state_dict(state)
-        except ValueError as error:
-            raise ValueError(f"Invalid checkpoint {path}: {error}") from error
+        load_into(path, self.load_state_dict, "fastema.PostHocEMA")
 
     def __repr__(self) -> str:
         return (
