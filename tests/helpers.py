@@ -153,12 +153,37 @@ def sgd_steps(model, optimizer, ema, reference, tracked, n_steps, decay, make_in
         reference.update(tracked, decay)
 
 
+HANG_MID_WRITE = """
+def hang_mid_write():
+    \"\"\"From now on fastema's file writes write half the file, print `writing` and hang (to be killed).\"\"\"
+    import time
+
+    import torch
+    from fastema import checkpoint
+
+    real_save = torch.save
+
+    def slow_save(obj, stream, **kwargs):
+        real_save(obj, stream, **kwargs)
+        stream.truncate(stream.tell() // 2)
+        stream.flush()
+        print("writing", flush=True)
+        time.sleep(60)
+
+    checkpoint.torch.save = slow_save
+"""
+
+
 def kill_while_writing(script: str) -> int:
-    """Run `script` in a new Python; when it prints `writing` (it then hangs mid-write), SIGKILL it. The exit code."""
+    """Run `script` in a new Python; when it prints `writing` (it then hangs mid-write), SIGKILL it. The exit code.
+
+    The script can call `hang_mid_write()` (see `HANG_MID_WRITE`) to make fastema's next file write do that.
+    """
     import signal
     import subprocess
     import sys
 
+    script = HANG_MID_WRITE + script
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline().strip() == "writing"

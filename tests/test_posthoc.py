@@ -496,9 +496,8 @@ def test_only_rank_0_writes_snapshots(tmp_path, monkeypatch):
 
 KILLED_SNAPSHOT = textwrap.dedent(
     """
-    import sys, time, torch
+    import sys, torch
     sys.path.insert(0, {tests!r})
-    from fastema import checkpoint
     from fastema.posthoc import PostHocEMA
     from helpers import ToyNet
 
@@ -506,16 +505,7 @@ KILLED_SNAPSHOT = textwrap.dedent(
     ema = PostHocEMA(ToyNet(), (0.05, 0.10), snapshot_dir={path!r})
     ema.update()
     ema.snapshot()                          # complete snapshots at step 1
-    real_save = torch.save
-
-    def slow_save(obj, stream, **kwargs):   # write half, then hang: the parent kills us mid-write
-        real_save(obj, stream, **kwargs)
-        stream.truncate(stream.tell() // 2)
-        stream.flush()
-        print("writing", flush=True)
-        time.sleep(60)
-
-    checkpoint.torch.save = slow_save
+    hang_mid_write()                        # the next write: half a file, then we get killed
     ema.update()
     ema.snapshot()
     """
