@@ -252,11 +252,7 @@ def test_replace_weights_copies_ema_into_model():
 def test_get_preds_after_fit_uses_model_weights():
     learn = make_learner(cbs=[EMACallback(decay=0.9)])
     learn.fit(1)
-    preds, _ = learn.get_preds()
-    learn.model.eval()
-    with torch.no_grad():
-        expected = torch.softmax(torch.cat([learn.model(x) for x, _ in learn.dls.valid]), dim=1)
-    torch.testing.assert_close(preds, expected)
+    assert_validate_and_get_preds_use_the_models_own_weights(learn)
 
 
 def test_second_fit_behaves_like_the_first():
