@@ -626,6 +626,9 @@ def test_a_failed_optimizer_load_is_undone_and_non_tensors_are_read_weights_only
         target.load("n")
     with pytest.raises(ValueError, match="names that are not text"):
         target.load("u")
+    (tmp_path / "models" / "half.dcp").mkdir()  # what an interrupted dcp.save leaves, with no .pth beside it
+    with pytest.raises(FileNotFoundError, match=r"half\.dcp is not a complete DCP checkpoint"):
+        target.load("half")
     assert_equal_nested(learner_state(target), before)
 
 

@@ -40,7 +40,6 @@ from .checkpoint import atomic_save, read_checkpoint
 from .learner_sharded import (
     is_sharded_model,
     remove_sharded_checkpoint,
-    sharded_checkpoint_exists,
     sharded_checkpoint_path,
 )
 from .sharded import _complete_checkpoint
@@ -152,16 +151,17 @@ def _single_file_refused(path: Path, why: str) -> ValueError:
 def _sharded_wins(path: Path, sharded_model: bool) -> bool:
     """Whether `learn.load` of `path` reads the sharded checkpoint of that name (`.dcp/`) rather than the file."""
     sharded = sharded_checkpoint_path(path)
-    if not sharded_checkpoint_exists(path):
+    try:
+        complete = _complete_checkpoint(sharded)  # or the one a killed save_sharded set aside
+    except FileNotFoundError:
         if sharded.exists() and not path.is_file():
-            _complete_checkpoint(sharded)  # raises, saying the directory is incomplete
+            raise  # an incomplete directory and nothing else: the error says so
         if sharded_model and path.is_file():
-            raise _single_file_refused(path, "")
+            raise _single_file_refused(path, "") from None
         return False
     if not path.is_file():
         return True
     # Both: a save of the other format was interrupted before it deleted this one. The newer one wins.
-    complete = _complete_checkpoint(sharded)  # or the one a killed save_sharded set aside
     newer = (complete / ".metadata").stat().st_mtime >= path.stat().st_mtime
     if not newer and sharded_model:
         raise _single_file_refused(path, f" newer than {complete} (an interrupted save)")

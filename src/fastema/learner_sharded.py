@@ -74,15 +74,6 @@ def is_sharded_model(model: nn.Module) -> bool:
     return any(is_sharded(tensor) for tensor in [*model.parameters(), *model.buffers()])
 
 
-def sharded_checkpoint_exists(model_path: Path) -> bool:
-    """Whether `learn.load` of `model_path`'s name would find a DCP checkpoint (or one a killed save set aside)."""
-    try:
-        _complete_checkpoint(sharded_checkpoint_path(model_path))
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def remove_sharded_checkpoint(model_path: Path) -> None:
     """Delete the sharded checkpoint of `model_path`'s name, with what killed saves left beside it (rank 0)."""
     target = sharded_checkpoint_path(model_path)
