@@ -567,3 +567,29 @@ def test_tensor_names_chooses_exactly_what_is_averaged():
     for bad, error in ((["nope"], ValueError), ([], ValueError), ("head.weight", TypeError)):
         with pytest.raises(error, match="tensor_names"):
             ModelEMA(model, tensor_names=bad)
+
+
+@pytest.mark.parametrize("options", LAYOUTS)
+def test_a_buffer_reassigned_in_every_forward_is_averaged_on_time_when_other_modules_are_created(options):
+    # A loss module built inside the loop registers a buffer: the counter moves, the binding is current,
+    # and the slot step must still read the tensor of *this* forward, not the previous one.
+    class RunningAverage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+            self.register_buffer("average", torch.zeros(8))
+
+        def forward(self, x):
+            y = self.linear(x)
+            self.average = 0.5 * self.average + 0.5 * y.detach().mean(0)
+            return y
+
+    torch.manual_seed(0)
+    model = nn.Sequential(RunningAverage(), nn.Linear(8, 2))
+    ema, reference = start(model, **options)
+
+    def new_module_and_input():
+        nn.BatchNorm1d(3)  # an unrelated module, registering its buffers in the same step
+        return torch.randn(4, 8)
+
+    step_and_compare(model, ema, reference, steps=8, make_input=new_module_and_input)

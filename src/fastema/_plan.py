@@ -58,6 +58,10 @@ class Plan:
     def stale(self) -> bool:
         return any(step.stale() for step in self._watching)
 
+    def slots_stale(self) -> bool:
+        """Whether a tensor read through its slot changed kind (the binding does not watch those)."""
+        return any(step.stale() for step in self.steps if isinstance(step, SlotStep))
+
     def rebaseline(self) -> None:
         for step in self.steps:
             if isinstance(step, PackedStep):

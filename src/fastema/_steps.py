@@ -144,34 +144,40 @@ class KernelStep(Step):
 class SlotStep(Step):
     """Tensors the model keeps replacing (`self.avg = ...` in forward), read through the slots that hold them.
 
-    `stale()` fetches the current objects (one dict lookup each) and reports a change of shape,
-    dtype or device; `step()` then averages them one at a time.
+    `step()` fetches the object each slot holds at that moment (one dict lookup each), so it
+    averages the tensor of the latest forward whatever else happened since; `stale()` reports a
+    change of shape, dtype or device (a new plan is then needed), and `step()` refuses one.
     """
 
     def __init__(self, ema_tensors: Sequence[Tensor], slots: Sequence[tuple[torch.nn.Module, str, bool]]) -> None:
         self.ema_tensors = list(ema_tensors)
         self.holders = [owner._parameters if is_parameter else owner._buffers for owner, _, is_parameter in slots]
         self.keys = [key for _, key, _ in slots]
-        self.current: list[Tensor] = []
+        self.kinds = []
         for holder, key in zip(self.holders, self.keys):
             tensor = holder[key]
             assert tensor is not None  # the binding found it there a moment ago
-            self.current.append(tensor)
-        self.kinds = [(tensor.shape, tensor.dtype, tensor.device) for tensor in self.current]
+            self.kinds.append((tensor.shape, tensor.dtype, tensor.device))
         self.averaged = [is_averaged(tensor) for tensor in self.ema_tensors]
 
-    def stale(self) -> bool:
+    def _current(self) -> list[Tensor] | None:
+        """The tensors the slots hold now, or None if one is gone or has another shape, dtype or device."""
         current = []
         for holder, key, kind in zip(self.holders, self.keys, self.kinds):
             tensor = holder.get(key)
             if tensor is None or (tensor.shape, tensor.dtype, tensor.device) != kind:
-                return True
+                return None
             current.append(tensor)
-        self.current = current
-        return False
+        return current
+
+    def stale(self) -> bool:
+        return self._current() is None
 
     def step(self, weight: float) -> None:
-        for ema_tensor, model_tensor, averaged in zip(self.ema_tensors, self.current, self.averaged):
+        current = self._current()
+        if current is None:
+            raise RuntimeError("a tensor the model replaces in its forward changed shape, dtype or device")
+        for ema_tensor, model_tensor, averaged in zip(self.ema_tensors, current, self.averaged):
             if model_tensor.dtype != ema_tensor.dtype or model_tensor.device != ema_tensor.device:
                 model_tensor = model_tensor.to(ema_tensor.device, ema_tensor.dtype)  # a few small tensors
             if averaged:

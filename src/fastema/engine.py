@@ -187,7 +187,7 @@ class ModelEMA:
         """Something may have moved: check the binding, and if it is out of date move the EMA along and re-plan."""
         self.synchronize()
         reshard(self.model)
-        if not force and self._binding.current():
+        if not force and self._binding.current() and not self._plan.slots_stale():
             self._plan.rebaseline()
             self._seen_changes = changes()
             return
