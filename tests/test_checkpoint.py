@@ -286,6 +286,18 @@ def test_learn_load_with_an_ema_of_another_model_changes_nothing(tmp_path):
         assert not hasattr(fresh, "model_ema")
 
 
+def test_learn_load_refuses_an_ema_saved_with_another_update_every_and_changes_nothing(tmp_path):
+    learn = make_learner(cbs=[EMACallback(decay=0.9, update_every=4)], path=tmp_path)
+    learn.fit(1)
+    learn.save("run")
+    fresh = make_learner(cbs=[EMACallback(decay=0.9)], path=tmp_path, seed=1)
+    model_before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"run\.ema\.pth: .*update_every 4 != 1"):
+        fresh.load("run")
+    assert_same_tensors(dict(fresh.model.state_dict()), model_before)
+    assert not hasattr(fresh, "model_ema")
+
+
 def test_a_checkpoint_saved_unfrozen_loads_into_a_frozen_learner_and_resumes(tmp_path):
     from fastai.torch_core import params
 

@@ -332,3 +332,27 @@ def test_buffers_changed_during_use_ema_weights_do_not_leak_into_the_ema():
         assert torch.equal(snapshot(tensor), model_before[name]), name
     for name, before, after in zip(ema.tensor_names, ema_before, ema._binding.ema_tensors):
         assert torch.equal(snapshot(after), before), name
+
+
+@pytest.mark.parametrize(
+    "saved_with, loaded_with, option",
+    [
+        (dict(update_every=4), dict(), "update_every"),
+        (dict(), dict(update_every=2), "update_every"),
+        (dict(all_buffers=True), dict(), "all_buffers"),
+        (dict(), dict(all_parameters=True), "all_parameters"),
+    ],
+)
+def test_a_state_saved_with_other_counting_or_tracking_options_is_refused(tmp_path, saved_with, loaded_with, option):
+    names = ModelEMA(ToyNet()).tensor_names  # the same tensors either way: only the options tell the states apart
+    saved = ModelEMA(ToyNet(), 0.9, tensor_names=names, **saved_with)
+    for _ in range(4):
+        saved.update()
+    path = saved.save(tmp_path / "ema.pt")
+    loading = ModelEMA(ToyNet(), 0.9, tensor_names=names, **loaded_with)
+    before = {name: tensor.clone() for name, tensor in loading.state_dict()["tensors"].items()}
+    for load in (lambda: loading.load_state_dict(saved.state_dict()), lambda: loading.load(path)):
+        with pytest.raises(ValueError, match=f"nothing was loaded.*{option} "):
+            load()
+        assert loading.num_updates == 0
+        assert all(torch.equal(loading.state_dict()["tensors"][n], t) for n, t in before.items())

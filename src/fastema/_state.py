@@ -11,12 +11,21 @@ STATE_FORMAT = "fastema.ModelEMA"
 STATE_VERSION = 1
 
 
+# The options that decide what the saved numbers mean: how many steps an update covers, and what is tracked.
+CONFIG_KEYS = ("update_every", "all_parameters", "all_buffers")
+
+
 def check_state_dict(
-    state_dict: object, expected: dict[str, Tensor], default_decay: float, ema_dtype: torch.dtype | None = None
+    state_dict: object,
+    expected: dict[str, Tensor],
+    default_decay: float,
+    ema_dtype: torch.dtype | None = None,
+    config: dict[str, object] | None = None,
 ) -> tuple[dict[str, Tensor], tuple[int, int], float]:
     """Check a `ModelEMA.state_dict()` against the EMA tensors it must fill (names, shapes, dtypes).
 
-    `ema_dtype` (if given) replaces the dtype of `expected`'s floating tensors. Returns the
+    `ema_dtype` (if given) replaces the dtype of `expected`'s floating tensors. `config`: the
+    loading EMA's values of `CONFIG_KEYS`, which the state must have been saved with. Returns the
     tensors, (update count, step count) and latest decay, or raises one ValueError listing
     every problem.
     """
@@ -36,7 +45,11 @@ def check_state_dict(
         raise ValueError(
             "Invalid state_dict: 'tensors' must be a dict, 'num_updates' and 'num_steps' non-negative ints"
         )
-    problems = []
+    problems = [
+        f"{key} {state_dict.get(key)!r} != {value!r} (this EMA's)"
+        for key, value in (config or {}).items()
+        if state_dict.get(key) != value or type(state_dict.get(key)) is not type(value)
+    ]
     missing = [name for name in expected if name not in tensors]
     unexpected = [name for name in tensors if name not in expected]
     if missing:

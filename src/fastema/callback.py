@@ -455,7 +455,8 @@ class EMACallback(AveragingCallback):
         model_tensors = {name: tensor for name, (_, tensor) in tensor_slots(unwrap_model(self.learn.model)).items()}
         expected = {name: model_tensors[name] for name in saved if name in model_tensors}
         try:
-            check_state_dict(engine_state, expected, self.decay, self.ema_dtype)
+            config = dict(update_every=self.update_every, all_parameters=self.all_parameters, all_buffers=self.all_buffers)
+            check_state_dict(engine_state, expected, self.decay, self.ema_dtype, config)
         except ValueError as error:
             raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
 

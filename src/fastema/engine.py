@@ -37,7 +37,7 @@ from ._checks import (
 )
 from ._hooks import RemovableHandle, attach_once
 from ._plan import Plan, plan_update
-from ._state import STATE_FORMAT, STATE_VERSION, check_state_dict
+from ._state import CONFIG_KEYS, STATE_FORMAT, STATE_VERSION, check_state_dict
 from ._steps import is_dense
 from ._swap import WeightSwap
 from .checkpoint import load_into, save_on_rank_0
@@ -562,6 +562,10 @@ class ModelEMA:
             "all_buffers": self.all_buffers,
         }
 
+    def config(self) -> dict[str, object]:
+        """The options a saved state must share to load into this EMA (what its counts and tensors mean)."""
+        return {key: getattr(self, key) for key in CONFIG_KEYS}
+
     def _expected_state(self) -> dict[str, Tensor]:
         """What a state's tensors must look like, by name (full shapes for sharded tensors)."""
         expected = dict(zip(self.tensor_names, self._binding.ema_tensors))
@@ -576,7 +580,9 @@ class ModelEMA:
         must call it, with the same state).
         """
         self._check_outside_swap("load_state_dict()")
-        tensors, counts, last_decay = check_state_dict(state_dict, self._expected_state(), self.decay, self.ema_dtype)
+        tensors, counts, last_decay = check_state_dict(
+            state_dict, self._expected_state(), self.decay, self.ema_dtype, self.config()
+        )
         parts = []
         for name in self.tensor_names:
             layout = self._layouts.get(name)

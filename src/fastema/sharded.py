@@ -165,8 +165,6 @@ class ShardedEMAState:
             ]
             if differing:
                 problems.append("dtypes differ (" + "; ".join(differing[:3]) + ")")
-        if header["update_every"] != ema.update_every:
-            problems.append(f"update_every {header['update_every']} != {ema.update_every}")
         if problems:
             raise ValueError("Invalid sharded EMA checkpoint (nothing was loaded): " + "; ".join(problems))
         last_decay = state_dict["decays"].tolist()[1]  # the configured decay is this EMA's own, as in load_state_dict
@@ -180,9 +178,12 @@ class ShardedEMAState:
             "num_updates": int(header["num_updates"]),
             "num_steps": int(header["num_steps"]),
             "last_decay": None if math.isnan(last_decay) else last_decay,
+            "update_every": int(header["update_every"]),
+            "all_parameters": bool(header["all_parameters"]),
+            "all_buffers": bool(header["all_buffers"]),
         }
         expected = dict(zip(ema.tensor_names, ema._binding.ema_tensors))  # this rank's parts
-        tensors, counts, checked_last_decay = check_state_dict(state, expected, ema.decay, ema.ema_dtype)
+        tensors, counts, checked_last_decay = check_state_dict(state, expected, ema.decay, ema.ema_dtype, ema.config())
         ema._write_checked_state([tensors[name] for name in ema.tensor_names], counts, checked_last_decay)
 
 
