@@ -341,7 +341,7 @@ def test_lightning_validate_ema_false_and_an_error_in_validation(tmp_path):
     (optimizer,) = trainer.optimizers
     updates = callback.engine.num_updates
     optimizer.step()
-    callback.ema.end_batch()
+    callback.ema.end_batch(trainer.global_step + 1)
     assert callback.engine.num_updates == updates
 
 
@@ -389,10 +389,15 @@ def test_lightning_a_second_fit_on_the_same_trainer_continues_the_ema():
     assert_state_matches(dict(callback.module.state_dict()), real.reference.state, rtol=1e-5, atol=1e-6)
 
 
-def test_lightning_manual_optimization_with_two_optimizers_updates_once_per_batch():
+def assert_same_state(module, expected):
+    for name, value in expected.state_dict().items():
+        assert torch.equal(module.state_dict()[name], value), name
+
+
+def two_optimizer_module():
+    """Manual optimization stepping two optimizers per batch; its reference EMA moves once per batch."""
     import lightning as L
 
-    from fastema.lightning import EMACallback
     from reference import ReferenceEMA
 
     class TwoOptimizers(L.LightningModule):
@@ -400,7 +405,7 @@ def test_lightning_manual_optimization_with_two_optimizers_updates_once_per_batc
             super().__init__()
             self.automatic_optimization = False
             self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 3)
-            self.reference = None
+            self.reference, self.start, self.batches = ReferenceEMA(expected_tracked(self)), 0, 0
 
         def training_step(self, batch, index):
             x, y = batch
@@ -410,17 +415,65 @@ def test_lightning_manual_optimization_with_two_optimizers_updates_once_per_batc
                 optimizer.step()
 
         def on_train_batch_end(self, outputs, batch, index):  # the reference: once per batch, after both steps
-            self.reference.update(expected_tracked(self), 0.8)
+            self.batches += 1
+            if self.trainer.global_step == self.start:
+                self.reference = ReferenceEMA(expected_tracked(self))  # starts at global step `start`
+            elif self.trainer.global_step > self.start:
+                self.reference.update(expected_tracked(self), 0.8)
 
         def configure_optimizers(self):
             return [torch.optim.SGD(self.first.parameters(), lr=0.1), torch.optim.SGD(self.second.parameters(), lr=0.1)]
 
     torch.manual_seed(0)
-    module, callback = TwoOptimizers(), EMACallback(decay=0.8)
-    module.reference = ReferenceEMA(expected_tracked(module))
-    lightning_trainer([callback], max_epochs=1).fit(module, lightning_data())
-    assert callback.engine.num_updates == 8  # 8 batches, 16 optimizer steps
+    return TwoOptimizers()
+
+
+@pytest.mark.parametrize("start", [0, 6])
+def test_lightning_two_optimizers_a_second_fit_continues_and_start_counts_global_steps(start):
+    from fastema.lightning import EMACallback
+
+    module, callback = two_optimizer_module(), EMACallback(decay=0.8, start=start)
+    module.start = start
+    trainer = lightning_trainer([callback], max_epochs=1)
+    trainer.fit(module, lightning_data())  # 8 batches, global step 16
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(module, lightning_data())  # the same EMA goes on: 8 more batches
+    assert trainer.global_step == 32 and module.batches == 16
+    assert callback.engine.num_updates == 16 - start // 2  # starts at global step `start`: batch start / 2
     assert_state_matches(dict(callback.module.state_dict()), module.reference.state, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed:UserWarning")
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")  # resumed without a saver
+def test_lightning_resume_with_a_callback_spelled_differently_finds_its_ema_and_checks_what_it_means(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from fastema.lightning import EMACallback
+
+    def fit(max_epochs, callback, ckpt_path=None, save_to=None):
+        module = lightning_module()
+        callbacks = [callback] + ([ModelCheckpoint(dirpath=save_to, save_last=True)] if save_to else [])
+        trainer = lightning_trainer(callbacks, max_epochs=max_epochs, enable_checkpointing=bool(save_to))
+        trainer.fit(module, lightning_data(), lightning_data(16), ckpt_path=ckpt_path)
+        return callback
+
+    straight = fit(2, EMACallback(decay=0.8))
+    fit(1, EMACallback(decay=0.8), save_to=tmp_path)  # 8 steps
+    checkpoint = tmp_path / "last.ckpt"
+    spellings = [dict(flatten_model=True), dict(foreach=False), dict(update_every=1, all_buffers=False)]
+    for index, options in enumerate(spellings):
+        resumed = fit(2, EMACallback(decay=0.8, **options), ckpt_path=checkpoint, save_to=tmp_path / f"again{index}")
+        assert resumed.engine.num_updates == straight.engine.num_updates == 16, options
+        assert_same_state(resumed.module, straight.module)
+    with pytest.raises(ValueError, match="update_every 1 != 2"):
+        fit(2, EMACallback(decay=0.8, update_every=2), ckpt_path=checkpoint)
+    # A checkpoint of fastema 0.1, whose key was built from the options, still resumes.
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["callbacks"]["EMACallback{'decay': 0.8, 'start': 0}"] = saved["callbacks"].pop("fastema.EMACallback")
+    torch.save(saved, tmp_path / "legacy.ckpt")
+    resumed = fit(2, EMACallback(decay=0.8), ckpt_path=tmp_path / "legacy.ckpt")
+    assert resumed.engine.num_updates == 16
+    assert_same_state(resumed.module, straight.module)
 
 
 def test_lightning_never_started_warns_and_reading_the_ema_raises():
@@ -444,10 +497,12 @@ def test_lightning_two_ema_callbacks_with_different_decays_live_side_by_side(tmp
 
     module = lightning_module()
     with pytest.raises(ValueError, match="validate_ema"):  # both would swap their EMA into the one module
-        lightning_trainer([EMACallback(decay=0.5), EMACallback(decay=0.9)]).fit(
+        lightning_trainer([EMACallback(decay=0.5, name="fast"), EMACallback(decay=0.9, name="slow")]).fit(
             module, lightning_data(), lightning_data(16)
         )
-    fast, slow = EMACallback(decay=0.5), EMACallback(decay=0.9, validate_ema=False)
+    with pytest.raises(RuntimeError, match="state_key"):  # Lightning refuses two callbacks with one state key
+        lightning_trainer([EMACallback(decay=0.5), EMACallback(decay=0.9, validate_ema=False)])
+    fast, slow = EMACallback(decay=0.5, name="fast"), EMACallback(decay=0.9, validate_ema=False, name="slow")
     real_fast, real_slow = RealSteps(module, 0.5), RealSteps(module, 0.9)
     try:
         trainer = lightning_trainer(
@@ -460,7 +515,10 @@ def test_lightning_two_ema_callbacks_with_different_decays_live_side_by_side(tmp
     assert_state_matches(dict(fast.module.state_dict()), real_fast.reference.state, rtol=1e-5, atol=1e-6)
     assert_state_matches(dict(slow.module.state_dict()), real_slow.reference.state, rtol=1e-5, atol=1e-6)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert len([key for key in saved["callbacks"] if key.startswith("EMACallback")]) == 2
+    assert {key for key in saved["callbacks"] if "EMACallback" in key} == {
+        "fastema.EMACallback[fast]",
+        "fastema.EMACallback[slow]",
+    }
 
 
 def test_lightning_replace_weights_and_bad_arguments():

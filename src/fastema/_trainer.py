@@ -124,18 +124,22 @@ class StepDrivenEMA:
         if self.per_batch:
             self._stepped = True
         else:
-            self._advance()
+            self._advance(self.steps + 1, stepped=True)
 
-    def end_batch(self) -> None:
-        """After a training batch (per_batch): one update if any optimizer stepped in it."""
-        if self._stepped:
-            self._stepped = False
-            self._advance()
+    def end_batch(self, steps: int) -> None:
+        """After a training batch (per_batch): one update if any optimizer stepped in it.
 
-    def _advance(self) -> None:
-        self.steps += 1
+        `steps`: the framework's count of optimizer steps so far (Lightning's `global_step`, which
+        counts every optimizer's steps): `start` and a continuing run are measured in it.
+        """
+        stepped, self._stepped = self._stepped, False
+        self._advance(steps, stepped)
+
+    def _advance(self, steps: int, stepped: bool) -> None:
+        self.steps = steps
         if self.started:
-            self.engine.update()
+            if stepped:
+                self.engine.update()
         elif self.steps >= self._start_step:
             self.engine.reset()  # the EMA starts from the weights after `start` steps
             self.started = True
@@ -224,8 +228,16 @@ class StepDrivenEMA:
         self._load(pending)
 
     def _load(self, state: dict) -> None:
-        if state["engine"] is not None:
-            self.engine.load_state_dict(state["engine"])
+        saved = state["engine"]
+        if saved is not None:
+            self.engine.load_state_dict(saved)  # refuses another update_every or other tracked tensors
+            if isinstance(saved.get("decay"), float) and saved["decay"] != self.engine.decay:
+                warnings.warn(
+                    f"The EMA was saved with decay={saved['decay']}; it continues with this callback's "
+                    f"decay={self.engine.decay}",
+                    UserWarning,
+                    stacklevel=4,
+                )
         self.steps, self.started = int(state["steps"]), bool(state["started"])
 
 

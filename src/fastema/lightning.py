@@ -11,6 +11,7 @@ resumes it exactly. Importing `fastema` does not import Lightning; this module d
 
 from __future__ import annotations
 
+import ast
 import warnings
 from typing import Any
 
@@ -25,6 +26,17 @@ from .schedules import DecayWarmup
 
 __all__ = ["EMACallback"]
 
+STATE_KEY = "fastema.EMACallback"
+
+
+def _legacy_options(key: str) -> dict:
+    """The options a fastema 0.1 state key was built from (`EMACallback{...}`), or {} if it cannot be read."""
+    try:
+        options = ast.literal_eval(key.removeprefix("EMACallback"))
+    except (ValueError, SyntaxError):
+        return {}
+    return options if isinstance(options, dict) else {}
+
 
 class EMACallback(StepDrivenCallback, Callback):
     """An exponential moving average of the LightningModule's weights (a `ModelEMA`), for `lightning.Trainer`."""
@@ -36,17 +48,32 @@ class EMACallback(StepDrivenCallback, Callback):
         warmup: DecayWarmup | None = None,  # the decay as a function of the update count, e.g. InverseGammaWarmup()
         validate_ema: bool = True,  # validate and test with the EMA weights (swapped in place, restored exactly)
         replace_weights: bool = False,  # at the end of fit, copy the EMA into the module
+        name: str | None = None,  # needed for each of several EMACallbacks in one Trainer: their checkpoint keys
         **options: Any,  # ModelEMA's: all_parameters, all_buffers, foreach, device, flatten_model, ema_dtype, ...
     ) -> None:
         self._init_flags(validate_ema, replace_weights)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"Invalid name: {name!r}; expected None or a non-empty str")
+        self.name = name
         # One update per training batch in which an optimizer stepped (manual optimization may step several).
         self.ema = StepDrivenEMA(ModelEMAFactory(decay, warmup, options), start, per_batch=True)
-        self._key = dict(decay=decay, start=start, **{k: v for k, v in options.items() if isinstance(v, (int, str))})
 
     @property
     def state_key(self) -> str:
-        # Two EMACallbacks (say, two decays) in one Trainer: each its own key in the checkpoint.
-        return self._generate_state_key(**self._key)
+        # Not built from the options: a resume spelled differently (`flatten_model=True`, a default written
+        # out) must find its EMA. What the options change is checked against the saved state on loading.
+        return STATE_KEY if self.name is None else f"{STATE_KEY}[{self.name}]"
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        # fastema 0.1 keyed the state by the callback's options, `EMACallback{'decay': 0.9998, 'start': 0, ...}`.
+        legacy = [key for key in states if key.startswith("EMACallback{")]
+        if len(legacy) > 1:
+            legacy = [key for key in legacy if _legacy_options(key).get("decay") == self.ema.make_engine.decay]
+        if len(legacy) == 1:
+            self.load_state_dict(states[legacy[0]])
 
     def on_fit_start(self, trainer, pl_module) -> None:
         validating = [
@@ -72,7 +99,7 @@ class EMACallback(StepDrivenCallback, Callback):
         self.ema.begin(pl_module, trainer.optimizers, trainer.estimated_stepping_batches, trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.ema.end_batch()
+        self.ema.end_batch(trainer.global_step)
 
     def _evaluation_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == "fit" and not self.ema.running:
