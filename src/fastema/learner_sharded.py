@@ -46,6 +46,7 @@ from .sharded import (
     _encode_strings,
     _on_rank_0,
     _single_process_intended,
+    set_aside,
 )
 from .sharded import save_sharded as _save_sharded
 
@@ -77,11 +78,7 @@ def is_sharded_model(model: nn.Module) -> bool:
 def remove_sharded_checkpoint(model_path: Path) -> None:
     """Delete the sharded checkpoint of `model_path`'s name, with what killed saves left beside it (rank 0)."""
     target = sharded_checkpoint_path(model_path)
-    for leftover in [
-        target,
-        *target.parent.glob(f".{target.name}.previous-*"),
-        *target.parent.glob(f".{target.name}.saving-*"),
-    ]:
+    for leftover in [target, *set_aside(target, "previous"), *set_aside(target, "saving")]:
         if leftover.is_dir():
             shutil.rmtree(leftover)
 

@@ -28,6 +28,7 @@ clear error on every rank and turns DCP's failures into a `ValueError` naming th
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import secrets
@@ -229,9 +230,19 @@ def _target(checkpoint_id: str | os.PathLike) -> Path:
     return target
 
 
+def set_aside(target: Path, kind: str) -> list[Path]:
+    """What `save_sharded` leaves beside `target`: `.<name>.previous-*` (set-aside copies) or `.<name>.saving-*`.
+
+    The name is escaped: a checkpoint called `run[12]` must not match `.run1.dcp.previous-*`.
+    """
+    return list(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"))
+
+
 def _previous_versions(target: Path) -> list[Path]:
-    """Complete checkpoints that `save_sharded` set aside and did not get to delete (killed between renames)."""
-    return sorted(path for path in target.parent.glob(f".{target.name}.previous-*") if (path / ".metadata").is_file())
+    """Complete checkpoints that `save_sharded` set aside and did not get to delete (killed between renames),
+    oldest first: by when each was written (its `.metadata`, written last), not by its random name."""
+    complete = [path for path in set_aside(target, "previous") if (path / ".metadata").is_file()]
+    return sorted(complete, key=lambda path: ((path / ".metadata").stat().st_mtime_ns, path.name))
 
 
 def _complete_checkpoint(checkpoint_id: str | os.PathLike) -> Path:
@@ -319,8 +330,7 @@ def save_sharded(state_dict: dict[str, Any], checkpoint_id: str | os.PathLike) -
         if target.exists():
             target.rename(previous)
         staging.rename(target)
-        leftovers = [previous, *target.parent.glob(f".{target.name}.saving-*")]
-        leftovers += target.parent.glob(f".{target.name}.previous-*")
+        leftovers = [previous, *set_aside(target, "saving"), *set_aside(target, "previous")]
         for leftover in leftovers:
             if leftover.exists():  # the set-aside checkpoint, and what killed saves left
                 shutil.rmtree(leftover)
