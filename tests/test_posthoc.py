@@ -189,6 +189,50 @@ def test_reads_inside_use_ema_weights_raise_rather_than_return_the_model(tmp_pat
     assert not ema.ema_weights_in_use and not (tmp_path / "never.pt").exists()
 
 
+def test_an_in_place_write_inside_use_ema_weights_is_kept_in_the_ema_with_a_warning():
+    torch.manual_seed(0)
+    model = ToyNet()
+    ema = PostHocEMA(model, SIGMA_RELS)
+    ema.update()
+    own = model.head.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"\['head.weight'\] were written in place"):
+        with ema.use_ema_weights(0.05):
+            with torch.no_grad():
+                model.head.weight.fill_(3.0)
+    assert torch.equal(model.head.weight, own)  # the model's own weights back
+    assert torch.all(ema.ema_tensors(0.05)["head.weight"] == 3.0)  # the write went into that EMA, as it says
+    assert not torch.any(ema.ema_tensors(0.10)["head.weight"] == 3.0)
+
+
+def test_an_update_that_fails_part_way_leaves_every_read_refused_until_a_load():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2).double())  # two dtypes: two stacked steps
+    ema = PostHocEMA(model, SIGMA_RELS)
+    ema.update()
+    good = ema.state_dict()
+    good["emas"] = [{name: tensor.clone() for name, tensor in saved.items()} for saved in good["emas"]]  # not views
+    first, second = ema._stacked
+    second.step = lambda weight: (_ for _ in ()).throw(RuntimeError("out of memory"))  # after the first moved
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    with pytest.raises(RuntimeError, match="update failed .*out of memory"):
+        ema.update()
+    del second.step
+    assert ema.num_updates == 1
+    for read in (ema.update, lambda: ema.module_for(0.05), lambda: ema.ema_tensors(0.05), ema.state_dict):
+        with pytest.raises(RuntimeError, match="incomplete"):
+            read()
+    with pytest.raises(RuntimeError, match="incomplete"), ema.use_ema_weights(0.05):
+        pass
+    ema.load_state_dict(good)  # overwrites every EMA: usable again, exactly as saved
+    for index, sigma_rel in enumerate(SIGMA_RELS):
+        for name, tensor in ema.ema_tensors(sigma_rel).items():
+            assert torch.equal(tensor, good["emas"][index][name]), name
+    ema.update()
+    assert ema.num_updates == 2
+
+
 def live_reference_run(model, ema, steps, references, start=0, seed=0):
     """As `train`, with the reference reading the model's tensors afresh at each step (they may be replaced)."""
     generator = torch.Generator().manual_seed(seed)

@@ -14,6 +14,7 @@ the way out, whichever way it was swapped, and reported to the caller.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -91,3 +92,14 @@ def _exchange(first: Tensor, second: Tensor) -> None:
     held = first.clone()
     first.copy_(second)
     second.copy_(held)
+
+
+def warn_if_written(written: Sequence[str]) -> None:
+    """Tell the user (at the `with` statement) that parameters were written in place inside the swap."""
+    if written:
+        warnings.warn(
+            f"Parameters {list(written)} were written in place inside use_ema_weights(); the writes went into "
+            "the EMA (inside the block the model's parameters are the EMA's).",
+            UserWarning,
+            stacklevel=4,  # warn_if_written <- the context manager's exit <- contextlib's __exit__ <- the with block
+        )

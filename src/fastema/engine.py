@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -36,10 +36,11 @@ from ._checks import (
     check_update_every,
 )
 from ._hooks import RemovableHandle, attach_once
+from ._latch import FailureLatch
 from ._plan import Plan, plan_update
 from ._state import CONFIG_KEYS, STATE_FORMAT, STATE_VERSION, check_state_dict
 from ._steps import is_dense
-from ._swap import WeightSwap
+from ._swap import WeightSwap, warn_if_written
 from .checkpoint import load_into, save_on_rank_0
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class ModelEMA:
         self.num_steps = 0  # calls of `update()` (optimizer steps) since the EMA (re)started
         self.last_decay = self.decay
         self._swap: WeightSwap | None = None
-        self._failure: BaseException | None = None
+        self._latch = FailureLatch("reset() or load()/load_state_dict()")
         self._plan = Plan([])
         self._replacements: dict[str, int] = {}  # how often the model replaced each tensor object
         self._volatile: frozenset[str] = frozenset()
@@ -350,20 +351,24 @@ class ModelEMA:
         self._underflow = {dtype: threshold for dtype, threshold in self._underflow.items() if weight >= threshold}
         self._underflow_weight = max(self._underflow.values(), default=0.0)
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, error: BaseException) -> NoReturn:
         """An update failed part-way: the EMA is incomplete until reset or loaded."""
-        self._failure = error
-        raise RuntimeError(
-            f"An EMA update failed ({error}); the EMA is now incomplete. If a tracked tensor was changed by "
-            "hand (p.data = ... with another dtype, device or shape), call refresh(); then reset() or load() the EMA."
-        ) from error
+        self._latch.fail(
+            error,
+            "If a tracked tensor was changed by hand (p.data = ... with another dtype, device or shape), call "
+            "refresh(); then call ",
+        )
 
     def _check_intact(self) -> None:
-        if self._failure is not None:
-            raise RuntimeError(
-                f"The EMA is incomplete: an earlier update failed ({self._failure}). Call reset() or load()/"
-                "load_state_dict() to continue."
-            ) from self._failure
+        self._latch.check()
+
+    @property
+    def _failure(self) -> BaseException | None:
+        return self._latch.error
+
+    @_failure.setter
+    def _failure(self, error: BaseException | None) -> None:
+        self._latch.error = error
 
     def _check_outside_swap(self, what: str) -> None:
         if self._swap is not None:
@@ -523,14 +528,7 @@ class ModelEMA:
                 # The model was moved or replaced inside: its own weights go where it keeps them now.
                 slots = tensor_slots(self.model)
                 targets = [local_part(slots[name][1]) for name in self.tensor_names]
-            written = swap.exit(targets)
-            if written:
-                warnings.warn(
-                    f"Parameters {written} were written in place inside use_ema_weights(); the writes went into "
-                    "the EMA (inside the block the model's parameters are the EMA's).",
-                    UserWarning,
-                    stacklevel=3,
-                )
+            warn_if_written(swap.exit(targets))
 
     @property
     def ema_weights_in_use(self) -> bool:

@@ -38,7 +38,8 @@ from ._checks import (
 from ._hooks import RemovableHandle, attach_once
 from ._plan import Plan, kernel_steps, pack_model
 from ._steps import StackedStep, Step, fused_step_supported, is_averaged, layout_strides
-from ._swap import WeightSwap
+from ._latch import FailureLatch
+from ._swap import WeightSwap, warn_if_written
 from .checkpoint import atomic_save, load_into, read_checkpoint, save_on_rank_0
 from .distributed import is_sharded, local_part, rank, unwrap_model
 
@@ -199,6 +200,7 @@ class PostHocEMA:
         self.last_snapshot_step: int | None = None
         self._snapshot_dir_checked = False
         self._swap: WeightSwap | None = None
+        self._latch = FailureLatch("load()/load_state_dict() (or build a new PostHocEMA)")
         self._build(tracked)
 
     @property
@@ -304,6 +306,7 @@ class PostHocEMA:
     def update(self) -> None:
         """Move the K EMAs toward the model; call after each optimizer step. Writes a snapshot when one is due."""
         self._check_outside_swap("update()")
+        self._latch.check()
         step = self.num_steps + 1
         if step % self.update_every:
             self.num_steps = step
@@ -316,6 +319,8 @@ class PostHocEMA:
             for stacked in self._stacked:
                 stacked.set_weights(weights)
             self._plan.step(0.0)
+        except Exception as error:  # some EMAs (or some of their elements) moved, others not: none is usable
+            self._latch.fail(error)
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
         self.num_steps = step
@@ -343,12 +348,14 @@ class PostHocEMA:
     def module_for(self, sigma_rel: float) -> nn.Module:
         """The EMA model of one tracked `sigma_rel` (eval mode, no gradients; its tensors view the shared buffer)."""
         self._check_outside_swap("module_for()")
+        self._latch.check()
         self._ensure_current()
         return self._modules[self._index(sigma_rel)]
 
     def ema_tensors(self, sigma_rel: float) -> dict[str, Tensor]:
         """The tracked tensors of one EMA by state-dict name (views; counts shared by all)."""
         self._check_outside_swap("ema_tensors()")
+        self._latch.check()
         return self._ema_views(self._index(sigma_rel))
 
     def _ema_views(self, index: int) -> dict[str, Tensor]:
@@ -364,6 +371,7 @@ class PostHocEMA:
     def use_ema_weights(self, sigma_rel: float) -> Iterator[nn.Module]:
         """Temporarily put one tracked EMA into the live model, in place; the model's weights come back exactly."""
         self._check_outside_swap("use_ema_weights()")
+        self._latch.check()
         self._ensure_current()
         views = self._ema_views(self._index(sigma_rel))
         slots = tensor_slots(self.model)
@@ -376,7 +384,7 @@ class PostHocEMA:
             yield self.model
         finally:
             self._swap = None
-            swap.exit()
+            warn_if_written(swap.exit())
 
     def _check_outside_swap(self, what: str) -> None:
         if self._swap is not None:
@@ -410,6 +418,7 @@ class PostHocEMA:
         if self.snapshot_dir is None:
             raise ValueError("Invalid snapshot_dir: None; give PostHocEMA(snapshot_dir=...) to write snapshots")
         self._check_outside_swap("snapshot()")
+        self._latch.check()
         if self.num_updates == 0:
             raise RuntimeError("snapshot() before the first update(): there is no EMA to snapshot yet")
         if rank() == 0:
@@ -446,6 +455,7 @@ class PostHocEMA:
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: the K EMAs by name, the step and update counts, the config."""
         self._check_outside_swap("state_dict()")
+        self._latch.check()
         return {
             "format": STATE_FORMAT,
             "version": VERSION,
@@ -499,10 +509,12 @@ class PostHocEMA:
         self.num_steps, self.num_updates = int(state_dict["num_steps"]), int(state_dict["num_updates"])
         self.run_id, self.last_snapshot_step = str(run), last_snapshot  # the same run continues
         self._snapshot_dir_checked = False
+        self._latch.clear()
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `state_dict()` atomically (rank 0 only)."""
         self._check_outside_swap("save()")
+        self._latch.check()
         return save_on_rank_0(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike) -> None:
