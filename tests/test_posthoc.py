@@ -195,10 +195,9 @@ def test_an_in_place_write_inside_use_ema_weights_is_kept_in_the_ema_with_a_warn
     ema = PostHocEMA(model, SIGMA_RELS)
     ema.update()
     own = model.head.weight.detach().clone()
-    with pytest.warns(UserWarning, match=r"\['head.weight'\] were written in place"):
-        with ema.use_ema_weights(0.05):
-            with torch.no_grad():
-                model.head.weight.fill_(3.0)
+    written = r"\['head.weight'\] were written in place"
+    with pytest.warns(UserWarning, match=written), ema.use_ema_weights(0.05), torch.no_grad():
+        model.head.weight.fill_(3.0)
     assert torch.equal(model.head.weight, own)  # the model's own weights back
     assert torch.all(ema.ema_tensors(0.05)["head.weight"] == 3.0)  # the write went into that EMA, as it says
     assert not torch.any(ema.ema_tensors(0.10)["head.weight"] == 3.0)
@@ -211,12 +210,12 @@ def test_an_update_that_fails_part_way_leaves_every_read_refused_until_a_load():
     ema.update()
     good = ema.state_dict()
     good["emas"] = [{name: tensor.clone() for name, tensor in saved.items()} for saved in good["emas"]]  # not views
-    first, second = ema._stacked
+    _, second = ema._stacked
     second.step = lambda weight: (_ for _ in ()).throw(RuntimeError("out of memory"))  # after the first moved
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(1.0)
-    with pytest.raises(RuntimeError, match="update failed .*out of memory"):
+    with pytest.raises(RuntimeError, match=r"update failed .*out of memory"):
         ema.update()
     del second.step
     assert ema.num_updates == 1

@@ -15,7 +15,8 @@ class FailureLatch:
     def fail(self, error: BaseException, hint: str = "") -> NoReturn:
         """Latch `error` and raise it as the RuntimeError every later call will see."""
         self.error = error
-        raise RuntimeError(f"An EMA update failed ({error}); the EMA is now incomplete. {hint}{self.remedy}.") from error
+        message = f"An EMA update failed ({error}); the EMA is now incomplete. {hint}{self.remedy}."
+        raise RuntimeError(message) from error
 
     def check(self) -> None:
         if self.error is not None:

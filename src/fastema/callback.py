@@ -29,7 +29,7 @@ from ._checks import (
     check_foreach,
     check_update_every,
 )
-from ._state import check_state_dict
+from ._state import CONFIG_KEYS, check_state_dict
 from .distributed import unwrap_model
 from .engine import ModelEMA
 from .learner_checkpoint import EMACheckpointing
@@ -455,7 +455,7 @@ class EMACallback(AveragingCallback):
         model_tensors = {name: tensor for name, (_, tensor) in tensor_slots(unwrap_model(self.learn.model)).items()}
         expected = {name: model_tensors[name] for name in saved if name in model_tensors}
         try:
-            config = dict(update_every=self.update_every, all_parameters=self.all_parameters, all_buffers=self.all_buffers)
+            config = {key: getattr(self, key) for key in CONFIG_KEYS}
             check_state_dict(engine_state, expected, self.decay, self.ema_dtype, config)
         except ValueError as error:
             raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error

@@ -54,7 +54,7 @@ class EMACallback(StepDrivenCallback, Callback):
         self._init_flags(validate_ema, replace_weights)
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError(f"Invalid name: {name!r}; expected None or a non-empty str")
-        self.name = name
+        self.name, self._decay = name, decay
         # One update per training batch in which an optimizer stepped (manual optimization may step several).
         self.ema = StepDrivenEMA(ModelEMAFactory(decay, warmup, options), start, per_batch=True)
 
@@ -71,7 +71,7 @@ class EMACallback(StepDrivenCallback, Callback):
         # fastema 0.1 keyed the state by the callback's options, `EMACallback{'decay': 0.9998, 'start': 0, ...}`.
         legacy = [key for key in states if key.startswith("EMACallback{")]
         if len(legacy) > 1:
-            legacy = [key for key in legacy if _legacy_options(key).get("decay") == self.ema.make_engine.decay]
+            legacy = [key for key in legacy if _legacy_options(key).get("decay") == self._decay]
         if len(legacy) == 1:
             self.load_state_dict(states[legacy[0]])
 

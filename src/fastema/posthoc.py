@@ -36,9 +36,9 @@ from ._checks import (
     check_update_every,
 )
 from ._hooks import RemovableHandle, attach_once
+from ._latch import FailureLatch
 from ._plan import Plan, kernel_steps, pack_model
 from ._steps import StackedStep, Step, fused_step_supported, is_averaged, layout_strides
-from ._latch import FailureLatch
 from ._swap import WeightSwap, warn_if_written
 from .checkpoint import atomic_save, load_into, read_checkpoint, save_on_rank_0
 from .distributed import is_sharded, local_part, rank, unwrap_model
