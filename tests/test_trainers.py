@@ -2,9 +2,11 @@
 reference counted on the optimizer steps that really happened (a global step hook of the test's own)."""
 
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,34 @@ def test_attach_updates_after_every_real_step_and_not_after_a_skipped_one():
         ema.attach(optimizer).remove()  # and free to attach again
     finally:
         real.remove()
+
+
+@pytest.mark.parametrize("kind", ["ModelEMA", "PostHocEMA"])
+def test_attach_refuses_another_model_s_optimizer_and_warns_when_update_is_also_called_by_hand(kind):
+    from fastema import PostHocEMA
+
+    generator, discriminator = nn.Linear(4, 4), nn.Linear(4, 1)
+    ema = ModelEMA(generator, 0.5) if kind == "ModelEMA" else PostHocEMA(generator)
+    with pytest.raises(ValueError, match="none of the parameters"):
+        ema.attach(torch.optim.SGD(discriminator.parameters(), lr=0.1))  # a GAN's other optimizer
+    optimizer = torch.optim.SGD(generator.parameters(), lr=0.1)
+    assert not optimizer._optimizer_step_post_hooks  # the refusal hooked nothing anywhere
+    ema.update()  # by hand, before attaching: fine
+    handle = ema.attach(optimizer)
+    for step in range(3):
+        generator(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        if step == 0:
+            with pytest.warns(UserWarning, match="twice per step"):
+                ema.update()  # the README's loop line left in beside attach()
+        else:
+            ema.update()  # warned once, not at every step
+    assert ema.num_updates == 1 + 3 + 3
+    handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ema.update()  # detached: calling it by hand is the only update again
+    assert pickle.loads(pickle.dumps(ema._attachments))._attached == []
 
 
 def test_posthoc_attach_updates_after_real_steps_only():

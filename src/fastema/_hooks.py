@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["RemovableHandle", "attach_once", "attach_to_optimizer", "torch_optimizer"]
+__all__ = ["Attachments", "RemovableHandle", "attach_once", "attach_to_optimizer", "torch_optimizer"]
 
 # optimizer -> {EMA -> its live hook}: an EMA attached twice to one optimizer would update twice per step.
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -58,3 +59,65 @@ def attach_once(owner: object, optimizer: Any, callback: Callable[[], None]) -> 
     handle = attach_to_optimizer(found, callback)
     handles[owner] = handle
     return handle
+
+
+class Attachments:
+    """The optimizers an EMA's `attach()` hooked, and whether an `update()` comes from one of their hooks.
+
+    Refuses an optimizer that steps none of the model's parameters (a GAN's discriminator optimizer
+    for the generator's EMA would move the EMA on the wrong steps), and warns once when `update()`
+    is also called by hand while attached: every step would then update twice. Not pickled: the
+    hooks belong to the original optimizers.
+    """
+
+    def __init__(self) -> None:
+        self._attached: list[tuple[weakref.ref, RemovableHandle]] = []
+        self.in_hook = False
+        self._warned = False
+
+    def attach(
+        self, owner: object, optimizer: Any, update: Callable[[], None], parameters: Iterable[torch.Tensor]
+    ) -> RemovableHandle:
+        found = torch_optimizer(optimizer)
+        own = {id(parameter) for parameter in parameters}
+        if not any(id(parameter) in own for group in found.param_groups for parameter in group["params"]):
+            raise ValueError(
+                f"Invalid optimizer: {type(found).__name__} steps none of the parameters of the model this EMA "
+                "averages (an optimizer of another model?); attach the optimizer that trains this model"
+            )
+
+        def hooked() -> None:
+            self.in_hook = True
+            try:
+                update()
+            finally:
+                self.in_hook = False
+
+        handle = attach_once(owner, found, hooked)
+        self._attached.append((weakref.ref(found), handle))
+        return handle
+
+    def check_manual_update(self) -> None:
+        """Called by `update()`: warn (once) if it was called by hand while an attachment updates it too."""
+        if self.in_hook or self._warned or not self._attached:
+            return
+        self._attached = [
+            (optimizer, handle)
+            for optimizer, handle in self._attached
+            if optimizer() is not None and handle.id in optimizer()._optimizer_step_post_hooks
+        ]
+        if self._attached:
+            self._warned = True
+            warnings.warn(
+                "update() called by hand on an EMA that attach() already updates after every optimizer step: it "
+                "now updates twice per step (the decay is effectively squared). Remove the ema.update() call, or "
+                "call remove() on the handle attach() returned.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()  # type: ignore[misc]  # a fresh, empty registry

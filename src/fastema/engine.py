@@ -35,7 +35,7 @@ from ._checks import (
     check_foreach,
     check_update_every,
 )
-from ._hooks import RemovableHandle, attach_once
+from ._hooks import Attachments, RemovableHandle
 from ._latch import FailureLatch
 from ._plan import Plan, plan_update
 from ._state import CONFIG_KEYS, STATE_FORMAT, STATE_VERSION, check_state_dict
@@ -141,6 +141,7 @@ class ModelEMA:
         self.last_decay = self.decay
         self._swap: WeightSwap | None = None
         self._latch = FailureLatch("reset() or load()/load_state_dict()")
+        self._attachments = Attachments()
         self._plan = Plan([])
         self._replacements: dict[str, int] = {}  # how often the model replaced each tensor object
         self._volatile: frozenset[str] = frozenset()
@@ -299,7 +300,7 @@ class ModelEMA:
         and `accelerate` loops (pass the torch optimizer; an accelerate `AcceleratedOptimizer` is
         unwrapped).
         """
-        return attach_once(self, optimizer, lambda: self.update())
+        return self._attachments.attach(self, optimizer, self.update, self.model.parameters())
 
     def update(self, decay: float | None = None) -> None:
         """Move the EMA toward the model; call after each optimizer step.
@@ -312,6 +313,7 @@ class ModelEMA:
         """
         self._check_outside_swap("update()")
         self._check_intact()
+        self._attachments.check_manual_update()
         if decay is not None:
             decay = check_decay(decay, "decay")
         step = self.num_steps + 1

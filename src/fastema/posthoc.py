@@ -35,7 +35,7 @@ from ._checks import (
     check_foreach,
     check_update_every,
 )
-from ._hooks import RemovableHandle, attach_once
+from ._hooks import Attachments, RemovableHandle
 from ._latch import FailureLatch
 from ._plan import Plan, kernel_steps, pack_model
 from ._steps import StackedStep, Step, fused_step_supported, is_averaged, layout_strides
@@ -201,6 +201,7 @@ class PostHocEMA:
         self._snapshot_dir_checked = False
         self._swap: WeightSwap | None = None
         self._latch = FailureLatch("load()/load_state_dict() (or build a new PostHocEMA)")
+        self._attachments = Attachments()
         self._build(tracked)
 
     @property
@@ -307,6 +308,7 @@ class PostHocEMA:
         """Move the K EMAs toward the model; call after each optimizer step. Writes a snapshot when one is due."""
         self._check_outside_swap("update()")
         self._latch.check()
+        self._attachments.check_manual_update()
         step = self.num_steps + 1
         if step % self.update_every:
             self.num_steps = step
@@ -335,7 +337,7 @@ class PostHocEMA:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Call `update()` after every step `optimizer` really takes (see `ModelEMA.attach`)."""
-        return attach_once(self, optimizer, lambda: self.update())
+        return self._attachments.attach(self, optimizer, self.update, self.model.parameters())
 
     # ---- reading -------------------------------------------------------------------------------------
 
