@@ -101,11 +101,7 @@ class Attachments:
         """Called by `update()`: warn (once) if it was called by hand while an attachment updates it too."""
         if self.in_hook or self._warned or not self._attached:
             return
-        self._attached = [
-            (optimizer, handle)
-            for optimizer, handle in self._attached
-            if optimizer() is not None and handle.id in optimizer()._optimizer_step_post_hooks
-        ]
+        self._attached = [(optimizer, handle) for optimizer, handle in self._attached if _live(optimizer, handle)]
         if self._attached:
             self._warned = True
             warnings.warn(
@@ -121,3 +117,9 @@ class Attachments:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()  # type: ignore[misc]  # a fresh, empty registry
+
+
+def _live(optimizer: weakref.ref, handle: RemovableHandle) -> bool:
+    """Whether the hook `handle` is still registered on the optimizer (which may be gone)."""
+    found = optimizer()
+    return found is not None and handle.id in found._optimizer_step_post_hooks
