@@ -1,6 +1,7 @@
 """The public surface is explicit and stable."""
 
 import inspect
+import textwrap
 import re
 
 import fastema
@@ -77,3 +78,45 @@ def test_the_api_reference_documents_every_public_name():
     reference = (Path(__file__).parent.parent / "docs" / "reference.md").read_text()
     documented = set(re.findall(r"^::: fastema\.(?:callback\.)?(\w+)$", reference, flags=re.MULTILINE))
     assert set(fastema.__all__) - {"__version__"} <= documented
+
+
+MISSING_EXTRAS = textwrap.dedent(
+    """
+    import subprocess, sys
+
+    def without(blocked, run):
+        saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] in blocked}
+        saved.update({name: sys.modules.pop(name) for name in list(sys.modules) if name.startswith("fastema.")})
+        sys.modules.update(dict.fromkeys(blocked))  # None: importing it raises ModuleNotFoundError
+        try:
+            run()
+        except (ImportError, SystemExit) as error:
+            print(type(error).__name__, error)
+        finally:
+            for name in blocked:
+                del sys.modules[name]
+            sys.modules.update(saved)
+
+    import fastema, fastema.__main__
+    without(["lightning", "pytorch_lightning"], lambda: __import__("fastema.lightning"))
+    without(["transformers"], lambda: __import__("fastema.transformers"))
+    without(["fastai", "fastcore"], lambda: fastema.EMACallback)
+    without(["matplotlib"], lambda: fastema.__main__.main(["demo", "--epochs", "1"]))
+    """
+)
+
+
+def test_a_missing_extra_says_which_extra_to_install():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", MISSING_EXTRAS], capture_output=True, text=True, check=True)
+    lines = result.stdout.splitlines()
+    assert lines == [
+        'ImportError fastema.lightning needs lightning, which is not installed: pip install "fastema[lightning]"',
+        'ImportError fastema.transformers needs transformers, which is not installed: pip install '
+        '"fastema[transformers]"',
+        "ImportError fastema's fastai callbacks needs fastai, which is not installed: pip install "
+        '"fastema[fastai]"',
+        'SystemExit fastema demo needs matplotlib, which is not installed: pip install "fastema[demo]"',
+    ], result.stdout + result.stderr

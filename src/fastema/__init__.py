@@ -49,11 +49,7 @@ def __getattr__(name: str) -> object:
     # The callbacks need fastai; import it only when they are asked for, so that `ModelEMA` works in plain
     # PyTorch environments.
     if name in _CALLBACKS:
-        try:
-            from . import callback
-        except ModuleNotFoundError as error:
-            if error.name != "fastai" and not (error.name or "").startswith(("fastai.", "fastcore")):
-                raise
-            raise ImportError(f"fastema.{name} needs fastai: pip install 'fastema[fastai]'") from error
+        from . import callback  # without fastai: an ImportError that says `pip install "fastema[fastai]"`
+
         return getattr(callback, name)
     raise AttributeError(f"module 'fastema' has no attribute {name!r}")

@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> None:
         from .demo import run_demo, run_posthoc_demo
 
         run = run_posthoc_demo if args.posthoc else run_demo
-        run(epochs=args.epochs, lr=args.lr, output=args.output, seed=args.seed)
+        try:
+            run(epochs=args.epochs, lr=args.lr, output=args.output, seed=args.seed)
+        except ImportError as error:
+            if "fastema[demo]" not in str(error):
+                raise
+            raise SystemExit(str(error)) from None  # the message says what to install; a traceback adds nothing
     elif args.command == "posthoc":
         write_synthesized(args.snapshot_dir, args.sigma_rel, args.step, args.out)
     elif args.command == "bench":

@@ -12,10 +12,16 @@ from types import FrameType
 from typing import cast
 
 import torch
-from fastai.callback.core import Callback
-from fastai.learner import Learner, Recorder
-from fastcore.basics import patch, store_attr
 from torch import nn
+
+from ._extras import missing_extra
+
+try:
+    from fastai.callback.core import Callback
+    from fastai.learner import Learner, Recorder
+    from fastcore.basics import patch, store_attr
+except ModuleNotFoundError as error:
+    raise missing_extra(error, "fastai", "fastema's fastai callbacks") from error
 
 from . import learner_checkpoint
 from ._binding import tensor_slots

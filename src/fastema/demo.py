@@ -8,6 +8,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ._extras import require
+
+DEMO_MODULES = ("matplotlib", "sklearn", "fastai")  # what `pip install "fastema[demo]"` brings
+
 
 def _digits_dataloaders(batch_size: int, seed: int):
     from fastai.data.core import DataLoaders
@@ -57,6 +61,7 @@ def run_demo(
     epochs: int = 12, lr: float = 0.03, output: Path | str = "demo_output/fastema-demo.png", seed: int = 0
 ) -> list[dict]:
     """Train with `EMASchedule`, print raw vs EMA validation accuracy per epoch, save a plot."""
+    require("demo", "fastema demo", *DEMO_MODULES)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,6 +144,7 @@ def run_posthoc_demo(
     epochs: int = 12, lr: float = 0.03, output: Path | str = "demo_output/fastema-demo.png", seed: int = 0
 ) -> list[dict[str, float]]:
     """Train once with `PostHocEMACallback`, then synthesize and validate EMAs of every length in `SWEEP`."""
+    require("demo", "fastema demo --posthoc", *DEMO_MODULES)
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy

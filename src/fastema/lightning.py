@@ -15,10 +15,15 @@ import ast
 import warnings
 from typing import Any
 
+from ._extras import missing_extra
+
 try:
     from lightning.pytorch import Callback
-except ImportError:  # the standalone `pytorch_lightning` package
-    from pytorch_lightning import Callback  # type: ignore[assignment]  # the same class under its older name
+except ModuleNotFoundError as lightning_missing:  # the standalone `pytorch_lightning` package, or neither
+    try:
+        from pytorch_lightning import Callback  # type: ignore[assignment]  # the same class under its older name
+    except ModuleNotFoundError:
+        raise missing_extra(lightning_missing, "lightning", "fastema.lightning") from lightning_missing
 
 from ._trainer import ModelEMAFactory, StepDrivenCallback, StepDrivenEMA
 from .distributed import unwrap_model

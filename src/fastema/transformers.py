@@ -18,7 +18,12 @@ import warnings
 from pathlib import Path
 from typing import Any, cast
 
-from transformers import Trainer, TrainerCallback
+from ._extras import missing_extra
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ModuleNotFoundError as error:
+    raise missing_extra(error, "transformers", "fastema.transformers") from error
 
 from ._trainer import ModelEMAFactory, StepDrivenCallback, StepDrivenEMA
 from .checkpoint import atomic_save, read_checkpoint
