@@ -1,8 +1,8 @@
 """The public surface is explicit and stable."""
 
 import inspect
-import textwrap
 import re
+import textwrap
 
 import fastema
 
@@ -114,9 +114,8 @@ def test_a_missing_extra_says_which_extra_to_install():
     lines = result.stdout.splitlines()
     assert lines == [
         'ImportError fastema.lightning needs lightning, which is not installed: pip install "fastema[lightning]"',
-        'ImportError fastema.transformers needs transformers, which is not installed: pip install '
+        "ImportError fastema.transformers needs transformers, which is not installed: pip install "
         '"fastema[transformers]"',
-        "ImportError fastema's fastai callbacks needs fastai, which is not installed: pip install "
-        '"fastema[fastai]"',
+        'ImportError fastema\'s fastai callbacks needs fastai, which is not installed: pip install "fastema[fastai]"',
         'SystemExit fastema demo needs matplotlib, which is not installed: pip install "fastema[demo]"',
     ], result.stdout + result.stderr
