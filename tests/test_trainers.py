@@ -846,6 +846,59 @@ def test_hf_load_best_model_at_end_gives_the_ema_saved_with_the_best_checkpoint(
     for name, value in saved["tensors"].items():
         assert torch.equal(callback.module.state_dict()[name], value), name
 
+    (best / EMA_CHECKPOINT_NAME).unlink()  # a best checkpoint written without the EMA (by another run, say)
+    trainer.remove_callback(callback)
+    callback = EMACallback(decay=0.8)
+    trainer.add_callback(callback)
+    with pytest.warns(UserWarning, match="holds no EMA"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+
+
+def test_hf_hyperparameter_search_keeps_each_trial_s_ema_in_the_trial_s_checkpoints(tmp_path):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from fastema.transformers import EMA_CHECKPOINT_NAME, EMACallback
+
+    class KeepEachTrialsEMA(TrainerCallback):
+        def __init__(self):
+            self.emas = []
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.emas.append({name: t.clone() for name, t in ema.module.state_dict().items()})
+
+    ema, keep = EMACallback(decay=0.8), KeepEachTrialsEMA()
+    trainer = Trainer(
+        model_init=tiny_bert,
+        args=TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=4,
+            use_cpu=True,
+            report_to=[],
+            disable_tqdm=True,
+            seed=0,
+            eval_strategy="no",
+        ),
+        train_dataset=Tokens(),
+        eval_dataset=Tokens(8, seed=1),  # each trial ends with an evaluation
+        callbacks=[ema, keep],
+    )
+    trainer.hyperparameter_search(
+        hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-1, log=True)},
+        compute_objective=lambda metrics: 0.0,
+        n_trials=2,
+        direction="minimize",
+        backend="optuna",
+    )
+    assert not (tmp_path / "checkpoint-4").exists()  # nothing written outside the trials' folders
+    for trial, expected in enumerate(keep.emas):
+        saved = torch.load(tmp_path / f"run-{trial}" / "checkpoint-4" / EMA_CHECKPOINT_NAME, weights_only=True)
+        for name, value in saved["ema"]["engine"]["tensors"].items():
+            assert torch.equal(value, expected[name]), (trial, name)
+    assert not torch.equal(keep.emas[0]["bert.pooler.dense.weight"], keep.emas[1]["bert.pooler.dense.weight"])
+
 
 def test_hf_never_started_warns_and_save_pretrained_raises(tmp_path):
     from fastema.transformers import EMACallback

@@ -48,6 +48,14 @@ def _training_loop() -> tuple[Any, object]:
     return None, None
 
 
+def _run_folder(trainer: Any, args: Any) -> Path:
+    """Where the running trainer puts its `checkpoint-N` folders: under hyperparameter search, the trial's own."""
+    output_dir = getattr(trainer, "_get_output_dir", None)
+    if callable(output_dir):
+        return Path(output_dir(trial=getattr(trainer, "_trial", None)))
+    return Path(args.output_dir)
+
+
 class EMACallback(StepDrivenCallback, TrainerCallback):
     """An exponential moving average of the model's weights (a `ModelEMA`), for the Hugging Face `Trainer`."""
 
@@ -69,9 +77,11 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
         self.ema = StepDrivenEMA(ModelEMAFactory(decay, warmup, options), start)
         self._trainer: Any = None
         self._evaluate: Any = None  # the Trainer's own `_evaluate`, while ours wraps it
+        self._run_folder: Path | None = None  # where this run's checkpoint folders go
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         trainer, resume_from_checkpoint = _training_loop()
+        self._run_folder = _run_folder(trainer, args)
         self.ema.begin(model, [optimizer], state.max_steps, state.global_step)
         self._wrap_evaluation(trainer)
         if state.global_step > 0:  # resuming from a checkpoint: the EMA saved with it
@@ -83,7 +93,7 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
         elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
             folder = Path(resume_from_checkpoint)
         else:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder = self._checkpoint_folder(args, state)
         path = folder / EMA_CHECKPOINT_NAME
         if not path.is_file():
             warnings.warn(
@@ -149,16 +159,29 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
             return
         ema_state = self.ema.state_dict()  # on every rank: for a sharded (FSDP2) EMA it is a collective
         if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder = self._checkpoint_folder(args, state)
             atomic_save({"global_step": state.global_step, "ema": ema_state}, folder / EMA_CHECKPOINT_NAME)
+
+    def _checkpoint_folder(self, args, state) -> Path:
+        """The folder of the checkpoint the Trainer saves (or resumes) at this step."""
+        return (self._run_folder or Path(args.output_dir)) / f"checkpoint-{state.global_step}"
 
     def on_train_end(self, args, state, control, **kwargs):
         self._unwrap_evaluation()
         best = state.best_model_checkpoint
-        if args.load_best_model_at_end and best is not None and (Path(best) / EMA_CHECKPOINT_NAME).is_file():
-            # The Trainer loaded the best checkpoint's model weights; the EMA saved with it is the one that scored.
-            saved = read_checkpoint(Path(best) / EMA_CHECKPOINT_NAME)
-            self.ema.load_state_dict(cast(dict, saved)["ema"])  # still running: loaded now
+        if args.load_best_model_at_end and best is not None and self.ema.engine is not None:
+            path = Path(best) / EMA_CHECKPOINT_NAME
+            if path.is_file():
+                # The Trainer loaded the best checkpoint's model; the EMA saved with it is the one that scored.
+                saved = read_checkpoint(path)
+                self.ema.load_state_dict(cast(dict, saved)["ema"])  # still running: loaded now
+            else:
+                warnings.warn(
+                    f"load_best_model_at_end: the Trainer loaded the best checkpoint {best}, which holds no EMA "
+                    f"({EMA_CHECKPOINT_NAME}); the EMA is the one of the last step, not the best checkpoint's",
+                    UserWarning,
+                    stacklevel=2,
+                )
         self.ema.warn_if_not_started("EMACallback")
         self.ema.end(self.replace_weights)
 
