@@ -131,3 +131,30 @@ def test_an_exception_inside_the_swap_restores_the_model_and_propagates():
     for name, value in model_state(model).items():
         assert torch.equal(value, own_weights[name]), name
     assert not ema.ema_weights_in_use
+
+
+@pytest.mark.parametrize("options", LAYOUTS)
+@pytest.mark.parametrize("failing_copy", [1, 2, 4, 7])
+def test_a_swap_that_fails_part_way_through_entering_puts_everything_back(options, failing_copy, monkeypatch):
+    model, ema = moved_apart(options)
+    own_weights, ema_weights = model_state(model), ema_state(ema)
+    copies, real_copy = [0], torch.Tensor.copy_
+
+    def copy_failing_once(self, *args, **kwargs):
+        copies[0] += 1
+        if copies[0] == failing_copy:  # e.g. the second copy of an exchange: the pair is half done
+            raise RuntimeError("out of memory")
+        return real_copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_failing_once)
+    with pytest.raises(RuntimeError, match="out of memory"), ema.use_ema_weights():
+        pass
+    monkeypatch.undo()
+    assert copies[0] > failing_copy  # it failed inside, and the restore then copied
+    for name, value in model_state(model).items():
+        assert torch.equal(value, own_weights[name]), name
+    for name, value in ema_state(ema).items():
+        assert torch.equal(value, ema_weights[name]), name
+    assert not ema.ema_weights_in_use
+    with ema.use_ema_weights():  # and the next swap works
+        pass

@@ -33,16 +33,24 @@ class WeightSwap:
 
     @torch.no_grad()
     def enter(self) -> None:
+        half_done: tuple[Tensor, Tensor] | None = None  # (model tensor, its own values) while an exchange runs
         try:
             for _, model_tensor, ema_tensor, is_parameter in self.pairs:
                 same_kind = (model_tensor.dtype, model_tensor.device) == (ema_tensor.dtype, ema_tensor.device)
                 if is_parameter and same_kind:
-                    _exchange(model_tensor, ema_tensor)
+                    own = model_tensor.clone()
+                    half_done = (model_tensor, own)
+                    model_tensor.copy_(ema_tensor)
+                    ema_tensor.copy_(own)
+                    half_done = None
                     self.backups.append(None)
                 else:
                     self.backups.append(model_tensor.to(ema_tensor.device, copy=True))
                     model_tensor.copy_(ema_tensor)
         except BaseException:
+            # A failure (out of memory, say) part-way: every pair done, and the one under way, put back.
+            if half_done is not None:
+                half_done[0].copy_(half_done[1])
             self._restore()
             raise
         self.written_into = [model_tensor.detach() for _, model_tensor, _, _ in self.pairs]
