@@ -394,6 +394,8 @@ RESUME_CASES = [
         "fit",
         id="warmup-update-every",
     ),
+    # Saved before the EMA started: the resumed fit must start it at `start`, not take it as running.
+    pytest.param(lambda: EMASchedule(0.5, 0.99, start=4, finish=5), False, "fit", id="saved-before-start"),
 ]
 
 
@@ -424,7 +426,7 @@ def test_resume_mid_schedule_is_bit_identical(tmp_path, make_callback, accumulat
         x.cbs.filter(lambda cb: isinstance(cb, UpdateLog))[0].rows for x in (straight, first, resumed)
     )
     assert first_log + resumed_log == straight_log  # same steps, decays and update counts
-    start_step = {1: 8, 0.1: 5}[straight.ema_schedule.start]  # epoch 1, or round(0.1 * 48 steps)
+    start_step = {1: 8, 4: 32, 0.1: 5}[straight.ema_schedule.start]  # epoch 1 or 4, or round(0.1 * 48 steps)
     optimizer_steps = [b for b in range(48) if b >= start_step and (not accumulate or b % 2 == 1)]
     update_every = straight.ema_schedule.update_every
     assert straight_log[-1][2] == straight.ema_schedule.engine.num_updates == len(optimizer_steps) // update_every
