@@ -593,3 +593,16 @@ def test_a_buffer_reassigned_in_every_forward_is_averaged_on_time_when_other_mod
         return torch.randn(4, 8)
 
     step_and_compare(model, ema, reference, steps=8, make_input=new_module_and_input)
+
+
+@pytest.mark.parametrize("options", LAYOUTS)
+def test_parameters_replaced_straight_in_the_modules_dict_are_followed(options):
+    # What FSDP2's fully_shard and other tools do: `module._parameters[name] = new`, which no hook sees.
+    torch.manual_seed(0)
+    model = ConvNet()
+    ema, reference = start(model, **options)
+    step_and_compare(model, ema, reference, steps=1)
+    for module in model.modules():
+        for key, parameter in list(module._parameters.items()):
+            module._parameters[key] = nn.Parameter(parameter.detach().clone())
+    step_and_compare(model, ema, reference, steps=2)  # the new parameters are averaged, not the old objects

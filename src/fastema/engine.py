@@ -170,6 +170,19 @@ class ModelEMA:
         }
         binding.record()  # packing gave tensors new addresses
         _check_no_shared_storage(binding.ema_tensors, all_model_tensors)
+        # One tracked tensor watched by identity at every update: replacing tensors straight in `_parameters`
+        # (FSDP2's `fully_shard` does, after this EMA was built) moves no counter. Not for a sharded EMA, whose
+        # model swaps unsharded copies in and out at every forward.
+        steady = [index for index, name in enumerate(binding.names) if name not in self._volatile]
+        self._sentinel: tuple[dict, str, Tensor] | None = None
+        if steady and not self.sharded:
+            slot = binding.slots[steady[0]]
+            owner = slot.owner(self.model)
+            self._sentinel = (
+                owner._parameters if slot.is_parameter else owner._buffers,
+                slot.key,
+                binding.model_tensors[steady[0]],
+            )
         # For sharded tensors, the DTensor whose layout gathers the EMA shards into a full tensor.
         self._layouts = {
             name: tensor for name, tensor in zip(self.tensor_names, self._binding.model_tensors) if is_sharded(tensor)
@@ -225,6 +238,12 @@ class ModelEMA:
             slot, model_tensor = model_slots[name]
             ema_tensor = self._shards[name] if self._module is None else slot.get(self._module, ema_modules)
             local = local_part(model_tensor)
+            if is_sharded(model_tensor) and not self.sharded:
+                raise RuntimeError(
+                    f"The model's tensor {name} is now sharded (a DTensor): the model was sharded (FSDP2 "
+                    "fully_shard) after this ModelEMA was built, so it would average tensors the model no longer "
+                    "trains. Build the ModelEMA after fully_shard(model)."
+                )
             if ema_tensor is None or ema_tensor.shape != local.shape:
                 raise RuntimeError(
                     f"The model's tensor {name} changed shape from "
@@ -274,7 +293,11 @@ class ModelEMA:
         self._follow_model()
 
     def _ensure_current(self) -> None:
-        # One counter and a few storage use counts, whatever the number of tensors.
+        # One counter, one dict lookup and a few storage use counts, whatever the number of tensors.
+        sentinel = self._sentinel
+        if sentinel is not None and sentinel[0].get(sentinel[1]) is not sentinel[2]:
+            self._follow_model()
+            return
         if self._seen_changes != changes():
             if not self._only_volatile_changes():
                 self._follow_model()
@@ -632,7 +655,7 @@ class ModelEMA:
         self._check_outside_swap("pickling a ModelEMA")
         self.synchronize()
         state = dict(self.__dict__)
-        for name in ("_plan", "_binding", "_layouts", "_swap"):
+        for name in ("_plan", "_binding", "_layouts", "_swap", "_sentinel"):
             state.pop(name, None)
         return state
 
