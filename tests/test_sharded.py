@@ -122,6 +122,19 @@ def test_the_checks_of_a_load_each_refuse_and_change_nothing():
     assert reordered.num_updates == 1
 
 
+def test_a_state_said_to_be_for_saving_or_loading_needs_no_look_at_its_caller():
+    ema = plain_ema()
+    ema.update()
+    own = ema._binding.ema_tensors
+    for purpose, shares_storage, version in (("save", True, 1), ("load", False, -1), (None, False, 1)):
+        state = ema.sharded_state(purpose).state_dict()  # called from here, not from DCP
+        tensors = [state["tensors"][name] for name in ema.tensor_names]
+        assert all((t.data_ptr() == e.data_ptr()) is shares_storage for t, e in zip(tensors, own)), purpose
+        assert state["header"][0].item() == version, purpose  # load: fresh buffers, marked as not read yet
+    with pytest.raises(ValueError, match="purpose"):
+        ema.sharded_state("restore")
+
+
 def test_a_state_dict_taken_outside_dcp_is_a_copy_and_a_wrapper_stateful_works(saved_by_two_ranks):
     import torch.distributed.checkpoint as dcp
 

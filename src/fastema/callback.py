@@ -478,7 +478,7 @@ class EMACallback(AveragingCallback):
             return None
         self._check_saveable()
         position = {"started": torch.tensor(self._started), "decay": torch.tensor(self.decay, dtype=torch.float64)}
-        return {"ema": self._engine.sharded_state(), "ema_callback": position}
+        return {"ema": self._engine.sharded_state("save"), "ema_callback": position}
 
     def sharded_candidate(self, tensor_names: list[str]) -> ModelEMA:
         "A new engine averaging `tensor_names`, for a sharded `learn.load` to read into and check"

@@ -624,16 +624,18 @@ class ModelEMA:
         self.last_decay = last_decay
         self._failure = None
 
-    def sharded_state(self) -> ShardedEMAState:
+    def sharded_state(self, purpose: str | None = None) -> ShardedEMAState:
         """This EMA as a `torch.distributed.checkpoint` `Stateful`: `dcp.save({..., "ema": ema.sharded_state()})`.
 
         Under FSDP2 each rank saves and loads its own shard (no gather), and loading reshards to
-        any world size, or to one process with an unsharded model. See `fastema.sharded`.
+        any world size, or to one process with an unsharded model. `purpose` ("save" or "load")
+        says what the state is for; None tells DCP's save and load apart by their caller (see
+        `fastema.sharded`).
         """
         from .sharded import ShardedEMAState
 
         self._check_outside_swap("sharded_state()")
-        return ShardedEMAState(self)
+        return ShardedEMAState(self, purpose)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `state_dict()` to `path` atomically (a kill mid-write leaves the previous file intact).

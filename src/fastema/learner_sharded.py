@@ -379,7 +379,7 @@ def load(
         except (KeyError, ValueError) as error:
             raise ValueError(f"Invalid checkpoint {checkpoint} (nothing was loaded): its EMA: {error}") from error
         # DCP reads the EMA into fresh buffers and hands them to the candidate's checks (see fastema.sharded).
-        template["ema"] = candidate.sharded_state()
+        template["ema"] = candidate.sharded_state("load")
         template["ema_callback"] = {
             "started": torch.empty((), dtype=torch.bool),
             "decay": torch.empty((), dtype=torch.float64),

@@ -77,8 +77,10 @@ def _decode_strings(encoded: Tensor) -> list[str]:
 class ShardedEMAState:
     """A `ModelEMA` as a DCP `Stateful` (`state_dict`/`load_state_dict`); get one with `ema.sharded_state()`."""
 
-    def __init__(self, ema: ModelEMA) -> None:
-        self.ema = ema
+    def __init__(self, ema: ModelEMA, purpose: str | None = None) -> None:
+        if purpose not in (None, "save", "load"):
+            raise ValueError(f"Invalid purpose: {purpose!r}; expected None, 'save' or 'load'")
+        self.ema, self.purpose = ema, purpose
 
     def _layout_tensor(self, name: str, local: Tensor) -> Tensor:
         """`local` (this rank's part of EMA tensor `name`) as the checkpoint holds it: a DTensor under FSDP2."""
@@ -98,14 +100,16 @@ class ShardedEMAState:
     def state_dict(self) -> dict[str, Any]:
         """The EMA's shards and its counts, as tensors.
 
-        Called by `dcp.save`: views of the EMA (no copy). Called by `dcp.load`: fresh buffers
-        (DCP reads into them; `load_state_dict` checks them before copying into the EMA).
-        Called from anywhere else (a wrapper `Stateful`, a plain dict): copies of the EMA, which
-        serve both a save and a load without ever letting DCP write into the EMA itself.
+        For a save (`purpose="save"`, or called by `dcp.save`): views of the EMA (no copy). For a
+        load (`purpose="load"`, or called by `dcp.load`): fresh buffers (DCP reads into them;
+        `load_state_dict` checks them before copying into the EMA). Without a purpose, DCP's saver
+        and loader are told apart by the calling module; from anywhere else (a wrapper `Stateful`, a
+        plain dict, a DCP that moved its calls): copies of the EMA, which serve both a save and a
+        load without ever letting DCP write into the EMA itself.
         """
         ema = self.ema
         ema._check_outside_swap("sharded_state()")
-        caller = _caller_module()
+        caller = {"save": _SAVER, "load": _LOADER}.get(self.purpose or "") or _caller_module()
         if caller == _LOADER:
             ema.synchronize()  # no update in flight; a failed one is forgotten by the load
         else:
