@@ -33,3 +33,13 @@ def pytest_collection_modifyitems(config, items):
         source = inspect.getsource(item.function) if hasattr(item, "function") else ""
         if any(sign in source for sign in SLOW_SIGNS):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """List the gloo exit aborts the distributed launcher tolerated (PyTorch's; see docs/multi-gpu.md)."""
+    workers = sys.modules.get("distributed_workers")  # imported only by the distributed tests
+    aborts = getattr(workers, "tolerated_aborts", [])
+    if aborts:
+        terminalreporter.section(f"tolerated gloo exit aborts: {len(aborts)}")
+        for line in aborts:
+            terminalreporter.line(line)

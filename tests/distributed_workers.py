@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
 import time
 
 import torch
@@ -46,40 +48,81 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# PyTorch's known gloo teardown abort (docs/multi-gpu.md): a gloo worker thread still owns the last
+# collective's work object and drops a Python tensor while the interpreter finalizes.
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+tolerated_aborts: list[str] = []  # one line per tolerated abort, reported by conftest's terminal summary
+
+
+def _tolerated(returncode: int | None, passed_barrier: bool, stderr: str) -> bool:
+    """Whether a rank's exit is the known gloo teardown abort: SIGABRT, after the final barrier, with its message."""
+    return returncode == -signal.SIGABRT and passed_barrier and GLOO_EXIT_ABORT in stderr
+
+
 def launch(worker, out_dir, timeout_s=120.0, *args, world=WORLD):
     """Run `worker(rank, out_dir, *args)` on `world` processes (torch.multiprocessing, spawn); fail past the timeout."""
-    for rank in range(world):  # markers of an earlier launch into the same folder
-        if os.path.exists(_done_marker(out_dir, rank)):
-            os.remove(_done_marker(out_dir, rank))
+    for rank in range(world):  # files of an earlier launch into the same folder
+        for path in (_done_marker(out_dir, rank), _stderr_file(out_dir, rank)):
+            if os.path.exists(path):
+                os.remove(path)
     port = free_port()
     context = mp.start_processes(
         _entry, args=(worker, port, str(out_dir), world, *args), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + timeout_s
     try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                raise TimeoutError(f"{worker.__name__} did not finish within {timeout_s} s")
-    except mp.ProcessExitedException as error:
-        # A rank killed by a signal after every rank's worker returned and passed the final barrier: gloo's
-        # teardown (seen once: "terminate called without an active exception", SIGABRT), not the code under
-        # test, whose results are all written by then. Anything earlier, or any exit code, fails the test.
-        finished = all(os.path.exists(_done_marker(out_dir, rank)) for rank in range(world))
-        if error.signal_name is None or not finished:
+        try:
+            # The grace period lets the other ranks exit by themselves after one fails: their exits are judged too.
+            while not context.join(timeout=1.0, grace_period=5.0):
+                if time.monotonic() > deadline:
+                    for process in context.processes:
+                        process.kill()
+                    raise TimeoutError(f"{worker.__name__} did not finish within {timeout_s} s")
+        finally:
+            stderrs = [_read(_stderr_file(out_dir, rank)) for rank in range(world)]
+            for rank, text in enumerate(stderrs):  # what the ranks wrote, where pytest shows it
+                if text:
+                    sys.stderr.write(f"--- rank {rank} stderr ---\n{text}")
+    except mp.ProcessExitedException:
+        # Only the known gloo teardown abort is tolerated (every rank's results are written by then);
+        # any other signal or exit code, or an abort before a rank's final barrier, fails the test.
+        finished = [os.path.exists(_done_marker(out_dir, rank)) for rank in range(world)]
+        codes = [process.exitcode for process in context.processes]
+        if not all(finished) or not all(
+            code == 0 or _tolerated(code, passed, text) for code, passed, text in zip(codes, finished, stderrs)
+        ):
             raise
+        for rank, code in enumerate(codes):
+            if code != 0:
+                line = f"{worker.__name__}: rank {rank} aborted at exit after its final barrier (gloo teardown)"
+                tolerated_aborts.append(line)
+                print(f"tolerated: {line}", file=sys.stderr)
     finally:
         for rank in range(world):
-            if os.path.exists(_done_marker(out_dir, rank)):
-                os.remove(_done_marker(out_dir, rank))
+            for path in (_done_marker(out_dir, rank), _stderr_file(out_dir, rank)):
+                if os.path.exists(path):
+                    os.remove(path)
 
 
 def _done_marker(out_dir, rank) -> str:
     return os.path.join(str(out_dir), f".rank{rank}.done")
 
 
+def _stderr_file(out_dir, rank) -> str:
+    return os.path.join(str(out_dir), f".rank{rank}.stderr")
+
+
+def _read(path) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path, errors="replace") as file:
+        return file.read()
+
+
 def _entry(rank, worker, port, out_dir, world, *args):
+    # The rank's stderr (file descriptor 2: C++'s messages too, as the abort's) into a file the launcher reads.
+    with open(_stderr_file(out_dir, rank), "w") as file:
+        os.dup2(file.fileno(), 2)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -203,7 +246,6 @@ def ddp_flatten_worker(rank, out_dir):
 def fsdp_worker(rank, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastema import ModelEMA
 
@@ -218,18 +260,7 @@ def fsdp_worker(rank, out_dir):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     share = GLOBAL_BATCH // WORLD
 
-    class Collectives(TorchDispatchMode):
-        """Records every communication op (c10d and functional collectives) dispatched inside it."""
-
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "c10d" in func.namespace:
-                self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
+    Collectives = collective_recorder()
     collectives_in_update = []
 
     for step, x in enumerate(global_batches()):
@@ -807,3 +838,59 @@ def fastai_sharded_load_worker(rank, out_dir):
         "num_updates": learn.ema_schedule.engine.num_updates,
     }
     torch.save(loaded, os.path.join(out_dir, f"three{rank}.pt"))
+
+
+def gather_worker(rank, out_dir):
+    """fastema's gather and reshard of FSDP2-like layouts (even, uneven and empty shards) against DTensor's own."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from fastema.distributed import gather_full, shard_like
+
+    recorder = collective_recorder()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    generator = torch.Generator().manual_seed(3)
+    cases = [
+        ("even rows", (6, 4), Shard(0), torch.float64),
+        ("uneven rows", (5, 3), Shard(0), torch.float32),
+        ("rank 1 empty", (1, 3), Shard(0), torch.float64),
+        ("uneven columns", (4, 5), Shard(1), torch.float64),
+        ("replicated", (3, 2), Replicate(), torch.float64),  # not FSDP2's layout: full_tensor()
+    ]
+    results = {}
+    for name, shape, placement, dtype in cases:
+        full = torch.randn(shape, generator=generator).to(dtype)  # the same on every rank
+        like = distribute_tensor(full, mesh, [placement])
+        expected = like.full_tensor()
+        with recorder() as gathering:
+            gathered = gather_full(like.to_local().clone(), like)
+        with recorder() as resharding:
+            part = shard_like(full, like)
+        results[name] = {
+            "local_rows": like.to_local().shape[placement.dim] if isinstance(placement, Shard) else None,
+            "gathered": gathered,
+            "expected": expected,
+            "contiguous": gathered.is_contiguous(),
+            "gather_collectives": gathering.names,
+            "part": part,
+            "own_part": like.to_local(),
+            "reshard_collectives": resharding.names,
+        }
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def collective_recorder():
+    """A dispatch mode class that records every communication op (c10d and functional collectives) inside it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Collectives(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "c10d" in func.namespace:
+                self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return Collectives

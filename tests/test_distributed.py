@@ -1,5 +1,7 @@
 """DDP and FSDP2 with real torch.distributed processes (2 ranks, gloo on CPU) against the single-process reference."""
 
+import signal
+
 import torch
 
 import distributed_workers as workers
@@ -92,3 +94,29 @@ def test_fastai_distrib_ctx_ema_on_every_rank_and_rank0_writes(tmp_path):
     # BatchNorm statistics are each rank's own under DDP without SyncBatchNorm (fastai's sync_bn=True on GPUs
     # makes them global), so their EMA is too; rank 0's is the one saved.
     assert not torch.equal(ranks[0]["ema"]["body.1.running_mean"], ranks[1]["ema"]["body.1.running_mean"])
+
+
+def test_the_fsdp2_gather_is_bit_identical_to_full_tensor_and_resharding_takes_each_rank_part(tmp_path):
+    workers.launch(workers.gather_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers.WORLD)]
+    assert [ranks[r]["rank 1 empty"]["local_rows"] for r in range(2)] == [1, 0]
+    assert [ranks[r]["uneven columns"]["local_rows"] for r in range(2)] == [3, 2]
+    for result in ranks:
+        for name, case in result.items():
+            gathered, expected = case["gathered"], case["expected"]
+            assert gathered.dtype == expected.dtype and gathered.shape == expected.shape, name
+            assert torch.equal(gathered, expected) and case["contiguous"], name
+            assert case["part"].shape == case["own_part"].shape and torch.equal(case["part"], case["own_part"]), name
+            assert case["reshard_collectives"] == [], name  # every rank holds the full tensor: nothing to send
+            if name != "replicated":  # FSDP2's layout: a plain c10d all-gather, no functional collective
+                ops = case["gather_collectives"]
+                assert ops and not any("_c10d_functional" in op for op in ops), name
+
+
+def test_the_launcher_tolerates_only_the_gloo_exit_abort():
+    abort = f"...\n{workers.GLOO_EXIT_ABORT}\n"
+    assert workers._tolerated(-signal.SIGABRT, True, abort)
+    assert not workers._tolerated(-signal.SIGABRT, False, abort)  # before the final barrier: a real crash
+    assert not workers._tolerated(-signal.SIGABRT, True, "free(): invalid pointer\n")  # another abort
+    assert not workers._tolerated(-signal.SIGSEGV, True, abort)
+    assert not workers._tolerated(1, True, abort)

@@ -8,18 +8,25 @@ full EMA exists only when asked for (`ModelEMA.state_dict()`, a collective).
 
 from __future__ import annotations
 
+import inspect
+import time
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 try:  # public since torch 2.4
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # pragma: no cover - older torch or no distributed build
     try:
-        from torch.distributed._tensor import DTensor, distribute_tensor
+        from torch.distributed._tensor import DTensor, Shard, distribute_tensor
     except ImportError:
-        DTensor = distribute_tensor = None  # type: ignore[assignment, misc]  # checked before each use
+        DTensor = Shard = distribute_tensor = None  # type: ignore[assignment, misc]  # checked before each use
+
+# `src_data_rank=None` (newer torch): every rank takes its part of its own copy, without a scatter.
+_DISTRIBUTE_TAKES_SRC_DATA_RANK = (
+    distribute_tensor is not None and "src_data_rank" in inspect.signature(distribute_tensor).parameters
+)
 
 try:  # FSDP2's module class: public since torch 2.6
     from torch.distributed.fsdp import FSDPModule
@@ -72,14 +79,70 @@ def local_part(tensor: Tensor) -> Tensor:
 def gather_full(local: Tensor, like: Tensor) -> Tensor:
     """The full tensor whose parts, laid out as `like` (a DTensor), are every rank's `local` (a collective)."""
     layout = cast(DTensor, like)
-    parts = DTensor.from_local(local, layout.device_mesh, layout.placements, shape=like.shape, stride=like.stride())
-    return parts.full_tensor()
+    dim = _single_shard_dim(layout)
+    if dim is None:  # decided by the layout alone: the same on every rank
+        parts = DTensor.from_local(local, layout.device_mesh, layout.placements, shape=like.shape, stride=like.stride())
+        return parts.full_tensor()
+    # FSDP2's layout: one blocking c10d all-gather into buffers of our own, rather than `full_tensor()`'s functional
+    # collective, whose buffers we cannot hold on to (see `_gather_holding`).
+    world, size = layout.device_mesh.size(), like.shape[dim]
+    chunk = -(-size // world)  # torch.chunk's part size: the last ranks may hold fewer rows, or none
+    if like.numel() == 0:  # nothing to send (the same on every rank: no rank waits for another)
+        return torch.empty(like.shape, dtype=local.dtype, device=local.device)
+    padded = local.new_zeros((*like.shape[:dim], chunk, *like.shape[dim + 1 :]))
+    padded.narrow(dim, 0, local.shape[dim]).copy_(local)
+    buffers = [torch.empty_like(padded) for _ in range(world)]
+    _gather_holding(buffers, padded, layout.device_mesh.get_group())
+    rows = [max(0, min(chunk, size - r * chunk)) for r in range(world)]
+    return torch.cat([buffer.narrow(dim, 0, n) for buffer, n in zip(buffers, rows)], dim=dim)
+
+
+def _gather_holding(
+    buffers: list[Tensor], part: Tensor, group: torch.distributed.ProcessGroup, timeout_s: float = 1.0
+) -> None:
+    """`all_gather(buffers, part)`; on gloo, returning once its worker thread has let go of the tensors.
+
+    A gloo worker thread drops its work object (and its references to the tensors) just after the
+    collective completes. Were its reference the last but the Python object's, dropping it would take
+    the GIL on that thread, which aborts the process while the interpreter finalizes ("terminate called
+    without an active exception", PyTorch's bug, docs/multi-gpu.md). A view of each tensor holds one
+    more reference until the worker's is gone, so the last one is always released here.
+    """
+    tensors = [part, *buffers]
+    if torch.distributed.get_backend(group) != "gloo" or not hasattr(part, "_use_count"):
+        torch.distributed.all_gather(buffers, part, group=group)
+        return
+    views = [tensor.view_as(tensor) for tensor in tensors]  # each holds its tensor (`_base`): one reference more
+    held = [_references(tensor) for tensor in tensors]
+    torch.distributed.all_gather(buffers, part, group=group)
+    deadline = time.monotonic() + timeout_s
+    while any(_references(t) > n for t, n in zip(tensors, held)) and time.monotonic() < deadline:
+        time.sleep(1e-4)
+    del views  # the last references but the Python objects', released on this thread
+
+
+def _references(tensor: Tensor) -> int:
+    """How many C++ references `tensor`'s TensorImpl has (its Python object's among them)."""
+    return cast(int, tensor._use_count())  # type: ignore[attr-defined]  # private, present in torch 2.x
+
+
+def _single_shard_dim(layout: DTensor) -> int | None:
+    """The sharded dim when `layout` is one `Shard(dim)` on a 1-D mesh whose group ranks follow the mesh, else None."""
+    mesh = layout.device_mesh
+    if mesh.ndim != 1 or len(layout.placements) != 1 or type(layout.placements[0]) is not Shard:
+        return None  # Replicate, _StridedShard (a Shard subclass in older torch), 2-D meshes: full_tensor()
+    # all_gather returns the parts in group-rank order; DTensor orders its shards by mesh coordinate.
+    if torch.distributed.get_process_group_ranks(mesh.get_group()) != mesh.mesh.flatten().tolist():
+        return None
+    return layout.placements[0].dim % len(layout.shape)
 
 
 def shard_like(full: Tensor, like: Tensor) -> Tensor:
     """This rank's part of `full`, laid out as `like` (a DTensor); every rank passes the same `full`."""
     layout = cast(DTensor, like)
-    return distribute_tensor(full.to(like.device), layout.device_mesh, layout.placements).to_local()
+    # Every rank holds `full`: each takes its own part, with no scatter from rank 0 (and no collective at all).
+    local_only = {"src_data_rank": None} if _DISTRIBUTE_TAKES_SRC_DATA_RANK else {}
+    return distribute_tensor(full.to(like.device), layout.device_mesh, layout.placements, **local_only).to_local()
 
 
 def rank() -> int:
