@@ -876,7 +876,29 @@ def gather_worker(rank, out_dir):
             "own_part": like.to_local(),
             "reshard_collectives": resharding.names,
         }
+    results["sharded after the EMA"] = ema_built_before_fully_shard(mesh)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def ema_built_before_fully_shard(mesh):
+    """A ModelEMA built on the whole model, then the model sharded: the next update must refuse, not count."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fastema import ModelEMA
+
+    torch.manual_seed(0)
+    model = Mlp().double()
+    ema = ModelEMA(model, DECAY)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    loss_of(model, global_batches()[0]).backward()
+    optimizer.step()
+    try:
+        ema.update()
+        refused = None
+    except RuntimeError as error:
+        refused = str(error)
+    return {"refused": refused, "num_updates": ema.num_updates, "num_steps": ema.num_steps}
 
 
 def collective_recorder():
