@@ -876,12 +876,16 @@ def gather_worker(rank, out_dir):
             "own_part": like.to_local(),
             "reshard_collectives": resharding.names,
         }
-    results["sharded after the EMA"] = ema_built_before_fully_shard(mesh)
+    for forward in (True, False):
+        results[f"sharded after the EMA, forward {forward}"] = ema_built_before_fully_shard(mesh, forward)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def ema_built_before_fully_shard(mesh):
-    """A ModelEMA built on the whole model, then the model sharded: the next update must refuse, not count."""
+def ema_built_before_fully_shard(mesh, forward):
+    """A ModelEMA built on the whole model, then the model sharded: the next update must refuse, not count.
+
+    With a forward first (FSDP2's lazy initialisation runs), or with gradients set by hand (none does).
+    """
     from torch.distributed.fsdp import fully_shard
 
     from fastema import ModelEMA
@@ -891,7 +895,11 @@ def ema_built_before_fully_shard(mesh):
     ema = ModelEMA(model, DECAY)
     fully_shard(model, mesh=mesh)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
-    loss_of(model, global_batches()[0]).backward()
+    if forward:
+        loss_of(model, global_batches()[0]).backward()
+    else:
+        for parameter in model.parameters():
+            parameter.grad = torch.ones_like(parameter)
     optimizer.step()
     try:
         ema.update()

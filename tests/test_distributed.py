@@ -102,9 +102,10 @@ def test_the_fsdp2_gather_is_bit_identical_to_full_tensor_and_resharding_takes_e
     assert [ranks[r]["rank 1 empty"]["local_rows"] for r in range(2)] == [1, 0]
     assert [ranks[r]["uneven columns"]["local_rows"] for r in range(2)] == [3, 2]
     for result in ranks:
-        late = result.pop("sharded after the EMA")
-        assert "after this ModelEMA was built" in late["refused"] and "fully_shard" in late["refused"]
-        assert late["num_updates"] == late["num_steps"] == 0  # refused, so not counted as a step either
+        for forward in (True, False):
+            late = result.pop(f"sharded after the EMA, forward {forward}")
+            assert "after this ModelEMA was built" in late["refused"] and "fully_shard" in late["refused"], forward
+            assert late["num_updates"] == late["num_steps"] == 0, forward  # refused: not even counted as a step
         for name, case in result.items():
             gathered, expected = case["gathered"], case["expected"]
             assert gathered.dtype == expected.dtype and gathered.shape == expected.shape, name
