@@ -596,8 +596,9 @@ def test_a_buffer_reassigned_in_every_forward_is_averaged_on_time_when_other_mod
 
 
 @pytest.mark.parametrize("options", LAYOUTS)
-def test_parameters_replaced_straight_in_the_modules_dict_are_followed(options):
-    # What FSDP2's fully_shard and other tools do: `module._parameters[name] = new`, which no hook sees.
+def test_all_parameters_replaced_straight_in_the_modules_dicts_are_followed_one_needs_refresh(options):
+    # What FSDP2's fully_shard does: `module._parameters[name] = new` for every parameter, which no hook sees.
+    # fastema watches the first tracked tensor by identity, so replacing them all is noticed by itself.
     torch.manual_seed(0)
     model = ConvNet()
     ema, reference = start(model, **options)
@@ -606,3 +607,9 @@ def test_parameters_replaced_straight_in_the_modules_dict_are_followed(options):
         for key, parameter in list(module._parameters.items()):
             module._parameters[key] = nn.Parameter(parameter.detach().clone())
     step_and_compare(model, ema, reference, steps=2)  # the new parameters are averaged, not the old objects
+    # One later tensor alone is not watched (that would cost a look at every slot per update): refresh() it.
+    last = [module for module in model.modules() if module._parameters][-1]
+    key = next(iter(last._parameters))
+    last._parameters[key] = nn.Parameter(last._parameters[key].detach().clone())
+    ema.refresh()
+    step_and_compare(model, ema, reference, steps=2)

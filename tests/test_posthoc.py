@@ -259,6 +259,22 @@ def test_replacing_a_parameter_s_data_is_followed(flatten_model):
         assert_close_to(ema.ema_tensors(sigma_rel), reference.state)
 
 
+@pytest.mark.parametrize("flatten_model", [False, True])
+def test_parameters_replaced_straight_in_the_modules_dicts_are_followed(flatten_model):
+    # What FSDP2's fully_shard does to every parameter: `module._parameters[name] = new`, which no hook sees.
+    torch.manual_seed(0)
+    model = ToyNet()
+    ema = PostHocEMA(model, SIGMA_RELS, flatten_model=flatten_model)
+    references = [ReferencePowerEMA(reference_gamma(s)) for s in SIGMA_RELS]
+    live_reference_run(model, ema, 3, references)
+    for module in model.modules():
+        for key, parameter in list(module._parameters.items()):
+            module._parameters[key] = nn.Parameter(parameter.detach() + 1.0, parameter.requires_grad)
+    live_reference_run(model, ema, 3, references, start=3, seed=1)
+    for sigma_rel, reference in zip(SIGMA_RELS, references):
+        assert_close_to(ema.ema_tensors(sigma_rel), reference.state)
+
+
 def test_a_memory_layout_or_device_change_after_construction_raises_and_a_dtype_change_is_followed():
     torch.manual_seed(0)
     model = ConvNet()

@@ -136,6 +136,28 @@ def tensor_slots(module: nn.Module) -> dict[str, tuple[Slot, Tensor]]:
     return slots
 
 
+class IdentityWatch:
+    """One tensor watched by identity in the dict of the module holding it (one lookup per check).
+
+    Replacing tensors straight in `_parameters` (FSDP2's `fully_shard` does, for every parameter)
+    moves no registration counter; the first tracked tensor watched this way notices it.
+    """
+
+    def __init__(self, model: nn.Module, slot: Slot, tensor: Tensor) -> None:
+        owner = slot.owner(model)
+        self.members = owner._parameters if slot.is_parameter else owner._buffers
+        self.key, self.tensor = slot.key, tensor
+
+    def moved(self) -> bool:
+        return self.members.get(self.key) is not self.tensor
+
+
+def tracked_parameters(module: nn.Module, names: list[str]) -> list[Tensor]:
+    """The parameters among the tracked tensors `names` (what an attached optimizer must step some of)."""
+    slots = tensor_slots(module)
+    return [slots[name][1] for name in names if name in slots and slots[name][0].is_parameter]
+
+
 def all_slots(module: nn.Module) -> list[tuple[Slot, Tensor]]:
     """Every place a tensor is held, tied tensors and shared submodules included (unlike `tensor_slots`)."""
     return [

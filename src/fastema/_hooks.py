@@ -82,8 +82,8 @@ class Attachments:
         own = {id(parameter) for parameter in parameters}
         if not any(id(parameter) in own for group in found.param_groups for parameter in group["params"]):
             raise ValueError(
-                f"Invalid optimizer: {type(found).__name__} steps none of the parameters of the model this EMA "
-                "averages (an optimizer of another model?); attach the optimizer that trains this model"
+                f"Invalid optimizer: {type(found).__name__} steps none of the parameters this EMA averages "
+                "(an optimizer of another model, or of frozen ones?); attach the optimizer that trains them"
             )
 
         def hooked() -> None:

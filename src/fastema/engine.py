@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ._binding import (
     Binding,
+    IdentityWatch,
     Placement,
     all_slots,
     changes,
@@ -22,6 +23,7 @@ from ._binding import (
     check_tracked_present,
     copy_of_model,
     tensor_slots,
+    tracked_parameters,
     tracked_tensors,
     watch_module_changes,
 )
@@ -174,15 +176,9 @@ class ModelEMA:
         # (FSDP2's `fully_shard` does, after this EMA was built) moves no counter. Not for a sharded EMA, whose
         # model swaps unsharded copies in and out at every forward.
         steady = [index for index, name in enumerate(binding.names) if name not in self._volatile]
-        self._sentinel: tuple[dict, str, Tensor] | None = None
+        self._sentinel: IdentityWatch | None = None
         if steady and not self.sharded:
-            slot = binding.slots[steady[0]]
-            owner = slot.owner(self.model)
-            self._sentinel = (
-                owner._parameters if slot.is_parameter else owner._buffers,
-                slot.key,
-                binding.model_tensors[steady[0]],
-            )
+            self._sentinel = IdentityWatch(self.model, binding.slots[steady[0]], binding.model_tensors[steady[0]])
         # For sharded tensors, the DTensor whose layout gathers the EMA shards into a full tensor.
         self._layouts = {
             name: tensor for name, tensor in zip(self.tensor_names, self._binding.model_tensors) if is_sharded(tensor)
@@ -294,8 +290,7 @@ class ModelEMA:
 
     def _ensure_current(self) -> None:
         # One counter, one dict lookup and a few storage use counts, whatever the number of tensors.
-        sentinel = self._sentinel
-        if sentinel is not None and sentinel[0].get(sentinel[1]) is not sentinel[2]:
+        if self._sentinel is not None and self._sentinel.moved():
             self._follow_model()
             return
         if self._seen_changes != changes():
@@ -323,7 +318,7 @@ class ModelEMA:
         and `accelerate` loops (pass the torch optimizer; an accelerate `AcceleratedOptimizer` is
         unwrapped).
         """
-        return self._attachments.attach(self, optimizer, self.update, self.model.parameters())
+        return self._attachments.attach(self, optimizer, self.update, tracked_parameters(self.model, self.tensor_names))
 
     def update(self, decay: float | None = None) -> None:
         """Move the EMA toward the model; call after each optimizer step.

@@ -26,7 +26,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._binding import Placement, changes, copy_of_model, tensor_slots, tracked_tensors, watch_module_changes
+from ._binding import (
+    IdentityWatch,
+    Placement,
+    changes,
+    copy_of_model,
+    tensor_slots,
+    tracked_parameters,
+    tracked_tensors,
+    watch_module_changes,
+)
 from ._checks import (
     check_device,
     check_ema_dtype,
@@ -267,17 +276,24 @@ class PostHocEMA:
         self._plan = Plan(steps)
         self._stacked = [step for step in steps if isinstance(step, StackedStep)]
         self._model_tensors = model_tensors
+        first = self.tensor_names[0]  # watched by identity: `fully_shard` after construction is refused
+        self._sentinel = IdentityWatch(self.model, *slots[first])
         self._signature = _layout_signature(model_tensors)
         self._seen_changes = changes()
 
     def _ensure_current(self) -> None:
         """Follow the model: new tensors or storage are re-read; a change of shape, memory layout or device raises."""
-        if self._seen_changes == changes() and not self._plan.stale():
+        if self._seen_changes == changes() and not self._plan.stale() and not self._sentinel.moved():
             return
         slots = tensor_slots(self.model)
         missing = [name for name in self.tensor_names if name not in slots]
         if missing:
             raise RuntimeError(f"The model no longer has the tensors {missing} that this PostHocEMA averages")
+        if any(is_sharded(slots[name][1]) for name in self.tensor_names):
+            raise RuntimeError(
+                "The model was sharded (FSDP2 fully_shard) after this PostHocEMA was built; PostHocEMA does not "
+                "support sharded models yet"
+            )
         current = {name: local_part(slots[name][1]) for name in self.tensor_names}
         # Compared with the layout the EMAs were built in, not with the tensor objects: `model.to(...)`
         # and `p.data = ...` change a Parameter's data and keep the object.
@@ -337,7 +353,7 @@ class PostHocEMA:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Call `update()` after every step `optimizer` really takes (see `ModelEMA.attach`)."""
-        return self._attachments.attach(self, optimizer, self.update, self.model.parameters())
+        return self._attachments.attach(self, optimizer, self.update, tracked_parameters(self.model, self.tensor_names))
 
     # ---- reading -------------------------------------------------------------------------------------
 
