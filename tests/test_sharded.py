@@ -135,6 +135,40 @@ def test_a_state_said_to_be_for_saving_or_loading_needs_no_look_at_its_caller():
         ema.sharded_state("restore")
 
 
+def test_a_state_for_loading_is_never_saved_and_a_state_for_saving_is_never_loaded(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    ema = plain_ema()
+
+    def train_and_update():
+        with torch.no_grad():
+            for parameter in ema.model.parameters():
+                parameter.add_(1.0)
+        ema.update()
+
+    train_and_update()
+    save_sharded({"ema": ema.sharded_state("save")}, tmp_path / "good")
+    saved = {name: tensor.clone() for name, tensor in ema.module.state_dict().items()}
+    with pytest.raises(ValueError, match=r"state_dict\['ema'\].*sharded_state\('load'\).*nothing was written"):
+        save_sharded({"ema": ema.sharded_state("load")}, tmp_path / "good")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP's "single process" notice
+        with pytest.raises(ValueError, match=r"sharded_state\('load'\) was handed to dcp.save"):
+            dcp.save({"ema": ema.sharded_state("load")}, checkpoint_id=str(tmp_path / "raw"))
+        train_and_update()  # the EMA moves on; a load into it must not happen behind the checks
+        moved = {name: tensor.clone() for name, tensor in ema.module.state_dict().items()}
+        with pytest.raises(ValueError, match=r"sharded_state\('save'\) was handed to dcp.load"):
+            dcp.load({"ema": ema.sharded_state("save")}, checkpoint_id=str(tmp_path / "good"))
+    for name, value in ema.module.state_dict().items():
+        assert torch.equal(value, moved[name]), name
+    fresh = plain_ema()
+    load_sharded({"ema": fresh.sharded_state("load")}, tmp_path / "good")  # the good checkpoint is intact
+    assert fresh.num_updates == 1
+    for name, value in fresh.module.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+        assert not value.is_floating_point() or not torch.equal(value, moved[name]), name
+
+
 def test_a_state_dict_taken_outside_dcp_is_a_copy_and_a_wrapper_stateful_works(saved_by_two_ranks):
     import torch.distributed.checkpoint as dcp
 

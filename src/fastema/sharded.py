@@ -109,7 +109,15 @@ class ShardedEMAState:
         """
         ema = self.ema
         ema._check_outside_swap("sharded_state()")
-        caller = {"save": _SAVER, "load": _LOADER}.get(self.purpose or "") or _caller_module()
+        called_by = _caller_module()
+        wrong = {"save": _LOADER, "load": _SAVER}.get(self.purpose or "")
+        if called_by == wrong:
+            right = "load" if wrong == _LOADER else "save"
+            raise ValueError(
+                f"Invalid purpose: ema.sharded_state({self.purpose!r}) was handed to dcp.{right}; "
+                f"use ema.sharded_state({right!r}) (or no purpose) there"
+            )
+        caller = {"save": _SAVER, "load": _LOADER}.get(self.purpose or "") or called_by
         if caller == _LOADER:
             ema.synchronize()  # no update in flight; a failed one is forgotten by the load
         else:
@@ -317,6 +325,12 @@ def save_sharded(state_dict: dict[str, Any], checkpoint_id: str | os.PathLike) -
     import torch.distributed.checkpoint as dcp
 
     target = _target(checkpoint_id)
+    for key, value in state_dict.items():
+        if isinstance(value, ShardedEMAState) and value.purpose == "load":
+            raise ValueError(
+                f"Invalid state_dict[{key!r}]: ema.sharded_state('load') holds empty buffers for a load; "
+                "save ema.sharded_state('save') (or no purpose); nothing was written"
+            )
     if target.exists() and not (target / ".metadata").is_file():
         raise ValueError(
             f"Invalid checkpoint_id: {target} exists and is not a DCP checkpoint (no .metadata); refusing to replace it"
