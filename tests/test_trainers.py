@@ -87,10 +87,13 @@ def test_attach_updates_after_every_real_step_and_not_after_a_skipped_one():
 def test_attach_refuses_another_model_s_optimizer_and_warns_when_update_is_also_called_by_hand(kind):
     from fastema import PostHocEMA
 
-    generator, discriminator = nn.Linear(4, 4), nn.Linear(4, 1)
+    generator, discriminator = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 1)
+    generator[1].bias.requires_grad_(False)  # frozen: not averaged
     ema = ModelEMA(generator, 0.5) if kind == "ModelEMA" else PostHocEMA(generator)
     with pytest.raises(ValueError, match="none of the parameters"):
         ema.attach(torch.optim.SGD(discriminator.parameters(), lr=0.1))  # a GAN's other optimizer
+    with pytest.raises(ValueError, match="none of the parameters"):
+        ema.attach(torch.optim.SGD([generator[1].bias], lr=0.1))  # of the model, but of no averaged tensor
     optimizer = torch.optim.SGD(generator.parameters(), lr=0.1)
     assert not optimizer._optimizer_step_post_hooks  # the refusal hooked nothing anywhere
     ema.update()  # by hand, before attaching: fine
@@ -329,7 +332,7 @@ def test_lightning_resume_from_a_checkpoint_without_ema_state_warns_and_counts_s
     resumed_module = lightning_module()
     real = RealSteps(resumed_module, 0.8, start=4)  # global step 20 is the 4th step of this fit
     try:
-        with pytest.warns(UserWarning, match="holds no EMACallback state"):
+        with pytest.warns(UserWarning, match="holds no fastema.EMACallback state"):
             lightning_trainer(
                 [callback, ModelCheckpoint(tmp_path / "again")], max_epochs=4, enable_checkpointing=True
             ).fit(resumed_module, lightning_data(), lightning_data(16), ckpt_path=tmp_path / "last.ckpt")
@@ -495,7 +498,7 @@ def test_lightning_resume_with_a_callback_spelled_differently_finds_its_ema_and_
         resumed = fit(2, EMACallback(decay=0.8, **options), ckpt_path=checkpoint, save_to=tmp_path / f"again{index}")
         assert resumed.engine.num_updates == straight.engine.num_updates == 16, options
         assert_same_state(resumed.module, straight.module)
-    with pytest.raises(ValueError, match="update_every 1 != 2"):
+    with pytest.raises(ValueError, match=r"last\.ckpt.*update_every 1 != 2"):  # naming the checkpoint
         fit(2, EMACallback(decay=0.8, update_every=2), ckpt_path=checkpoint)
     # A checkpoint of fastema 0.1, whose key was built from the options, still resumes.
     saved = torch.load(checkpoint, weights_only=True)
@@ -549,6 +552,14 @@ def test_lightning_two_ema_callbacks_with_different_decays_live_side_by_side(tmp
         "fastema.EMACallback[fast]",
         "fastema.EMACallback[slow]",
     }
+    unnamed = EMACallback(decay=0.5)  # resuming one of them without its name: told which names there are
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")  # Lightning warns too, about the callbacks missing from this trainer
+        lightning_trainer([unnamed], max_epochs=2).fit(
+            lightning_module(), lightning_data(), lightning_data(16), ckpt_path=tmp_path / "last.ckpt"
+        )
+    hint = "holds ['fastema.EMACallback[fast]', 'fastema.EMACallback[slow]']: give this callback the name="
+    assert any(hint in str(warning.message) for warning in warned), [str(w.message) for w in warned]
 
 
 def test_lightning_replace_weights_and_bad_arguments():

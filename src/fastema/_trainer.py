@@ -82,6 +82,7 @@ class StepDrivenEMA:
         self._handles: list[RemovableHandle] = []
         self._swap: ExitStack | None = None
         self._pending: dict | None = None  # a checkpoint's state that arrived before the engine it is for
+        self._source: object = None  # where the last state loaded came from, for its errors
 
     def begin(
         self, model: nn.Module, optimizers: Iterable[Any], total_steps: float | None, steps_so_far: int = 0
@@ -202,10 +203,15 @@ class StepDrivenEMA:
             "started": self.started,
         }
 
-    def load_state_dict(self, state: object) -> None:
-        """Restore from `state_dict()`: now during a run, else when the next run (or evaluation) begins."""
+    def load_state_dict(self, state: object, source: object = None) -> None:
+        """Restore from `state_dict()`: now during a run, else when the next run (or evaluation) begins.
+
+        `source` (the checkpoint it came from) is named by the error if the state is refused.
+        """
+        where = "" if source is None else f" in {source}"
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-            raise ValueError(f"Invalid EMA state: not a {STATE_FORMAT} v{STATE_VERSION} state")
+            raise ValueError(f"Invalid EMA state{where}: not a {STATE_FORMAT} v{STATE_VERSION} state")
+        self._source = source
         if self.running:
             self._load(state)
         else:
@@ -230,7 +236,12 @@ class StepDrivenEMA:
     def _load(self, state: dict) -> None:
         saved = state["engine"]
         if saved is not None:
-            self.engine.load_state_dict(saved)  # refuses another update_every or other tracked tensors
+            try:
+                self.engine.load_state_dict(saved)  # refuses another update_every or other tracked tensors
+            except ValueError as error:
+                if self._source is None:
+                    raise
+                raise ValueError(f"Invalid EMA state in {self._source}: {error}") from error
             if isinstance(saved.get("decay"), float) and saved["decay"] != self.engine.decay:
                 warnings.warn(
                     f"The EMA was saved with decay={saved['decay']}; it continues with this callback's "

@@ -21,7 +21,7 @@ try:
     from fastai.learner import Learner, Recorder
     from fastcore.basics import patch, store_attr
 except ModuleNotFoundError as error:
-    raise missing_extra(error, "fastai", "fastema's fastai callbacks") from error
+    raise missing_extra(error, "fastai", "fastema.callback (the fastai callbacks)") from error
 
 from . import learner_checkpoint
 from ._binding import tensor_slots

@@ -60,6 +60,8 @@ class EMACallback(StepDrivenCallback, Callback):
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError(f"Invalid name: {name!r}; expected None or a non-empty str")
         self.name, self._decay = name, decay
+        self._checkpoint: object = None  # the checkpoint being resumed, and the other EMA states it holds
+        self._others: list[str] = []
         # One update per training batch in which an optimizer stepped (manual optimization may step several).
         self.ema = StepDrivenEMA(ModelEMAFactory(decay, warmup, options), start, per_batch=True)
 
@@ -70,7 +72,9 @@ class EMACallback(StepDrivenCallback, Callback):
         return STATE_KEY if self.name is None else f"{STATE_KEY}[{self.name}]"
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._checkpoint = trainer.ckpt_path  # named by the error if the EMA state it holds is refused
         states = checkpoint.get("callbacks") or {}
+        self._others = sorted(key for key in states if key.startswith(f"{STATE_KEY}[") and key != self.state_key)
         if self.state_key in states:
             return
         # fastema 0.1 keyed the state by the callback's options, `EMACallback{'decay': 0.9998, 'start': 0, ...}`.
@@ -92,9 +96,11 @@ class EMACallback(StepDrivenCallback, Callback):
         if self.ema.has_pending_state and trainer.ckpt_path is None:
             self.ema.discard_pending_state()  # restored for an earlier evaluation, not for this fit
         elif trainer.ckpt_path is not None and not self.ema.has_pending_state:
+            others = self._others
+            hint = f"; it holds {others}: give this callback the name= it was saved under" if others else ""
             warnings.warn(
-                f"EMACallback: resuming from {trainer.ckpt_path}, which holds no EMACallback state: the EMA starts "
-                "again from the model's weights",
+                f"EMACallback: resuming from {trainer.ckpt_path}, which holds no {self.state_key} state: the EMA "
+                f"starts again from the model's weights{hint}",
                 UserWarning,
                 stacklevel=2,
             )
@@ -146,7 +152,7 @@ class EMACallback(StepDrivenCallback, Callback):
         return self.ema.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.ema.load_state_dict(state_dict)
+        self.ema.load_state_dict(state_dict, source=self._checkpoint)
 
     def __getstate__(self) -> dict:
         # `strategy="ddp_spawn"` pickles the callbacks to start the processes: the engine and hooks stay behind.

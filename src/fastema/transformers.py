@@ -109,10 +109,7 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
                 f"Invalid EMA checkpoint {path}: written at step "
                 f"{saved.get('global_step') if isinstance(saved, dict) else None}, resuming at {state.global_step}"
             )
-        try:
-            self.ema.load_state_dict(saved["ema"])
-        except ValueError as error:
-            raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
+        self.ema.load_state_dict(saved["ema"], source=path)
 
     def _wrap_evaluation(self, trainer: Any) -> None:
         """Evaluate with the EMA during training: around the Trainer's whole in-training evaluation.
@@ -174,7 +171,7 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
             if path.is_file():
                 # The Trainer loaded the best checkpoint's model; the EMA saved with it is the one that scored.
                 saved = read_checkpoint(path)
-                self.ema.load_state_dict(cast(dict, saved)["ema"])  # still running: loaded now
+                self.ema.load_state_dict(cast(dict, saved)["ema"], source=path)  # still running: loaded now
             else:
                 warnings.warn(
                     f"load_best_model_at_end: the Trainer loaded the best checkpoint {best}, which holds no EMA "
