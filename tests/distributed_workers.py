@@ -164,7 +164,8 @@ def record_writes(module, delay_s=0.0):
 
 
 def ddp_worker(rank, out_dir):
-    from fastema import ModelEMA, checkpoint
+    from fastema import ModelEMA
+    from fastema.core import checkpoint
 
     writes = record_writes(checkpoint)  # where ModelEMA.save writes from
 
@@ -522,7 +523,7 @@ def sharded_memory_worker(rank, out_dir):
     from torch.distributed.fsdp import fully_shard
 
     from fastema import ModelEMA
-    from fastema.sharded import load_sharded, save_sharded
+    from fastema.distributed import load_sharded, save_sharded
 
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(6)])
@@ -605,7 +606,7 @@ def mlp_learner(cbs, path, optimizer, world=None, hidden=10, seed=0, root_only=F
 
 def full_state(state):
     """A state dict (nested) with every DTensor gathered (a collective) and everything on CPU."""
-    from fastema.distributed import is_sharded
+    from fastema.core.parallel import is_sharded
 
     if isinstance(state, dict):
         return {key: full_state(value) for key, value in state.items()}
@@ -845,7 +846,7 @@ def gather_worker(rank, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from fastema.distributed import gather_full, shard_like
+    from fastema.core.parallel import gather_full, shard_like
 
     recorder = collective_recorder()
     mesh = init_device_mesh("cpu", (WORLD,))

@@ -159,7 +159,7 @@ def hang_mid_write():
     import time
 
     import torch
-    from fastema import checkpoint
+    from fastema.core import checkpoint
 
     real_save = torch.save
 

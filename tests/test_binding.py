@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastema import ModelEMA, _binding
+from fastema import ModelEMA
+from fastema.core import tracking as _binding
 from helpers import ConvNet, ToyNet, all_tensors, assert_matches_reference, assert_update_runs_only_ema_kernels
 from reference import ReferenceEMA, expected_tracked
 
@@ -483,7 +484,7 @@ def test_ema_module_re_laid_out_by_the_user_follows_the_models_layout_again(flat
 
 
 def test_a_model_made_channels_last_after_the_ema_keeps_the_staged_step_allocation_free(monkeypatch):
-    from fastema import _steps
+    from fastema.core import steps as _steps
 
     monkeypatch.setitem(_steps.STAGING_ELEMENTS, "cpu", 100)  # the conv weight (648 elements) is chunked
     torch.manual_seed(0)
@@ -497,7 +498,7 @@ def test_a_model_made_channels_last_after_the_ema_keeps_the_staged_step_allocati
 
 
 def test_a_large_tensor_replaced_by_hand_is_followed_by_the_staged_step(monkeypatch):
-    from fastema import _steps
+    from fastema.core import steps as _steps
 
     monkeypatch.setitem(_steps.STAGING_ELEMENTS, "cpu", 10)  # every weight is split into precomputed chunks
     torch.manual_seed(0)

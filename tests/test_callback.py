@@ -359,7 +359,7 @@ def test_lr_find_neither_creates_nor_updates_an_ema():
 
 
 def test_fit_cbs_fit_one_cycle_and_foreach_loop():
-    from fastema import _steps
+    from fastema.core import steps as _steps
 
     ema = EMACallback(decay=0.9, foreach=False)
     learn = make_learner()

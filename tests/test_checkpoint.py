@@ -186,7 +186,7 @@ def test_files_get_the_permissions_of_a_plain_torch_save(tmp_path):
 
 
 def test_an_unwritable_target_is_named_in_the_error(tmp_path, monkeypatch):
-    from fastema import checkpoint
+    from fastema.core import checkpoint
 
     real_open = os.open
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastema import ModelEMA, _plan, _steps
+from fastema import ModelEMA
+from fastema.core import plan as _plan
+from fastema.core import steps as _steps
 from helpers import ToyNet, assert_update_runs_only_ema_kernels, update_forbidding_cuda_sync
 from reference import ReferenceEMA, expected_tracked, snapshot
 

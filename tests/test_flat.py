@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastema import ModelEMA, _steps
+from fastema import ModelEMA
+from fastema.core import steps as _steps
 from helpers import (
     ConvNet,
     ToyNet,

@@ -5,9 +5,10 @@ import threading
 import pytest
 import torch
 
-from fastema import ModelEMA, _steps
-from fastema._plan import kernel_steps
-from fastema._steps import OffloadedStep
+from fastema import ModelEMA
+from fastema.core import steps as _steps
+from fastema.core.plan import kernel_steps
+from fastema.core.steps import OffloadedStep
 from helpers import ToyNet, all_tensors, assert_matches_reference, assert_state_matches, update_forbidding_cuda_sync
 from reference import ReferenceEMA, expected_tracked, snapshot
 
@@ -71,7 +72,7 @@ def test_background_error_is_raised_by_the_next_wait():
 
 
 def test_a_failed_background_update_surfaces_on_the_next_call_and_blocks_reads_until_reset():
-    from fastema._plan import Plan
+    from fastema.core.plan import Plan
 
     torch.manual_seed(0)
     model = ToyNet()

@@ -117,7 +117,7 @@ def test_sigma_rel_out_of_range_raises_naming_it(bad, error):
     ids=["default", "update-every-3", "flat", "loop", "float32-of-bfloat16"],
 )
 def test_power_emas_match_the_float64_reference(options, dtype, monkeypatch):
-    from fastema import _steps
+    from fastema.core import steps as _steps
 
     monkeypatch.setitem(_steps.STAGING_ELEMENTS, "cpu", 50)  # several batches and chunks per update
     torch.manual_seed(0)
@@ -327,7 +327,7 @@ def test_flatten_model_packs_the_tracked_tensors_into_one_buffer():
 
 
 def test_stacked_step_refuses_pieces_that_are_not_consecutive():
-    from fastema._steps import StackedStep
+    from fastema.core.steps import StackedStep
 
     with pytest.raises(ValueError, match="consecutive"):
         StackedStep(torch.zeros(2, 10), [torch.ones(3), torch.ones(3)], [0, 4], fused=True)
@@ -541,7 +541,7 @@ def test_complex_parameters_are_synthesized_not_copied(tmp_path):
 
 
 def test_only_rank_0_writes_snapshots(tmp_path, monkeypatch):
-    from fastema import posthoc
+    from fastema.posthoc import averager as posthoc
 
     ema = PostHocEMA(ToyNet(), SIGMA_RELS, snapshot_dir=tmp_path)
     ema.update()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastema import ModelEMA, _steps
+from fastema import ModelEMA
+from fastema.core import steps as _steps
 from helpers import ConvNet, ToyNet, all_tensors, assert_matches_reference, sgd_steps
 from reference import ReferenceEMA, expected_tracked, snapshot
 

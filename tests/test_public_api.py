@@ -116,7 +116,7 @@ def test_a_missing_extra_says_which_extra_to_install():
         'ImportError fastema.lightning needs lightning, which is not installed: pip install "fastema[lightning]"',
         "ImportError fastema.transformers needs transformers, which is not installed: pip install "
         '"fastema[transformers]"',
-        "ImportError fastema.callback (the fastai callbacks) needs fastai, which is not installed: pip install "
+        "ImportError fastema.fastai (the fastai callbacks) needs fastai, which is not installed: pip install "
         '"fastema[fastai]"',
         'SystemExit fastema demo needs matplotlib, which is not installed: pip install "fastema[demo]"',
     ], result.stdout + result.stderr

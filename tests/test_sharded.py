@@ -12,7 +12,7 @@ import torch
 
 import distributed_workers as workers
 from fastema import ModelEMA
-from fastema.sharded import consolidate_ema, load_sharded, save_sharded
+from fastema.distributed import consolidate_ema, load_sharded, save_sharded
 from helpers import assert_state_matches, kill_while_writing
 from test_distributed import single_process_reference
 
@@ -288,7 +288,7 @@ def test_recovery_loads_the_newest_set_aside_copy_whatever_their_names(tmp_path)
 
 
 def test_checkpoint_names_with_glob_characters_clean_up_their_own_leftovers_only(tmp_path):
-    from fastema.learner_sharded import remove_sharded_checkpoint
+    from fastema.fastai.sharded import remove_sharded_checkpoint
 
     ema = plain_ema()
     ema.update()
@@ -313,7 +313,7 @@ KILLED_SAVE = textwrap.dedent(
     from torch.distributed.checkpoint import filesystem
     import distributed_workers as workers
     from fastema import ModelEMA
-    from fastema.sharded import save_sharded
+    from fastema.distributed import save_sharded
 
     torch.manual_seed(0)
     ema = ModelEMA(workers.Mlp().double(), workers.DECAY)
@@ -508,8 +508,8 @@ def test_a_two_rank_fastai_checkpoint_loads_into_one_unsharded_learner_and_forma
 
 def sharded_save(learn, name, with_opt=True):
     """`learn.save`'s sharded path, taken by an unsharded Learner in one process (DCP needs no process group)."""
-    from fastema import learner_sharded
-    from fastema.learner_checkpoint import _ema_callback
+    from fastema.fastai import sharded as learner_sharded
+    from fastema.fastai.checkpoint import _ema_callback
 
     return learner_sharded.save(learn, learn.path / learn.model_dir / f"{name}.pth", with_opt, _ema_callback(learn))
 
@@ -553,7 +553,7 @@ def test_sharded_checkpoints_that_do_not_fit_are_refused_or_their_optimizer_skip
     # EMA entries that are not tensors: refused before DCP would unpickle them.
     import torch.distributed.checkpoint as dcp
 
-    from fastema.sharded import _encode_strings
+    from fastema.distributed.sharded import _encode_strings
 
     junk = {"names": _encode_strings(["layers.0.weight"]), "payload": {"not": "a tensor"}}
     with warnings.catch_warnings():

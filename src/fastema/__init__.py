@@ -4,17 +4,17 @@ from importlib.metadata import PackageNotFoundError, distribution
 from typing import TYPE_CHECKING
 
 # `X as X`: an explicit re-export, for type checkers and linters (`__all__` below is computed).
-from .engine import ModelEMA as ModelEMA
-from .posthoc import PostHocEMA as PostHocEMA
-from .posthoc import synthesize as synthesize
-from .schedules import DecayWarmup as DecayWarmup
-from .schedules import ExponentialWarmup as ExponentialWarmup
-from .schedules import InverseGammaWarmup as InverseGammaWarmup
+from .core.model_ema import ModelEMA as ModelEMA
+from .core.schedules import DecayWarmup as DecayWarmup
+from .core.schedules import ExponentialWarmup as ExponentialWarmup
+from .core.schedules import InverseGammaWarmup as InverseGammaWarmup
+from .posthoc.averager import PostHocEMA as PostHocEMA
+from .posthoc.averager import synthesize as synthesize
 
 if TYPE_CHECKING:
-    from .callback import EMACallback as EMACallback
-    from .callback import EMASchedule as EMASchedule
-    from .callback import PostHocEMACallback as PostHocEMACallback
+    from .fastai.callbacks import EMACallback as EMACallback
+    from .fastai.callbacks import EMASchedule as EMASchedule
+    from .fastai.callbacks import PostHocEMACallback as PostHocEMACallback
 
 __version__ = "0.1.0"
 
@@ -49,7 +49,7 @@ def __getattr__(name: str) -> object:
     # The callbacks need fastai; import it only when they are asked for, so that `ModelEMA` works in plain
     # PyTorch environments.
     if name in _CALLBACKS:
-        from . import callback  # without fastai: an ImportError that says `pip install "fastema[fastai]"`
+        from . import fastai  # without fastai: an ImportError that says `pip install "fastema[fastai]"`
 
-        return getattr(callback, name)
+        return getattr(fastai, name)
     raise AttributeError(f"module 'fastema' has no attribute {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 
 
 def missing_extra(error: ModuleNotFoundError, extra: str, what: str) -> ImportError:
@@ -18,3 +19,12 @@ def require(extra: str, what: str, *modules: str) -> None:
             importlib.import_module(module)
         except ModuleNotFoundError as error:
             raise missing_extra(error, extra, what) from error
+
+
+def warn_moved(old: str, new: str) -> None:
+    """A module kept at its old import path re-exports its successor and says where that is."""
+    warnings.warn(
+        f"{old} moved to {new} in fastema 0.2; import from {new} (the old path goes in a later release)",
+        DeprecationWarning,
+        stacklevel=3,  # the line that imported the old path (warnings skips importlib's own frames)
+    )

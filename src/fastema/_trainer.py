@@ -19,11 +19,11 @@ from typing import Any
 
 from torch import nn
 
-from ._checks import check_flag
-from ._hooks import RemovableHandle, attach_to_optimizer
-from .distributed import unwrap_model
-from .engine import ModelEMA
-from .schedules import DecayWarmup
+from .core.checks import check_flag
+from .core.hooks import RemovableHandle, attach_to_optimizer
+from .core.model_ema import ModelEMA
+from .core.parallel import unwrap_model
+from .core.schedules import DecayWarmup
 
 STATE_FORMAT = "fastema.StepDrivenEMA"
 STATE_VERSION = 1

@@ -47,8 +47,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .engine import ModelEMA
-from .posthoc import PostHocEMA
+from .core.model_ema import ModelEMA
+from .posthoc.averager import PostHocEMA
 
 METHODS = ["for-loop", "mul+add", "foreach_lerp", "fastema", "fastema flat", "floor", "posthoc K=2", "2x fastema"]
 PEERS = [

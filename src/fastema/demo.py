@@ -73,7 +73,7 @@ def run_demo(
     from fastai.optimizer import Adam
     from fastai.torch_core import set_seed
 
-    from .callback import EMASchedule
+    from .fastai.callbacks import EMASchedule
 
     class RawAndEMAAccuracy(Callback):
         order = EMASchedule.order + 1  # after the EMA has put the model's own weights back
@@ -151,7 +151,7 @@ def run_posthoc_demo(
     from fastai.optimizer import Adam
     from fastai.torch_core import set_seed
 
-    from .callback import PostHocEMACallback
+    from .fastai.callbacks import PostHocEMACallback
 
     set_seed(seed)
     output = Path(output)

@@ -26,8 +26,8 @@ except ModuleNotFoundError as lightning_missing:  # the standalone `pytorch_ligh
         raise missing_extra(lightning_missing, "lightning", "fastema.lightning") from lightning_missing
 
 from ._trainer import ModelEMAFactory, StepDrivenCallback, StepDrivenEMA
-from .distributed import unwrap_model
-from .schedules import DecayWarmup
+from .core.parallel import unwrap_model
+from .core.schedules import DecayWarmup
 
 __all__ = ["EMACallback"]
 

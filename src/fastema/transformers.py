@@ -26,8 +26,8 @@ except ModuleNotFoundError as error:
     raise missing_extra(error, "transformers", "fastema.transformers") from error
 
 from ._trainer import ModelEMAFactory, StepDrivenCallback, StepDrivenEMA
-from .checkpoint import atomic_save, read_checkpoint
-from .schedules import DecayWarmup
+from .core.checkpoint import atomic_save, read_checkpoint
+from .core.schedules import DecayWarmup
 
 __all__ = ["EMA_CHECKPOINT_NAME", "EMACallback"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .distributed import rank
+from .parallel import rank
 
 _TEMPORARY_SUFFIX = ".tmp"
 

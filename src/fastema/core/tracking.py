@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .distributed import local_part
+from .parallel import local_part
 
 # ---- a counter of module changes -----------------------------------------------------------------------
 

@@ -13,7 +13,24 @@ from typing import TYPE_CHECKING, NoReturn
 import torch
 from torch import Tensor, nn
 
-from ._binding import (
+from .checkpoint import load_into, save_on_rank_0
+from .checks import (
+    DeviceLike,
+    check_decay,
+    check_device,
+    check_ema_dtype,
+    check_flag,
+    check_flatten_model,
+    check_foreach,
+    check_update_every,
+)
+from .hooks import Attachments, RemovableHandle
+from .latch import FailureLatch
+from .plan import Plan, plan_update
+from .state import CONFIG_KEYS, STATE_FORMAT, STATE_VERSION, check_state_dict
+from .steps import is_dense
+from .swap import WeightSwap, warn_if_written
+from .tracking import (
     Binding,
     IdentityWatch,
     Placement,
@@ -27,28 +44,11 @@ from ._binding import (
     tracked_tensors,
     watch_module_changes,
 )
-from ._checks import (
-    DeviceLike,
-    check_decay,
-    check_device,
-    check_ema_dtype,
-    check_flag,
-    check_flatten_model,
-    check_foreach,
-    check_update_every,
-)
-from ._hooks import Attachments, RemovableHandle
-from ._latch import FailureLatch
-from ._plan import Plan, plan_update
-from ._state import CONFIG_KEYS, STATE_FORMAT, STATE_VERSION, check_state_dict
-from ._steps import is_dense
-from ._swap import WeightSwap, warn_if_written
-from .checkpoint import load_into, save_on_rank_0
 
 if TYPE_CHECKING:
-    from .sharded import ShardedEMAState
+    from ..distributed.sharded import ShardedEMAState
 
-from .distributed import gather_full, is_sharded, local_part, reshard, shard_like, unwrap_model
+from .parallel import gather_full, is_sharded, local_part, reshard, shard_like, unwrap_model
 from .schedules import DecayWarmup, check_warmup
 
 
@@ -627,7 +627,7 @@ class ModelEMA:
         says what the state is for; None tells DCP's save and load apart by their caller (see
         `fastema.sharded`).
         """
-        from .sharded import ShardedEMAState
+        from ..distributed.sharded import ShardedEMAState
 
         self._check_outside_swap("sharded_state()")
         return ShardedEMAState(self, purpose)

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from numbers import Real
 
-from ._checks import check_decay
+from .checks import check_decay
 
 Annealer = Callable[[float], float]
 

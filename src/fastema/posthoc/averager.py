@@ -26,7 +26,22 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._binding import (
+from ..core.checkpoint import atomic_save, load_into, read_checkpoint, save_on_rank_0
+from ..core.checks import (
+    check_device,
+    check_ema_dtype,
+    check_flag,
+    check_flatten_model,
+    check_foreach,
+    check_update_every,
+)
+from ..core.hooks import Attachments, RemovableHandle
+from ..core.latch import FailureLatch
+from ..core.parallel import is_sharded, local_part, rank, unwrap_model
+from ..core.plan import Plan, kernel_steps, pack_model
+from ..core.steps import StackedStep, Step, fused_step_supported, is_averaged, layout_strides
+from ..core.swap import WeightSwap, warn_if_written
+from ..core.tracking import (
     IdentityWatch,
     Placement,
     changes,
@@ -36,21 +51,6 @@ from ._binding import (
     tracked_tensors,
     watch_module_changes,
 )
-from ._checks import (
-    check_device,
-    check_ema_dtype,
-    check_flag,
-    check_flatten_model,
-    check_foreach,
-    check_update_every,
-)
-from ._hooks import Attachments, RemovableHandle
-from ._latch import FailureLatch
-from ._plan import Plan, kernel_steps, pack_model
-from ._steps import StackedStep, Step, fused_step_supported, is_averaged, layout_strides
-from ._swap import WeightSwap, warn_if_written
-from .checkpoint import atomic_save, load_into, read_checkpoint, save_on_rank_0
-from .distributed import is_sharded, local_part, rank, unwrap_model
 
 __all__ = ["PostHocEMA", "gamma_to_sigma_rel", "sigma_rel_to_gamma", "synthesize"]
 

@@ -36,9 +36,9 @@ from fastai.optimizer import Optimizer, OptimWrapper
 from fastai.torch_core import get_model
 from torch import Tensor, nn
 
-from ._checks import check_decay
-from .distributed import FSDPModule, is_sharded, reshard
-from .sharded import (
+from ..core.checks import check_decay
+from ..core.parallel import FSDPModule, is_sharded, reshard
+from ..distributed.sharded import (
     _check_ema_entries,
     _complete_checkpoint,
     _dcp_failure,
@@ -48,12 +48,12 @@ from .sharded import (
     _single_process_intended,
     set_aside,
 )
-from .sharded import save_sharded as _save_sharded
+from ..distributed.sharded import save_sharded as _save_sharded
 
 if TYPE_CHECKING:
     from fastai.learner import Learner
 
-    from .learner_checkpoint import EMACheckpointing
+    from .checkpoint import EMACheckpointing
 
 SHARDED_SUFFIX = ".dcp"
 
@@ -148,7 +148,7 @@ def save(learn: Learner, path: Path, with_opt: bool, callback: EMACheckpointing 
     target = _save_sharded(state, sharded_checkpoint_path(path))
 
     def remove_other_format() -> None:
-        from .learner_checkpoint import ema_checkpoint_path
+        from .checkpoint import ema_checkpoint_path
 
         for stale in (path, ema_checkpoint_path(path)):
             stale.unlink(missing_ok=True)

@@ -23,8 +23,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._binding import Slot
-from ._steps import (
+from .steps import (
     KernelStep,
     OffloadedStep,
     PackedStep,
@@ -41,6 +40,7 @@ from ._steps import (
     loop_step_supported,
     storage_use_count,
 )
+from .tracking import Slot
 
 
 class Plan:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_decay
+from .checks import check_decay
 
 STATE_FORMAT = "fastema.ModelEMA"
 STATE_VERSION = 1

@@ -1,0 +1,9 @@
+"""fastai: the EMA callbacks, Learner save/load with the EMA (single file and sharded), the post-hoc sweep.
+
+Importing this package patches `Learner.save`/`Learner.load` (fastai's `@patch` style); they
+behave as fastai's own whenever no EMA callback is attached.
+"""
+
+from .callbacks import EMACallback, EMASchedule, PostHocEMACallback, posthoc_sweep
+
+__all__ = ["EMACallback", "EMASchedule", "PostHocEMACallback", "posthoc_sweep"]
