@@ -143,7 +143,7 @@ def _entry(rank, worker, port, out_dir, world, *args):
 
 
 def ema_bytes(ema) -> int:
-    return sum(tensor.numel() * tensor.element_size() for tensor in ema._binding.ema_tensors)
+    return sum(tensor.numel() * tensor.element_size() for tensor in ema._tracker.binding.ema_tensors)
 
 
 def record_writes(module, delay_s=0.0):
@@ -299,7 +299,9 @@ def fsdp_worker(rank, out_dir):
     dist.barrier()
     fresh = ModelEMA(model, DECAY)  # starts from the model's weights...
     fresh.load(os.path.join(out_dir, "ema.pth"))  # ...and reshards the full EMA
-    reloaded_equal = all(torch.equal(a, b) for a, b in zip(fresh._binding.ema_tensors, ema._binding.ema_tensors))
+    reloaded_equal = all(
+        torch.equal(a, b) for a, b in zip(fresh._tracker.binding.ema_tensors, ema._tracker.binding.ema_tensors)
+    )
     full_model_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + 8  # + the int buffer
     replicated_bytes = 8  # buffers are not sharded by FSDP: every rank keeps the count
     torch.save(
@@ -338,7 +340,8 @@ def fastai_worker(rank, out_dir):
 
         DistributedDL._broadcast = broadcast_over_gloo
 
-    from fastema import EMACallback, learner_checkpoint
+    from fastema import EMACallback
+    from fastema.fastai import checkpoint as learner_checkpoint
     from helpers import make_learner
     from reference import ReferenceEMA, expected_tracked
 
@@ -473,13 +476,13 @@ def dcp_load_worker(rank, out_dir):
 
     world = dist.get_world_size()
     ema = ModelEMA(sharded_mlp(world), DECAY)
-    before = [tensor.clone() for tensor in ema._binding.ema_tensors]
+    before = [tensor.clone() for tensor in ema._tracker.binding.ema_tensors]
     try:
         dcp.load({"ema": ema.sharded_state()}, checkpoint_id=os.path.join(out_dir, "wider"))
         refused = ""
     except CheckpointException as error:  # on every rank (a BaseException: DCP's choice)
         refused = str(error)
-    unchanged = all(torch.equal(a, b) for a, b in zip(before, ema._binding.ema_tensors))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, ema._tracker.binding.ema_tensors))
     dcp.load({"ema": ema.sharded_state()}, checkpoint_id=os.path.join(out_dir, "ckpt"))
     full = ema.state_dict()
     result = {"refused": refused, "unchanged": unchanged, "ema": full["tensors"], "num_updates": full["num_updates"]}

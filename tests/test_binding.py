@@ -53,7 +53,7 @@ def test_partial_channels_last_conversion_of_a_partly_channels_last_model(option
     model.to(memory_format=torch.channels_last)  # only the second conv's weight changes layout
     step_and_compare(model, ema, reference, make_input=lambda: torch.randn(2, 3, 7, 7))
     if options.get("flatten_model"):  # followed and packed again: one buffer, strides of the model
-        packed = ema._plan.packed[0]
+        packed = ema._tracker.plan.packed[0]
         assert all(
             p.untyped_storage().data_ptr() == packed.model_flat.untyped_storage().data_ptr() for p in model.parameters()
         )
@@ -232,7 +232,7 @@ def test_two_flattened_emas_of_one_model_share_its_buffer_and_allocate_nothing_p
     first = ModelEMA(model, 0.9, flatten_model=True)
     second = ModelEMA(model, 0.99, flatten_model=True)
     addresses = [p.data_ptr() for p in model.parameters()]
-    assert second._plan.packed[0].model_flat.data_ptr() == first._plan.packed[0].model_flat.data_ptr()
+    assert second._tracker.plan.packed[0].model_flat.data_ptr() == first._tracker.plan.packed[0].model_flat.data_ptr()
     references = [ReferenceEMA(expected_tracked(model)) for _ in range(2)]
     for step in range(4):
         with torch.no_grad():
@@ -280,7 +280,7 @@ def test_parameters_in_the_users_flat_buffer_are_read_in_place_and_training_is_u
     for trained, untouched in zip(model.parameters(), plain.parameters()):
         assert torch.equal(trained, untouched)  # training exactly as without an EMA
     assert all(p.untyped_storage().data_ptr() == master.untyped_storage().data_ptr() for p in model.parameters())
-    assert ema._plan.packed and ema._plan.packed[0].model_flat.data_ptr() == master.data_ptr()
+    assert ema._tracker.plan.packed and ema._tracker.plan.packed[0].model_flat.data_ptr() == master.data_ptr()
     assert_matches_reference(ema, reference)
 
 

@@ -366,7 +366,7 @@ def test_fit_cbs_fit_one_cycle_and_foreach_loop():
     learn.fit_one_cycle(2, cbs=[ema])
     assert ema.engine.num_updates == 2 * N_ITER and hasattr(learn, "model_ema")
     assert not hasattr(learn, "ema")  # removed with the fit's temporary callbacks
-    assert {step.kernel for step in ema.engine._plan.steps} == {_steps.lerp_loop, _steps.copy_loop}
+    assert {step.kernel for step in ema.engine._tracker.plan.steps} == {_steps.lerp_loop, _steps.copy_loop}
 
 
 def test_fine_tune_starts_a_fresh_ema_for_the_unfrozen_fit():

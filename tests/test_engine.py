@@ -90,8 +90,8 @@ def test_fused_and_loop_paths_agree(dtype):
     model = ToyNet().to(dtype)
     fused = ModelEMA(model, 0.9, foreach=True)
     loop = ModelEMA(model, 0.9, foreach=False)
-    assert {g.kernel for g in fused._plan.steps} == {_steps.lerp_fused, _steps.copy_fused}
-    assert {g.kernel for g in loop._plan.steps} == {_steps.lerp_loop, _steps.copy_loop}
+    assert {g.kernel for g in fused._tracker.plan.steps} == {_steps.lerp_fused, _steps.copy_fused}
+    assert {g.kernel for g in loop._tracker.plan.steps} == {_steps.lerp_loop, _steps.copy_loop}
     generator = torch.Generator().manual_seed(1)
     for step in range(50):
         with torch.no_grad():
@@ -107,7 +107,7 @@ def test_fused_and_loop_paths_agree(dtype):
 
 def test_default_picks_fused_step_on_cpu():
     ema = ModelEMA(ToyNet())
-    assert _steps.lerp_fused in {g.kernel for g in ema._plan.steps}
+    assert _steps.lerp_fused in {g.kernel for g in ema._tracker.plan.steps}
 
 
 def test_foreach_true_where_fused_cannot_run_raises(monkeypatch):
@@ -115,7 +115,7 @@ def test_foreach_true_where_fused_cannot_run_raises(monkeypatch):
     with pytest.raises(ValueError, match="foreach"):
         ModelEMA(ToyNet(), foreach=True)
     ema = ModelEMA(ToyNet(), foreach=None)  # automatic choice falls back to the loop
-    assert _steps.lerp_loop in {g.kernel for g in ema._plan.steps}
+    assert _steps.lerp_loop in {g.kernel for g in ema._tracker.plan.steps}
 
 
 def test_dtype_that_cannot_be_averaged_raises():
@@ -281,7 +281,7 @@ def test_cuda_fused_update_matches_reference_without_sync():
     torch.manual_seed(0)
     model = ToyNet().cuda()
     ema = ModelEMA(model, 0.9)
-    assert {g.kernel for g in ema._plan.steps} == {_steps.lerp_fused, _steps.copy_fused}
+    assert {g.kernel for g in ema._tracker.plan.steps} == {_steps.lerp_fused, _steps.copy_fused}
     tracked = expected_tracked(model)
     reference = ReferenceEMA(tracked)
     generator = torch.Generator().manual_seed(0)
@@ -326,13 +326,13 @@ def test_buffers_changed_during_use_ema_weights_do_not_leak_into_the_ema():
     ema = ModelEMA(model, 0.9)
     model(torch.randn(16, 8))
     ema.update()
-    ema_before = [snapshot(t) for t in ema._binding.ema_tensors]
+    ema_before = [snapshot(t) for t in ema._tracker.binding.ema_tensors]
     model_before = {name: snapshot(t) for name, t in model.state_dict().items()}
     with ema.use_ema_weights():
         model.train()(torch.randn(16, 8))  # updates running_mean/var and num_batches_tracked in the model
     for name, tensor in model.state_dict().items():
         assert torch.equal(snapshot(tensor), model_before[name]), name
-    for name, before, after in zip(ema.tensor_names, ema_before, ema._binding.ema_tensors):
+    for name, before, after in zip(ema.tensor_names, ema_before, ema._tracker.binding.ema_tensors):
         assert torch.equal(snapshot(after), before), name
 
 

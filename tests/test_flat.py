@@ -54,7 +54,7 @@ def test_packed_step_matches_reference_with_an_optimizer_built_before_packing(ch
     assert len(storages(tracked.values())) == 1
     assert len(storages(all_tensors(ema.module).values())) == 1
     # One packed step for the eight floating tensors (one lerp_), and BatchNorm's count copied on its own.
-    packed, count = ema._plan.steps
+    packed, count = ema._tracker.plan.steps
     assert isinstance(packed, _steps.PackedStep) and packed.model_flat.numel() == sum(
         t.numel() for t in tracked.values() if t.is_floating_point()
     )

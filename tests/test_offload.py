@@ -89,8 +89,8 @@ def test_a_failed_background_update_surfaces_on_the_next_call_and_blocks_reads_u
             for step in self.inner:
                 step.step(weight)
 
-    binding = ema._binding
-    ema._plan = Plan(
+    binding = ema._tracker.binding
+    ema._tracker.plan = Plan(
         [
             OffloadedStep(  # a background step, as an offloaded EMA has, on CPU
                 binding.ema_tensors,
@@ -140,8 +140,10 @@ def test_cuda_model_with_cpu_ema_matches_reference_without_host_sync(dtype, ema_
     model = ToyNet().to("cuda", dtype)
     ema = ModelEMA(model, 0.9, device="cpu", ema_dtype=ema_dtype, flatten_model=flatten_model)
     assert all(t.device.type == "cpu" for t in all_tensors(ema.module).values())
-    offloaded = [step for step in ema._plan.steps if isinstance(step, OffloadedStep)]
-    offloaded += [inner for step in ema._plan.packed for inner in step.inner if isinstance(inner, OffloadedStep)]
+    offloaded = [step for step in ema._tracker.plan.steps if isinstance(step, OffloadedStep)]
+    offloaded += [
+        inner for step in ema._tracker.plan.packed for inner in step.inner if isinstance(inner, OffloadedStep)
+    ]
     assert offloaded and all(m.mirror[0].is_pinned() for m in offloaded)
     tracked = expected_tracked(model)
     reference = ReferenceEMA(tracked)

@@ -108,7 +108,7 @@ def test_channels_last_conv_model_in_bfloat16_with_float32_ema(monkeypatch):
     model = ConvNet().bfloat16().to(memory_format=torch.channels_last)
     ema = ModelEMA(model, 0.95, ema_dtype=torch.float32)
     assert ema.module.conv.weight.stride() == model.conv.weight.stride()
-    staged = [step for step in ema._plan.steps if isinstance(step, _steps.StagedStep)]
+    staged = [step for step in ema._tracker.plan.steps if isinstance(step, _steps.StagedStep)]
     assert staged and all(not group.unstaged for group in staged)  # channels-last is dense: staged, not converted
     tracked = expected_tracked(model)
     reference = ReferenceEMA(tracked)
@@ -138,7 +138,7 @@ def test_validation_with_a_float32_ema_restores_the_bfloat16_model_exactly():
     model, ema, _ = run_bf16(0.9, n_steps=10, ema_dtype=torch.float32)
     before = {name: snapshot(t) for name, t in all_tensors(model).items()}
     with ema.use_ema_weights():
-        for name, ema_tensor in zip(ema.tensor_names, ema._binding.ema_tensors):
+        for name, ema_tensor in zip(ema.tensor_names, ema._tracker.binding.ema_tensors):
             assert torch.equal(all_tensors(model)[name], ema_tensor.to(torch.bfloat16)), name
     for name, tensor in all_tensors(model).items():
         assert torch.equal(snapshot(tensor), before[name]), name
@@ -149,7 +149,7 @@ def test_state_dict_keeps_float32_and_rejects_another_dtype(tmp_path):
     ema.save(tmp_path / "ema.pth")
     twin = ModelEMA(model, 0.9, ema_dtype=torch.float32)
     twin.load(tmp_path / "ema.pth")
-    for a, b in zip(twin._binding.ema_tensors, ema._binding.ema_tensors):
+    for a, b in zip(twin._tracker.binding.ema_tensors, ema._tracker.binding.ema_tensors):
         assert a.dtype == b.dtype and torch.equal(a, b)
     bf16 = ModelEMA(model, 0.9)
     with pytest.raises(ValueError, match=r"dtype torch\.float32 != torch\.bfloat16"):

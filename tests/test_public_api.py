@@ -76,7 +76,7 @@ def test_the_api_reference_documents_every_public_name():
     from pathlib import Path
 
     reference = (Path(__file__).parent.parent / "docs" / "reference.md").read_text()
-    documented = set(re.findall(r"^::: fastema\.(?:callback\.)?(\w+)$", reference, flags=re.MULTILINE))
+    documented = set(re.findall(r"^::: fastema\.(?:fastai\.)?(\w+)$", reference, flags=re.MULTILINE))
     assert set(fastema.__all__) - {"__version__"} <= documented
 
 

@@ -125,7 +125,7 @@ def test_the_checks_of_a_load_each_refuse_and_change_nothing():
 def test_a_state_said_to_be_for_saving_or_loading_needs_no_look_at_its_caller():
     ema = plain_ema()
     ema.update()
-    own = ema._binding.ema_tensors
+    own = ema._tracker.binding.ema_tensors
     for purpose, shares_storage, version in (("save", True, 1), ("load", False, -1), (None, False, 1)):
         state = ema.sharded_state(purpose).state_dict()  # called from here, not from DCP
         tensors = [state["tensors"][name] for name in ema.tensor_names]
@@ -251,9 +251,9 @@ def test_a_sharded_load_recovers_an_ema_whose_update_failed(tmp_path):
     ema = plain_ema()
     ema.update()
     save_sharded({"ema": ema.sharded_state()}, tmp_path / "ckpt")
-    ema._failure = RuntimeError("a background update failed")  # what a failed offloaded update leaves
+    ema._tracker.latch.error = RuntimeError("a background update failed")  # what a failed offloaded update leaves
     load_sharded({"ema": ema.sharded_state()}, tmp_path / "ckpt")
-    assert ema._failure is None and ema.num_updates == 1
+    assert ema._tracker.latch.error is None and ema.num_updates == 1
 
 
 def test_save_sharded_replaces_a_checkpoint_and_one_process_round_trips(tmp_path):
@@ -553,9 +553,9 @@ def test_sharded_checkpoints_that_do_not_fit_are_refused_or_their_optimizer_skip
     # EMA entries that are not tensors: refused before DCP would unpickle them.
     import torch.distributed.checkpoint as dcp
 
-    from fastema.distributed.sharded import _encode_strings
+    from fastema.core.sharded_state import encode_strings
 
-    junk = {"names": _encode_strings(["layers.0.weight"]), "payload": {"not": "a tensor"}}
+    junk = {"names": encode_strings(["layers.0.weight"]), "payload": {"not": "a tensor"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP: no process group, one process assumed
         dcp.save({"model": good.model.state_dict(), "ema": junk}, checkpoint_id=str(tmp_path / "models" / "junk.dcp"))

@@ -99,7 +99,7 @@ def test_update_every_state_round_trip_mid_window_is_exact():
             resumed = ModelEMA(model, 0.9, update_every=4)
             resumed.load_state_dict(first.state_dict())
     assert (resumed.num_steps, resumed.num_updates) == (10, 2)
-    for a, b in zip(resumed._binding.ema_tensors, straight._binding.ema_tensors):
+    for a, b in zip(resumed._tracker.binding.ema_tensors, straight._tracker.binding.ema_tensors):
         assert torch.equal(a, b)
 
 

@@ -72,3 +72,24 @@ def check_state_dict(
         raise ValueError("Invalid state_dict for this ModelEMA (nothing was loaded): " + "; ".join(problems))
     last_decay = check_decay(state_dict.get("last_decay", default_decay), "last_decay")
     return tensors, (num_updates, num_steps), last_decay
+
+
+def make_state_dict(
+    tensors: dict[str, Tensor],
+    num_updates: int,
+    num_steps: int,
+    decay: float,
+    last_decay: float,
+    config: dict[str, object],
+) -> dict:
+    """A `ModelEMA.state_dict()`: the format marker, the tensors by name, the counts, the decays and `config`."""
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "tensors": tensors,
+        "num_updates": num_updates,
+        "num_steps": num_steps,
+        "decay": decay,
+        "last_decay": last_decay,
+        **config,
+    }

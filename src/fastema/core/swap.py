@@ -102,12 +102,43 @@ def _exchange(first: Tensor, second: Tensor) -> None:
     second.copy_(held)
 
 
-def warn_if_written(written: Sequence[str]) -> None:
-    """Tell the user (at the `with` statement) that parameters were written in place inside the swap."""
-    if written:
-        warnings.warn(
-            f"Parameters {list(written)} were written in place inside use_ema_weights(); the writes went into "
-            "the EMA (inside the block the model's parameters are the EMA's).",
-            UserWarning,
-            stacklevel=4,  # warn_if_written <- the context manager's exit <- contextlib's __exit__ <- the with block
-        )
+class SwapGuard:
+    """An averager's swap session: at most one `WeightSwap` at a time, and what may not run during it."""
+
+    def __init__(self) -> None:
+        self.swap: WeightSwap | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.swap is not None
+
+    def check_outside(self, what: str) -> None:
+        """Raise if `what` is called while the EMA weights are in the model."""
+        if self.swap is not None:
+            raise RuntimeError(
+                f"{what} called inside use_ema_weights(): the model holds the EMA weights and the EMA's own tensors "
+                "hold the model's. Call it after the with block."
+            )
+
+    def enter(self, pairs: Sequence[tuple[str, Tensor, Tensor, bool]]) -> WeightSwap:
+        """Put the EMA side of `pairs` into the model (restored on failure) and hold the swap."""
+        self.check_outside("use_ema_weights()")
+        swap = WeightSwap(pairs)
+        swap.enter()
+        self.swap = swap
+        return swap
+
+    def exit(self, targets: Sequence[Tensor] | None = None) -> None:
+        """Put the model's weights back (see `WeightSwap.exit`); warn, at the `with` line, about in-place writes."""
+        swap, self.swap = self.swap, None
+        if swap is None:
+            return
+        written = swap.exit(targets)
+        if written:
+            warnings.warn(
+                f"Parameters {list(written)} were written in place inside use_ema_weights(); the writes went into "
+                "the EMA (inside the block the model's parameters are the EMA's).",
+                UserWarning,
+                # SwapGuard.exit <- the averager's use_ema_weights <- contextlib's __exit__ <- the with block
+                stacklevel=4,
+            )

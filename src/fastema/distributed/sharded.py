@@ -29,175 +29,22 @@ clear error on every rank and turns DCP's failures into a `ValueError` naming th
 from __future__ import annotations
 
 import glob
-import math
 import os
 import secrets
 import shutil
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import torch
-from torch import Tensor
 
 from ..core.checkpoint import atomic_save
-from ..core.parallel import DTensor, is_sharded, rank
-from ..core.state import STATE_FORMAT, STATE_VERSION, check_state_dict
-
-if TYPE_CHECKING:
-    from ..core.model_ema import ModelEMA
+from ..core.parallel import rank
+from ..core.sharded_state import ShardedEMAState, decode_strings
 
 __all__ = ["ShardedEMAState", "consolidate_ema", "load_sharded", "save_sharded"]
-
-SHARDED_VERSION = 1
-_HEADER = ("version", "num_updates", "num_steps", "update_every", "all_parameters", "all_buffers")
-
-
-_LOADER = "torch.distributed.checkpoint.state_dict_loader"
-_SAVER = "torch.distributed.checkpoint.state_dict_saver"
-_NOT_LOADED = -1  # the version slot of the buffers handed to dcp.load: still there afterwards, nothing was read
-
-
-def _caller_module() -> str:
-    """The module of whoever called `ShardedEMAState.state_dict` (DCP's loader or saver, or user code)."""
-    return str(sys._getframe(2).f_globals.get("__name__"))
-
-
-def _encode_strings(strings: list[str]) -> Tensor:
-    return torch.tensor(list("\n".join(strings).encode()), dtype=torch.uint8)
-
-
-def _decode_strings(encoded: Tensor) -> list[str]:
-    return bytes(encoded.tolist()).decode().split("\n")
-
-
-class ShardedEMAState:
-    """A `ModelEMA` as a DCP `Stateful` (`state_dict`/`load_state_dict`); get one with `ema.sharded_state()`."""
-
-    def __init__(self, ema: ModelEMA, purpose: str | None = None) -> None:
-        if purpose not in (None, "save", "load"):
-            raise ValueError(f"Invalid purpose: {purpose!r}; expected None, 'save' or 'load'")
-        self.ema, self.purpose = ema, purpose
-
-    def _layout_tensor(self, name: str, local: Tensor) -> Tensor:
-        """`local` (this rank's part of EMA tensor `name`) as the checkpoint holds it: a DTensor under FSDP2."""
-        layout = self.ema._layouts.get(name)
-        if layout is None:
-            return local
-        like = cast(Any, layout)
-        if local.device.type != like.device_mesh.device_type:
-            raise ValueError(
-                f"Invalid device: the EMA of {name} is on {local.device} but the model's mesh on "
-                f"{like.device_mesh.device_type}; sharded checkpoints need the EMA beside the model (device=None)"
-            )
-        return cast(Any, DTensor).from_local(
-            local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride(), run_check=False
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        """The EMA's shards and its counts, as tensors.
-
-        For a save (`purpose="save"`, or called by `dcp.save`): views of the EMA (no copy). For a
-        load (`purpose="load"`, or called by `dcp.load`): fresh buffers (DCP reads into them;
-        `load_state_dict` checks them before copying into the EMA). Without a purpose, DCP's saver
-        and loader are told apart by the calling module; from anywhere else (a wrapper `Stateful`, a
-        plain dict, a DCP that moved its calls): copies of the EMA, which serve both a save and a
-        load without ever letting DCP write into the EMA itself.
-        """
-        ema = self.ema
-        ema._check_outside_swap("sharded_state()")
-        called_by = _caller_module()
-        wrong = {"save": _LOADER, "load": _SAVER}.get(self.purpose or "")
-        if called_by == wrong:
-            right = "load" if wrong == _LOADER else "save"
-            raise ValueError(
-                f"Invalid purpose: ema.sharded_state({self.purpose!r}) was handed to dcp.{right}; "
-                f"use ema.sharded_state({right!r}) (or no purpose) there"
-            )
-        caller = {"save": _SAVER, "load": _LOADER}.get(self.purpose or "") or called_by
-        if caller == _LOADER:
-            ema.synchronize()  # no update in flight; a failed one is forgotten by the load
-        else:
-            ema._readable()
-        tensors = {}
-        for name, ema_tensor in zip(ema.tensor_names, ema._binding.ema_tensors):
-            if caller == _SAVER:
-                local = ema_tensor.detach()
-            elif caller == _LOADER:
-                local = torch.empty_like(ema_tensor)
-            else:
-                local = ema_tensor.detach().clone()
-            tensors[name] = self._layout_tensor(name, local)
-        header = [
-            _NOT_LOADED if caller == _LOADER else SHARDED_VERSION,
-            ema.num_updates,
-            ema.num_steps,
-            ema.update_every,
-            ema.all_parameters,
-            ema.all_buffers,
-        ]
-        last_decay = math.nan if ema.last_decay is None else ema.last_decay
-        return {
-            "header": torch.tensor(header, dtype=torch.int64),
-            "decays": torch.tensor([ema.decay, last_decay], dtype=torch.float64),
-            "names": _encode_strings(ema.tensor_names),
-            "dtypes": _encode_strings([str(tensor.dtype) for tensor in ema._binding.ema_tensors]),
-            "tensors": tensors,
-        }
-
-    @torch.no_grad()
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check what `dcp.load` read (names, dtypes, counts, shapes), then copy it into the EMA."""
-        ema = self.ema
-        entries = ("header", "decays", "names", "dtypes", "tensors")
-        if not isinstance(state_dict, dict) or not all(isinstance(state_dict.get(key), Tensor) for key in entries[:4]):
-            raise ValueError(f"Invalid sharded EMA checkpoint (nothing was loaded): expected tensors {entries[:4]}")
-        header = dict(zip(_HEADER, state_dict["header"].tolist()))
-        if header["version"] == _NOT_LOADED:
-            raise ValueError(
-                "Invalid sharded EMA checkpoint (nothing was loaded): DCP read no EMA (the checkpoint has none under "
-                "this key, and the load planner allowed a partial load)"
-            )
-        problems = []
-        if header["version"] != SHARDED_VERSION:
-            problems.append(f"version {header['version']} != {SHARDED_VERSION}")
-        names = _decode_strings(state_dict["names"])
-        if set(names) != set(ema.tensor_names) or len(names) != len(ema.tensor_names):  # DCP loads by key
-            problems.append(
-                f"tensor names differ (missing {sorted(set(ema.tensor_names) - set(names))}, "
-                f"unexpected {sorted(set(names) - set(ema.tensor_names))})"
-            )
-        else:
-            saved_dtypes = dict(zip(names, _decode_strings(state_dict["dtypes"])))
-            own_dtypes = {name: str(tensor.dtype) for name, tensor in zip(ema.tensor_names, ema._binding.ema_tensors)}
-            differing = [
-                f"{n}: {saved_dtypes.get(n)} != {d}" for n, d in own_dtypes.items() if saved_dtypes.get(n) != d
-            ]
-            if differing:
-                problems.append("dtypes differ (" + "; ".join(differing[:3]) + ")")
-        if problems:
-            raise ValueError("Invalid sharded EMA checkpoint (nothing was loaded): " + "; ".join(problems))
-        last_decay = state_dict["decays"].tolist()[1]  # the configured decay is this EMA's own, as in load_state_dict
-        local = {
-            name: tensor.to_local() if is_sharded(tensor) else tensor for name, tensor in state_dict["tensors"].items()
-        }
-        state = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "tensors": local,
-            "num_updates": int(header["num_updates"]),
-            "num_steps": int(header["num_steps"]),
-            "last_decay": None if math.isnan(last_decay) else last_decay,
-            "update_every": int(header["update_every"]),
-            "all_parameters": bool(header["all_parameters"]),
-            "all_buffers": bool(header["all_buffers"]),
-        }
-        expected = dict(zip(ema.tensor_names, ema._binding.ema_tensors))  # this rank's parts
-        tensors, counts, checked_last_decay = check_state_dict(state, expected, ema.decay, ema.ema_dtype, ema.config())
-        ema._write_checked_state([tensors[name] for name in ema.tensor_names], counts, checked_last_decay)
 
 
 def consolidate_ema(checkpoint_id: str | os.PathLike, path: str | os.PathLike, key: str = "ema") -> Path:
@@ -210,14 +57,14 @@ def consolidate_ema(checkpoint_id: str | os.PathLike, path: str | os.PathLike, k
     """
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-    checkpoint = _complete_checkpoint(checkpoint_id)
-    _check_ema_entries(checkpoint, key)
-    with _single_process_intended():
+    checkpoint = complete_checkpoint(checkpoint_id)
+    check_ema_entries(checkpoint, key)
+    with single_process_intended():
         loaded = _load_state_dict_from_keys({key}, checkpoint_id=str(checkpoint))
     state = loaded.get(key)
     if not isinstance(state, dict) or not isinstance(state.get("tensors"), dict) or "names" not in state:
         raise ValueError(f"Invalid checkpoint_id: {checkpoint} holds no fastema EMA under {key!r}")
-    names = _decode_strings(state["names"])
+    names = decode_strings(state["names"])
     tensors = {name: state["tensors"][name] for name in names}
     return atomic_save(tensors, path)
 
@@ -227,7 +74,7 @@ def _distributed() -> bool:
 
 
 @contextmanager
-def _single_process_intended() -> Iterator[None]:
+def single_process_intended() -> Iterator[None]:
     """Without a process group DCP warns that it assumes one process: here that is the intent."""
     with warnings.catch_warnings():
         if not _distributed():
@@ -257,7 +104,7 @@ def _previous_versions(target: Path) -> list[Path]:
     return sorted(complete, key=lambda path: ((path / ".metadata").stat().st_mtime_ns, path.name))
 
 
-def _complete_checkpoint(checkpoint_id: str | os.PathLike) -> Path:
+def complete_checkpoint(checkpoint_id: str | os.PathLike) -> Path:
     checkpoint = _target(checkpoint_id)
     if (checkpoint / ".metadata").is_file():
         return checkpoint
@@ -276,7 +123,7 @@ def _complete_checkpoint(checkpoint_id: str | os.PathLike) -> Path:
     )
 
 
-def _check_ema_entries(checkpoint: Path, key: str) -> None:
+def check_ema_entries(checkpoint: Path, key: str) -> None:
     """Every entry of the EMA under `key` must be a tensor: DCP unpickles other entries (`weights_only=False`)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -299,7 +146,7 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _on_rank_0(action: Callable[[], None], what: str = "save_sharded") -> None:
+def on_rank_0(action: Callable[[], None], what: str = "save_sharded") -> None:
     """Run `action` on rank 0 and raise its error (if any) on every rank, so that no rank runs ahead."""
     error: list[str | None] = [None]
     if rank() == 0:
@@ -339,7 +186,7 @@ def save_sharded(state_dict: dict[str, Any], checkpoint_id: str | os.PathLike) -
     if _distributed():
         torch.distributed.broadcast_object_list(token, src=0)  # one temporary name for all ranks
     staging = target.with_name(f".{target.name}.saving-{token[0]}")
-    with _single_process_intended():
+    with single_process_intended():
         dcp.save(state_dict, checkpoint_id=str(staging))
     _barrier()  # every rank's shards are written (dcp.save wrote the metadata last)
 
@@ -353,7 +200,7 @@ def save_sharded(state_dict: dict[str, Any], checkpoint_id: str | os.PathLike) -
             if leftover.exists():  # the set-aside checkpoint, and what killed saves left
                 shutil.rmtree(leftover)
 
-    _on_rank_0(replace)
+    on_rank_0(replace)
     return target
 
 
@@ -365,16 +212,16 @@ def load_sharded(state_dict: dict[str, Any], checkpoint_id: str | os.PathLike, k
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    checkpoint = _complete_checkpoint(checkpoint_id)
-    _check_ema_entries(checkpoint, key)
+    checkpoint = complete_checkpoint(checkpoint_id)
+    check_ema_entries(checkpoint, key)
     try:
-        with _single_process_intended():
+        with single_process_intended():
             dcp.load(state_dict, checkpoint_id=str(checkpoint))
     except CheckpointException as error:
-        raise _dcp_failure(error, checkpoint) from None
+        raise dcp_failure(error, checkpoint) from None
 
 
-def _dcp_failure(error: BaseException, checkpoint: Path) -> ValueError:
+def dcp_failure(error: BaseException, checkpoint: Path) -> ValueError:
     """DCP's `CheckpointException` (a BaseException: one failure per rank, gathered on every rank) as a ValueError."""
     failures = [
         failure[0] if isinstance(failure, tuple) else failure for failure in getattr(error, "failures", {}).values()

@@ -40,7 +40,7 @@ from ..core.state import CONFIG_KEYS, check_state_dict
 from ..core.tracking import tensor_slots
 from ..posthoc.averager import PostHocEMA, synthesize
 from . import checkpoint as learner_checkpoint
-from .checkpoint import EMACheckpointing
+from .checkpointing import EMACheckpointing
 
 try:  # fastai's default annealer; imported here so that the engine never needs fastai
     from fastai.callback.schedule import SchedCos
@@ -416,7 +416,7 @@ class EMACallback(AveragingCallback):
         if self.resume and previous is not None:  # without one (the first fit of fine_tune), start afresh
             try:
                 if sharded:
-                    engine._copy_from_engine(previous)
+                    engine.copy_from(previous)
                 else:
                     engine.copy_from(previous)
             except ValueError as error:

@@ -13,7 +13,7 @@ refuses an EMA file written by another save than the model file beside it (a cra
 the two writes, a copy from elsewhere). Both are written atomically, the EMA first.
 
 For a sharded (FSDP2) model, `learn.save`/`learn.load` use one DCP directory, `models/best.dcp/`,
-instead of both files: see `fastema.learner_sharded`.
+instead of both files: see `fastema.fastai.sharded`.
 
 `learn.export()` leaves the EMA out (the exported Learner is for inference with the model's
 weights); `learn.export_ema()` exports a Learner whose model is the EMA. Learners without an
@@ -27,7 +27,7 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import cloudpickle
 import torch
@@ -36,57 +36,18 @@ from fastai.torch_core import distrib_barrier, get_model, rank_distrib
 from fastcore.xtras import join_path_file
 
 from ..core.checkpoint import atomic_save, read_checkpoint
-from ..distributed.sharded import _complete_checkpoint
+from ..distributed.sharded import complete_checkpoint
 from . import sharded as learner_sharded
+from .checkpointing import EMACheckpointing, ema_checkpoint_path
 from .sharded import (
     is_sharded_model,
     remove_sharded_checkpoint,
     sharded_checkpoint_path,
 )
 
-if TYPE_CHECKING:
-    from ..core.model_ema import ModelEMA
-    from ..posthoc.averager import PostHocEMA
-
-EMA_SUFFIX = ".ema.pth"
 PAIR_KEY = "fastema_pair"  # in the model state's root metadata: the token of the save that wrote it
 _fastai_load = Learner.load  # read at import, before `install()` replaces them
 _fastai_export = Learner.export
-
-
-class EMACheckpointing:
-    """What `learn.save`/`learn.load` need of an EMA callback (the callbacks inherit it)."""
-
-    engine: ModelEMA | PostHocEMA | None = None
-
-    def ema_checkpoint(self) -> dict | None:
-        raise NotImplementedError
-
-    def check_ema_checkpoint(self, state: object, path: Path) -> None:
-        raise NotImplementedError
-
-    def restore_ema_checkpoint(self, state: dict) -> None:
-        raise NotImplementedError
-
-    def sharded_ema_checkpoint(self) -> dict | None:
-        """The EMA's entries in a sharded (DCP) `learn.save`; None before any EMA."""
-        if self.engine is None:
-            return None
-        raise ValueError(f"Invalid callback: {type(self).__name__} does not support sharded (FSDP2) checkpoints")
-
-    def sharded_candidate(self, tensor_names: list[str]) -> ModelEMA:
-        """A new engine (not yet this callback's) for a sharded `learn.load` to read into and check."""
-        raise ValueError(f"Invalid callback: {type(self).__name__} does not support sharded (FSDP2) checkpoints")
-
-    def install_sharded_checkpoint(self, engine: ModelEMA, started: bool, decay: float) -> None:
-        """Make `engine`, read and checked by a sharded `learn.load`, this callback's EMA."""
-        raise NotImplementedError
-
-
-def ema_checkpoint_path(model_path: str | Path) -> Path:
-    """`models/best.pth` -> `models/best.ema.pth`."""
-    model_path = Path(model_path)
-    return model_path.with_name(model_path.name.removesuffix(".pth") + EMA_SUFFIX)
 
 
 def _ema_callback(learn: Learner) -> EMACheckpointing | None:
@@ -152,7 +113,7 @@ def _sharded_wins(path: Path, sharded_model: bool) -> bool:
     """Whether `learn.load` of `path` reads the sharded checkpoint of that name (`.dcp/`) rather than the file."""
     sharded = sharded_checkpoint_path(path)
     try:
-        complete = _complete_checkpoint(sharded)  # or the one a killed save_sharded set aside
+        complete = complete_checkpoint(sharded)  # or the one a killed save_sharded set aside
     except FileNotFoundError:
         if sharded.exists() and not path.is_file():
             raise  # an incomplete directory and nothing else: the error says so

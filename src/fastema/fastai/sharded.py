@@ -38,22 +38,21 @@ from torch import Tensor, nn
 
 from ..core.checks import check_decay
 from ..core.parallel import FSDPModule, is_sharded, reshard
+from ..core.sharded_state import decode_strings, encode_strings
 from ..distributed.sharded import (
-    _check_ema_entries,
-    _complete_checkpoint,
-    _dcp_failure,
-    _decode_strings,
-    _encode_strings,
-    _on_rank_0,
-    _single_process_intended,
+    check_ema_entries,
+    complete_checkpoint,
+    dcp_failure,
+    on_rank_0,
     set_aside,
+    single_process_intended,
 )
 from ..distributed.sharded import save_sharded as _save_sharded
+from .checkpointing import EMACheckpointing, ema_checkpoint_path
 
 if TYPE_CHECKING:
     from fastai.learner import Learner
 
-    from .checkpoint import EMACheckpointing
 
 SHARDED_SUFFIX = ".dcp"
 
@@ -125,7 +124,7 @@ def _optimizer_state(model: nn.Module, opt: Any) -> dict[str, Any] | None:
         "state": [dict(per_param) for per_param in state["state"]],
         "hypers": [dict(h) for h in state["hypers"]],
         # Which parameter each state belongs to (an empty per-parameter dict leaves no entry of its own).
-        "names": _encode_strings(_parameter_names(model, opt)),
+        "names": encode_strings(_parameter_names(model, opt)),
     }
 
 
@@ -148,12 +147,10 @@ def save(learn: Learner, path: Path, with_opt: bool, callback: EMACheckpointing 
     target = _save_sharded(state, sharded_checkpoint_path(path))
 
     def remove_other_format() -> None:
-        from .checkpoint import ema_checkpoint_path
-
         for stale in (path, ema_checkpoint_path(path)):
             stale.unlink(missing_ok=True)
 
-    _on_rank_0(remove_other_format, "learn.save")
+    on_rank_0(remove_other_format, "learn.save")
     return target
 
 
@@ -304,10 +301,10 @@ def _dcp_load(state: dict[str, Any], checkpoint: Path, weights_only: bool = True
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        with _single_process_intended():
+        with single_process_intended():
             dcp.load(state, checkpoint_id=str(checkpoint), planner=_weights_only_planner() if weights_only else None)
     except CheckpointException as error:
-        raise _dcp_failure(error, checkpoint) from None
+        raise dcp_failure(error, checkpoint) from None
     except ValueError as error:  # the EMA's checks (`ShardedEMAState.load_state_dict`), on every rank
         raise ValueError(f"Invalid checkpoint {checkpoint}: {error}") from error
 
@@ -325,7 +322,7 @@ def _read_names(checkpoint: Path, entries: dict[str, Any]) -> dict[str, list[str
     if small:
         _dcp_load(small, checkpoint)
     try:
-        return {key: _decode_strings(value["names"]) for key, value in small.items()}
+        return {key: decode_strings(value["names"]) for key, value in small.items()}
     except UnicodeDecodeError as error:
         raise ValueError(f"Invalid checkpoint {checkpoint} (nothing was loaded): names that are not text") from error
 
@@ -341,12 +338,12 @@ def load(
     """Read `path`'s `.dcp` directory into `learn` (every rank calls it); a mismatch raises and changes nothing."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    checkpoint = _complete_checkpoint(sharded_checkpoint_path(path))
+    checkpoint = complete_checkpoint(sharded_checkpoint_path(path))
     metadata = FileSystemReader(str(checkpoint)).read_metadata()
     entries, paths = metadata.state_dict_metadata, metadata.planner_data
     has_ema = "ema.names" in entries
     if callback is not None and has_ema:
-        _check_ema_entries(checkpoint, "ema")  # before DCP unpickles anything of the EMA
+        check_ema_entries(checkpoint, "ema")  # before DCP unpickles anything of the EMA
     names = _read_names(checkpoint, entries)
     model = get_model(learn.model)
     reshard(model)  # the buffers to read into are laid out as the shards

@@ -40,7 +40,7 @@ from ..core.latch import FailureLatch
 from ..core.parallel import is_sharded, local_part, rank, unwrap_model
 from ..core.plan import Plan, kernel_steps, pack_model
 from ..core.steps import StackedStep, Step, fused_step_supported, is_averaged, layout_strides
-from ..core.swap import WeightSwap, warn_if_written
+from ..core.swap import SwapGuard
 from ..core.tracking import (
     IdentityWatch,
     Placement,
@@ -208,7 +208,7 @@ class PostHocEMA:
         self.run_id = uuid.uuid4().hex
         self.last_snapshot_step: int | None = None
         self._snapshot_dir_checked = False
-        self._swap: WeightSwap | None = None
+        self._swap = SwapGuard()
         self._latch = FailureLatch("load()/load_state_dict() (or build a new PostHocEMA)")
         self._attachments = Attachments()
         self._build(tracked)
@@ -322,7 +322,7 @@ class PostHocEMA:
 
     def update(self) -> None:
         """Move the K EMAs toward the model; call after each optimizer step. Writes a snapshot when one is due."""
-        self._check_outside_swap("update()")
+        self._swap.check_outside("update()")
         self._latch.check()
         self._attachments.check_manual_update()
         step = self.num_steps + 1
@@ -365,14 +365,14 @@ class PostHocEMA:
 
     def module_for(self, sigma_rel: float) -> nn.Module:
         """The EMA model of one tracked `sigma_rel` (eval mode, no gradients; its tensors view the shared buffer)."""
-        self._check_outside_swap("module_for()")
+        self._swap.check_outside("module_for()")
         self._latch.check()
         self._ensure_current()
         return self._modules[self._index(sigma_rel)]
 
     def ema_tensors(self, sigma_rel: float) -> dict[str, Tensor]:
         """The tracked tensors of one EMA by state-dict name (views; counts shared by all)."""
-        self._check_outside_swap("ema_tensors()")
+        self._swap.check_outside("ema_tensors()")
         self._latch.check()
         return self._ema_views(self._index(sigma_rel))
 
@@ -383,30 +383,23 @@ class PostHocEMA:
     @property
     def ema_weights_in_use(self) -> bool:
         """Whether an EMA is swapped into the model right now (inside `use_ema_weights`)."""
-        return self._swap is not None
+        return self._swap.active
 
     @contextmanager
     def use_ema_weights(self, sigma_rel: float) -> Iterator[nn.Module]:
         """Temporarily put one tracked EMA into the live model, in place; the model's weights come back exactly."""
-        self._check_outside_swap("use_ema_weights()")
+        self._swap.check_outside("use_ema_weights()")
         self._latch.check()
         self._ensure_current()
         views = self._ema_views(self._index(sigma_rel))
         slots = tensor_slots(self.model)
-        swap = WeightSwap(
+        self._swap.enter(
             [(name, self._model_tensors[name], views[name], slots[name][0].is_parameter) for name in self.tensor_names]
         )
-        swap.enter()
-        self._swap = swap
         try:
             yield self.model
         finally:
-            self._swap = None
-            warn_if_written(swap.exit())
-
-    def _check_outside_swap(self, what: str) -> None:
-        if self._swap is not None:
-            raise RuntimeError(f"{what} called inside use_ema_weights(): the model holds EMA weights. Call it after.")
+            self._swap.exit()
 
     # ---- snapshots and state -------------------------------------------------------------------------
 
@@ -435,7 +428,7 @@ class PostHocEMA:
         """
         if self.snapshot_dir is None:
             raise ValueError("Invalid snapshot_dir: None; give PostHocEMA(snapshot_dir=...) to write snapshots")
-        self._check_outside_swap("snapshot()")
+        self._swap.check_outside("snapshot()")
         self._latch.check()
         if self.num_updates == 0:
             raise RuntimeError("snapshot() before the first update(): there is no EMA to snapshot yet")
@@ -472,7 +465,7 @@ class PostHocEMA:
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: the K EMAs by name, the step and update counts, the config."""
-        self._check_outside_swap("state_dict()")
+        self._swap.check_outside("state_dict()")
         self._latch.check()
         return {
             "format": STATE_FORMAT,
@@ -490,7 +483,7 @@ class PostHocEMA:
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore from `state_dict()`; everything is checked before anything is written."""
-        self._check_outside_swap("load_state_dict()")
+        self._swap.check_outside("load_state_dict()")
         problems = []
         if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
             raise ValueError("Invalid state_dict: not a fastema.PostHocEMA state")
@@ -531,7 +524,7 @@ class PostHocEMA:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `state_dict()` atomically (rank 0 only)."""
-        self._check_outside_swap("save()")
+        self._swap.check_outside("save()")
         self._latch.check()
         return save_on_rank_0(self.state_dict(), path)
 
