@@ -25,12 +25,12 @@ from .checks import (
     check_update_every,
 )
 from .hooks import Attachments, RemovableHandle
-from .parallel import gather_full, local_part, reshard, shard_like, unwrap_model
+from .parallel import gather_full, reshard, shard_like, unwrap_model
 from .schedules import DecayWarmup, check_warmup
 from .state import CONFIG_KEYS, check_state_dict, make_state_dict
 from .swap import SwapGuard
 from .tracker import Tracker, named_tensors
-from .tracking import Placement, tensor_slots, tracked_parameters, tracked_tensors, watch_module_changes
+from .tracking import Placement, tracked_parameters, tracked_tensors, watch_module_changes
 
 if TYPE_CHECKING:
     from .sharded_state import ShardedEMAState
@@ -40,40 +40,24 @@ class ModelEMA:
     """Exponential moving average of a model's weights, for any PyTorch training loop.
 
     After each optimizer step, `update()` sets, for every tracked floating tensor,
-    `ema = decay * ema + (1 - decay) * model` (computed as `ema.lerp_(model, 1 - decay)`),
-    and copies integer/bool buffers such as BatchNorm's `num_batches_tracked`. The model's
-    tensors are only read. Tracked: parameters with `requires_grad` (all of them with
-    `all_parameters=True`) and persistent buffers (all with `all_buffers=True`); which
-    tensors those are is fixed at construction (`tensor_names` names them instead). Same idea as
-    timm's `ModelEmaV3` and TensorFlow's `ExponentialMovingAverage`, with the update planned once:
-    tensors grouped by device and dtype, one fused kernel per group.
+    `ema = decay * ema + (1 - decay) * model` (as `ema.lerp_(model, 1 - decay)`, one fused kernel
+    per device and dtype, planned once), and copies integer/bool buffers such as BatchNorm's
+    `num_batches_tracked`; the model is only read. Tracked: parameters with `requires_grad` and
+    persistent buffers (`all_parameters`, `all_buffers` widen this; `tensor_names` names them).
+    Same idea as timm's `ModelEmaV3` and TensorFlow's `ExponentialMovingAverage`.
 
-    `ema.module` is the averaged copy of the model (eval mode, no gradients). Its untracked
-    tensors share the model's storage where the EMA lives beside the model in the same dtype
-    (they cost nothing and hold the model's current values), and are copies otherwise.
+    `ema.module` is the averaged copy (eval mode, no gradients); its untracked tensors share the
+    model's storage where they can. The EMA follows the model: after `model.to(...)`, a cast,
+    channels-last, `to_empty()` or `p.data = ...`, the next `update()` or read moves the EMA along
+    (keeping its dtype) and plans again; a changed structure raises a RuntimeError.
+    `flatten_model=True` packs model and EMA tensors into one buffer per (device, dtype), so an
+    update is one `lerp_` (the tensor objects stay; storage is shared, which safetensors refuses).
+    `ema_dtype=torch.float32` keeps a float32 EMA of a bf16/fp16 model; `device='cpu'` offloads it
+    (the update runs in a background thread; reads wait for it); `update_every=N` updates every
+    N-th call with decay**N; `warmup` ramps the decay up (`ExponentialWarmup`, `InverseGammaWarmup`).
 
-    The EMA follows the model: if the model's tensors are moved, cast, re-laid-out or replaced
-    (`model.to(...)`, `.half()`, channels-last, `to_empty()`, `load_state_dict(assign=True)`,
-    `p.data = ...`), the next `update()` (or read of the EMA) moves the EMA to the model's new
-    device (keeping its own dtype) and re-plans the step. A change of the model's structure (a
-    tracked tensor gone or reshaped) raises a RuntimeError.
-
-    `flatten_model=True` packs the tracked tensors of the model, and of the EMA, into one
-    contiguous buffer per (device, dtype) where that changes nothing for anyone else: an update
-    is then a single `lerp_`, the fastest step on models with many small
-    tensors. The tensor objects, their autograd nodes and hooks stay (optimizers and DDP are
-    unaffected), but storage is shared: safetensors refuses to save shared storage.
-
-    `ema_dtype=torch.float32` keeps a float32 EMA of a bfloat16/float16 model (an EMA in the
-    model's dtype stalls; a warning says so). `device='cpu'` offloads the EMA of a CUDA model to
-    host memory; the update then runs in a background thread, and whatever reads the EMA waits
-    for it. `update_every=N` updates on every N-th call only, with decay**N. `warmup` makes the
-    decay ramp up with the number of steps (`ExponentialWarmup`, `InverseGammaWarmup`).
-
-    Attributes: `module` (the EMA model), `tensor_names` (what is averaged, by state-dict name),
-    `num_updates` (EMA updates done), `num_steps` (calls of `update()` since the start or the
-    last `reset()`), `last_decay` (the decay of the latest update), `decay`, `model` (the
-    unwrapped model).
+    Attributes: `module`, `tensor_names`, `num_updates` (EMA updates done), `num_steps` (calls of
+    `update()` since the start or `reset()`), `last_decay`, `decay`, `model` (the unwrapped model).
     """
 
     def __init__(
@@ -232,21 +216,6 @@ class ModelEMA:
         self.num_updates = self.num_steps = 0
         self.last_decay = self.decay
 
-    def _matching_tensors(self, module: nn.Module, purpose: str) -> list[Tensor]:
-        """`module`'s tensors in tracking order, or a ValueError listing every name/shape mismatch."""
-        if self.sharded:
-            raise RuntimeError(f"{purpose} with another module is not supported for a sharded (FSDP2) EMA")
-        by_name = {name: tensor for name, (_, tensor) in tensor_slots(unwrap_model(module)).items()}
-        missing = [name for name in self.tensor_names if name not in by_name]
-        mismatched = [
-            f"{name}: {tuple(by_name[name].shape)} != {tuple(ema_tensor.shape)}"
-            for name, ema_tensor in zip(self.tensor_names, self._tracker.binding.ema_tensors)
-            if name in by_name and by_name[name].shape != ema_tensor.shape
-        ]
-        if missing or mismatched:
-            raise ValueError(f"Invalid module for {purpose}: missing tensors {missing}, shape mismatches {mismatched}")
-        return [by_name[name] for name in self.tensor_names]
-
     @torch.no_grad()
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Copy the EMA weights into `model` (default: the tracked model), converting device and dtype."""
@@ -254,7 +223,7 @@ class ModelEMA:
             self._swap.check_outside("copy_to() of the tracked model (it would be undone on exit)")
         self._readable()
         self.before_model_write()
-        targets = self._tracker.binding.model_locals if model is None else self._matching_tensors(model, "copy_to")
+        targets = self._tracker.binding.model_locals if model is None else self._tracker.matching(model, "copy_to")
         for target, ema_tensor in zip(targets, self._ema_values()):
             target.copy_(ema_tensor)
 
@@ -268,16 +237,9 @@ class ModelEMA:
         if isinstance(module, ModelEMA):
             module._swap.check_outside("copy_from()")
             module._readable()
-            sources = dict(zip(module.tensor_names, module._tracker.binding.ema_tensors))
-            own = dict(zip(self.tensor_names, self._tracker.binding.ema_tensors))
-            differing = [
-                tuple(sources[name].shape) for name in own if name in sources and own[name].shape != sources[name].shape
-            ]
-            if differing:
-                raise ValueError(f"Invalid copy_from: the other EMA's tensors have other shapes ({differing[:3]})")
-            self._tracker.overwrite({name: sources[name] for name in self.tensor_names if name in sources})
+            self._tracker.overwrite(self._tracker.same_shapes(module._tracker.ema_by_name()))
         else:
-            self._tracker.overwrite(dict(zip(self.tensor_names, self._matching_tensors(module, "copy_from"))))
+            self._tracker.overwrite(dict(zip(self.tensor_names, self._tracker.matching(module, "copy_from"))))
 
     @contextmanager
     def use_ema_weights(self) -> Iterator[nn.Module]:
@@ -299,12 +261,7 @@ class ModelEMA:
             yield self.model
         finally:
             reshard(self.model)  # FSDP2: drop unsharded copies that hold EMA values
-            targets = None
-            if not self._tracker.binding.current():  # one pass: `p.data = ...` inside moves no counter
-                # The model was moved or replaced inside: its own weights go where it keeps them now.
-                slots = tensor_slots(self.model)
-                targets = [local_part(slots[name][1]) for name in self.tensor_names]
-            self._swap.exit(targets)
+            self._swap.exit(self._tracker.moved_model_tensors())
 
     @property
     def ema_weights_in_use(self) -> bool:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .latch import FailureLatch
-from .parallel import is_sharded, local_part, reshard
+from .parallel import is_sharded, local_part, reshard, unwrap_model
 from .plan import Plan, plan_update
 from .steps import is_dense
 from .tracking import (
@@ -219,6 +219,40 @@ class Tracker:
     def ema_by_name(self) -> dict[str, Tensor]:
         """The EMA's tensors (this rank's parts) by state-dict name, as they stand."""
         return dict(zip(self.names, self.binding.ema_tensors))
+
+    def matching(self, module: nn.Module, purpose: str) -> list[Tensor]:
+        """`module`'s tensors in tracking order, or a ValueError listing every name/shape mismatch."""
+        if self.sharded:
+            raise RuntimeError(f"{purpose} with another module is not supported for a sharded (FSDP2) EMA")
+        by_name = {name: tensor for name, (_, tensor) in tensor_slots(unwrap_model(module)).items()}
+        missing = [name for name in self.names if name not in by_name]
+        mismatched = [
+            f"{name}: {tuple(by_name[name].shape)} != {tuple(ema_tensor.shape)}"
+            for name, ema_tensor in self.ema_by_name().items()
+            if name in by_name and by_name[name].shape != ema_tensor.shape
+        ]
+        if missing or mismatched:
+            raise ValueError(f"Invalid module for {purpose}: missing tensors {missing}, shape mismatches {mismatched}")
+        return [by_name[name] for name in self.names]
+
+    def same_shapes(self, sources: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The entries of `sources` (another EMA's, by name) that this EMA tracks, or a ValueError on any shape."""
+        own = self.ema_by_name()
+        shared = {name: tensor for name, tensor in sources.items() if name in own}
+        differing = [tuple(tensor.shape) for name, tensor in shared.items() if tensor.shape != own[name].shape]
+        if differing:
+            raise ValueError(f"Invalid copy_from: the other EMA's tensors have other shapes ({differing[:3]})")
+        return shared
+
+    def moved_model_tensors(self) -> list[Tensor] | None:
+        """Where the model keeps its tracked tensors now, if they moved since the binding (None: they did not).
+
+        One pass over the model: `p.data = ...` moves no counter, so the binding is compared.
+        """
+        if self.binding.current():
+            return None
+        slots = tensor_slots(self.model)
+        return [local_part(slots[name][1]) for name in self.names]
 
     # ---- running the plan ----------------------------------------------------------------------------
 
