@@ -148,8 +148,8 @@ def test_update_reads_the_model_once_and_neither_syncs_nor_allocates_model_sized
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.Tensor, "lerp_", lambda self, *args: lerps.append(self.data_ptr()) or original(self, *args))
         ema.update()
-    assert len(lerps) == 4 and sum(1 for step in ema._stacked for _ in step.batches) == 1
-    (stacked,) = ema._stacked
+    assert len(lerps) == 4 and sum(1 for step in ema._stacks.stacked for _ in step.batches) == 1
+    (stacked,) = ema._stacks.stacked
     copies, copy = [], stacked.copy
     stacked.copy = lambda *args: copies.append(1) or copy(*args)
     ema.update()
@@ -210,7 +210,7 @@ def test_an_update_that_fails_part_way_leaves_every_read_refused_until_a_load():
     ema.update()
     good = ema.state_dict()
     good["emas"] = [{name: tensor.clone() for name, tensor in saved.items()} for saved in good["emas"]]  # not views
-    _, second = ema._stacked
+    _, second = ema._stacks.stacked
     second.step = lambda weight: (_ for _ in ()).throw(RuntimeError("out of memory"))  # after the first moved
     with torch.no_grad():
         for parameter in model.parameters():
@@ -319,7 +319,7 @@ def test_channels_last_models_built_so_are_averaged_in_their_memory_order():
 def test_flatten_model_packs_the_tracked_tensors_into_one_buffer():
     model = ToyNet()
     ema = PostHocEMA(model, SIGMA_RELS, flatten_model=True)
-    (stacked,) = ema._stacked
+    (stacked,) = ema._stacks.stacked
     pieces = [piece for _, model_pieces, _, _ in stacked.batches for piece in model_pieces]
     assert len(pieces) == 1  # one read of one buffer
     storages = {model.body[0].weight.untyped_storage().data_ptr(), model.head.bias.untyped_storage().data_ptr()}

@@ -9,7 +9,7 @@ from .core.schedules import DecayWarmup as DecayWarmup
 from .core.schedules import ExponentialWarmup as ExponentialWarmup
 from .core.schedules import InverseGammaWarmup as InverseGammaWarmup
 from .posthoc.averager import PostHocEMA as PostHocEMA
-from .posthoc.averager import synthesize as synthesize
+from .posthoc.snapshots import synthesize as synthesize
 
 if TYPE_CHECKING:
     from .fastai.callbacks import EMACallback as EMACallback

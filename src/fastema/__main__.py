@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
 def write_synthesized(snapshot_dir: str, sigma_rels: str, step: int | None, out: str) -> list[Path]:
     """`fastema posthoc`: one state dict per sigma_rel, written atomically to `out`."""
     from .core.checkpoint import atomic_save
-    from .posthoc.averager import check_sigma_rel, synthesize
+    from .posthoc.profiles import check_sigma_rel
+    from .posthoc.snapshots import synthesize
 
     try:  # every value checked before anything is written
         values = [check_sigma_rel(float(value), "--sigma-rel") for value in sigma_rels.split(",")]

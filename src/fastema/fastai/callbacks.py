@@ -38,7 +38,7 @@ from ..core.parallel import unwrap_model
 from ..core.schedules import DecayWarmup, make_annealer, scheduled_decay
 from ..core.state import CONFIG_KEYS, check_state_dict
 from ..core.tracking import tensor_slots
-from ..posthoc.averager import PostHocEMA, synthesize
+from ..posthoc import PostHocEMA, synthesize
 from . import checkpoint as learner_checkpoint
 from .checkpointing import EMACheckpointing
 

@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from numbers import Real
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ..core.checkpoint import atomic_save, load_into, read_checkpoint, save_on_rank_0
+from ..core.checkpoint import load_into, save_on_rank_0
 from ..core.checks import (
     check_device,
     check_ema_dtype,
@@ -37,100 +34,21 @@ from ..core.checks import (
 )
 from ..core.hooks import Attachments, RemovableHandle
 from ..core.latch import FailureLatch
-from ..core.parallel import is_sharded, local_part, rank, unwrap_model
-from ..core.plan import Plan, kernel_steps, pack_model
-from ..core.steps import StackedStep, Step, fused_step_supported, is_averaged, layout_strides
+from ..core.parallel import is_sharded, rank, unwrap_model
 from ..core.swap import SwapGuard
 from ..core.tracking import (
-    IdentityWatch,
-    Placement,
-    changes,
-    copy_of_model,
     tensor_slots,
     tracked_parameters,
     tracked_tensors,
     watch_module_changes,
 )
+from .profiles import check_sigma_rel, gamma_to_sigma_rel, power_decay, sigma_rel_to_gamma
+from .snapshots import VERSION, other_runs, snapshot_path, synthesize, write_snapshot
+from .stacks import StackedEMAs
 
 __all__ = ["PostHocEMA", "gamma_to_sigma_rel", "sigma_rel_to_gamma", "synthesize"]
 
-# gamma = 0, a uniform average. We keep gamma >= 0 (the profile grows or stays flat over training): the
-# width is not monotonic below gamma = 0 (it peaks at about 0.3003 near gamma = -0.38).
-MAX_SIGMA_REL = math.sqrt(1 / 12)
 STATE_FORMAT = "fastema.PostHocEMA"
-SNAPSHOT_FORMAT = "fastema.PostHocSnapshot"
-VERSION = 1
-_SNAPSHOT_NAME = re.compile(r"^posthoc-step(\d+)-ema(\d+)\.pt$")
-
-
-# ---- the profiles -------------------------------------------------------------------------------------
-
-
-def check_sigma_rel(value: object, name: str = "sigma_rel") -> float:
-    """A relative EMA width in (0, sqrt(1/12)) (power-function EMAs with gamma > 0), or a clear error."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"Invalid {name}: {value!r}; expected a float in (0, {MAX_SIGMA_REL:.4f})")
-    value = float(value)
-    if not 0.0 < value < MAX_SIGMA_REL:
-        raise ValueError(f"Invalid {name}: {value}; expected a float in (0, {MAX_SIGMA_REL:.4f}) (sqrt(1/12))")
-    return value
-
-
-def gamma_to_sigma_rel(gamma: float) -> float:
-    """The relative width of the power-function EMA with exponent `gamma`: sqrt((g+1) / ((g+2)^2 (g+3)))."""
-    if not gamma > -1:
-        raise ValueError(f"Invalid gamma: {gamma}; expected a number > -1")
-    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
-
-
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """The exponent of the power-function EMA of relative width `sigma_rel`.
-
-    The largest real root of g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0, found by bisection
-    on (0, inf), where the width decreases monotonically from sqrt(1/12) to 0.
-    """
-    sigma_rel = check_sigma_rel(sigma_rel)
-    low, high = 0.0, max(10.0, 4.0 / sigma_rel)
-    while gamma_to_sigma_rel(high) > sigma_rel:
-        high *= 2
-    for _ in range(200):  # to the last bit
-        middle = (low + high) / 2
-        if middle in (low, high):
-            break
-        if gamma_to_sigma_rel(middle) > sigma_rel:
-            low = middle
-        else:
-            high = middle
-    return (low + high) / 2
-
-
-def power_decay(step: int, gamma: float, update_every: int = 1) -> float:
-    """The decay of the update at optimizer step `step` (counted from 1): (1 - N/step) ** (gamma + 1)."""
-    return (1.0 - update_every / step) ** (gamma + 1)
-
-
-def profile_products(t_a: Tensor, gamma_a: Tensor, t_b: Tensor, gamma_b: Tensor) -> Tensor:
-    """<p_a, p_b> = integral over [0, min(t_a, t_b)] of the two profiles p(tau) = (g+1) tau^g / t^(g+1).
-
-    Closed form: (g_a+1)(g_b+1) / (g_a+g_b+1) * min^(g_a+g_b+1) / (t_a^(g_a+1) t_b^(g_b+1)); broadcasts.
-    """
-    ratio = t_a / t_b
-    exponent = torch.where(t_a < t_b, gamma_b, -gamma_a)
-    return (gamma_a + 1) * (gamma_b + 1) * ratio**exponent / ((gamma_a + gamma_b + 1) * torch.maximum(t_a, t_b))
-
-
-def snapshot_coefficients(steps: Sequence[int], gammas: Sequence[float], step: int, gamma: float) -> Tensor:
-    """Weights x of the snapshots (taken at `steps` with `gammas`) whose combination best matches the EMA
-    profile (`step`, `gamma`): the least-squares solution of A x = b (Gram matrix of the snapshot
-    profiles, their products with the target), normalised to sum to 1; float64."""
-    t = torch.tensor(steps, dtype=torch.float64)
-    g = torch.tensor(gammas, dtype=torch.float64)
-    gram = profile_products(t[:, None], g[:, None], t[None, :], g[None, :])
-    target = profile_products(
-        t, g, torch.tensor(float(step), dtype=torch.float64), torch.tensor(gamma, dtype=torch.float64)
-    )
-    solution = torch.linalg.lstsq(gram, target[:, None], driver="gelsd").solution[:, 0]
-    return solution / solution.sum()
 
 
 # ---- tracking the EMAs ---------------------------------------------------------------------------------
@@ -211,108 +129,13 @@ class PostHocEMA:
         self._swap = SwapGuard()
         self._latch = FailureLatch("load()/load_state_dict() (or build a new PostHocEMA)")
         self._attachments = Attachments()
-        self._build(tracked)
+        self._stacks = StackedEMAs(
+            self.model, tracked, len(self.sigma_rels), self.ema_dtype, self.foreach, self.flatten_model
+        )
 
     @property
     def num_emas(self) -> int:
         return len(self.sigma_rels)
-
-    def _build(self, tracked: dict[str, Tensor]) -> None:
-        """The K stacked buffers, the K EMA modules viewing them, and the update's steps."""
-        placement = Placement(None, self.ema_dtype)
-        # The layout the EMAs are built in: the model's tensors must keep it (their values are read in memory order).
-        self._built_layouts = {name: _layout(tensor) for name, tensor in tracked.items()}
-        averaged = [name for name, tensor in tracked.items() if is_averaged(tensor)]
-        copied = [name for name in tracked if name not in set(averaged)]
-        # One stack per (device, EMA dtype): row k is EMA k, its columns the model's elements in memory order.
-        groups: dict[tuple, list[str]] = {}
-        for name in averaged:
-            tensor = tracked[name]
-            groups.setdefault((tensor.device, placement.dtype_for(tensor)), []).append(name)
-        self._views: list[dict[str, Tensor]] = [{} for _ in self.sigma_rels]
-        self._groups: list[tuple[Tensor, list[str], list[int]]] = []
-        for (device, dtype), names in groups.items():
-            offsets, total = [], 0
-            for name in names:
-                offsets.append(total)
-                total += tracked[name].numel()
-            stack = torch.empty(self.num_emas, total, device=device, dtype=dtype)
-            for name, offset in zip(names, offsets):
-                tensor = tracked[name]
-                for index, views in enumerate(self._views):
-                    view = stack.as_strided(tensor.shape, layout_strides(tensor), index * total + offset)
-                    view.copy_(tensor.detach())
-                    views[name] = view
-            self._groups.append((stack, names, offsets))
-        self._copies = {name: placement.twin(tracked[name]) for name in copied}  # counts: copied, one for all K
-        self._modules = [
-            copy_of_model(self.model, tracked, placement, twins={**views, **self._copies}) for views in self._views
-        ]
-        self._plan_steps()
-
-    def _plan_steps(self) -> None:
-        """The update's steps, from the model's tensors as they are now."""
-        slots = tensor_slots(self.model)
-        model_tensors = {name: local_part(slots[name][1]) for name in self.tensor_names}
-        steps: list[Step] = []
-        for stack, names, offsets in self._groups:
-            fused = fused_step_supported(stack.device, stack.dtype) if self.foreach is None else self.foreach
-            pieces, piece_offsets = [model_tensors[name] for name in names], list(offsets)
-            packed = False
-            if self.flatten_model:
-                every_tensor = [local_part(tensor) for _, tensor in slots.values()]
-                pieces, piece_offsets = pack_model(pieces, piece_offsets, every_tensor)
-                packed = len(pieces) < len(names)
-            # A packed buffer is read, not the tensors: `p.data = ...` must be noticed on its storage's use count.
-            steps.append(StackedStep(stack, pieces, piece_offsets, fused, watch_storage=packed))
-        if self._copies:
-            names = list(self._copies)
-            steps += kernel_steps(
-                [self._copies[name] for name in names],
-                [model_tensors[name] for name in names],
-                [slots[name][0].is_parameter for name in names],
-                self.foreach,
-            )
-        self._plan = Plan(steps)
-        self._stacked = [step for step in steps if isinstance(step, StackedStep)]
-        self._model_tensors = model_tensors
-        first = self.tensor_names[0]  # watched by identity: `fully_shard` after construction is refused
-        self._sentinel = IdentityWatch(self.model, *slots[first])
-        self._signature = _layout_signature(model_tensors)
-        self._seen_changes = changes()
-
-    def _ensure_current(self) -> None:
-        """Follow the model: new tensors or storage are re-read; a change of shape, memory layout or device raises."""
-        if self._seen_changes == changes() and not self._plan.stale() and not self._sentinel.moved():
-            return
-        slots = tensor_slots(self.model)
-        missing = [name for name in self.tensor_names if name not in slots]
-        if missing:
-            raise RuntimeError(f"The model no longer has the tensors {missing} that this PostHocEMA averages")
-        if any(is_sharded(slots[name][1]) for name in self.tensor_names):
-            raise RuntimeError(
-                "The model was sharded (FSDP2 fully_shard) after this PostHocEMA was built; PostHocEMA does not "
-                "support sharded models yet"
-            )
-        current = {name: local_part(slots[name][1]) for name in self.tensor_names}
-        # Compared with the layout the EMAs were built in, not with the tensor objects: `model.to(...)`
-        # and `p.data = ...` change a Parameter's data and keep the object.
-        for name, tensor in current.items():
-            if _layout(tensor) != self._built_layouts[name]:
-                raise RuntimeError(
-                    f"The model's tensor {name} changed shape, memory layout or device; PostHocEMA follows new "
-                    "tensors and dtypes only. Build it after moving or converting the model."
-                )
-        if _layout_signature(current) == self._signature and all(
-            current[name] is self._model_tensors[name] for name in self.tensor_names
-        ):
-            for stacked in self._stacked:
-                stacked.rebaseline()  # a transient view of a packed buffer, nothing moved
-            self._seen_changes = changes()
-            return
-        self._plan = Plan([])  # drop the old steps (and their hold on packed buffers) before planning anew
-        self._stacked = []
-        self._plan_steps()
 
     # ---- updating ------------------------------------------------------------------------------------
 
@@ -329,14 +152,12 @@ class PostHocEMA:
         if step % self.update_every:
             self.num_steps = step
             return
-        self._ensure_current()
+        self._stacks.ensure_current()
         weights = [1.0 - decay for decay in self.decays(step)]
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            for stacked in self._stacked:
-                stacked.set_weights(weights)
-            self._plan.step(0.0)
+            self._stacks.step(weights)
         except Exception as error:  # some EMAs (or some of their elements) moved, others not: none is usable
             self._latch.fail(error)
         finally:
@@ -367,18 +188,14 @@ class PostHocEMA:
         """The EMA model of one tracked `sigma_rel` (eval mode, no gradients; its tensors view the shared buffer)."""
         self._swap.check_outside("module_for()")
         self._latch.check()
-        self._ensure_current()
-        return self._modules[self._index(sigma_rel)]
+        self._stacks.ensure_current()
+        return self._stacks.modules[self._index(sigma_rel)]
 
     def ema_tensors(self, sigma_rel: float) -> dict[str, Tensor]:
         """The tracked tensors of one EMA by state-dict name (views; counts shared by all)."""
         self._swap.check_outside("ema_tensors()")
         self._latch.check()
-        return self._ema_views(self._index(sigma_rel))
-
-    def _ema_views(self, index: int) -> dict[str, Tensor]:
-        views = self._views[index]
-        return {name: views[name] if name in views else self._copies[name] for name in self.tensor_names}
+        return self._stacks.views_of(self._index(sigma_rel))
 
     @property
     def ema_weights_in_use(self) -> bool:
@@ -390,11 +207,14 @@ class PostHocEMA:
         """Temporarily put one tracked EMA into the live model, in place; the model's weights come back exactly."""
         self._swap.check_outside("use_ema_weights()")
         self._latch.check()
-        self._ensure_current()
-        views = self._ema_views(self._index(sigma_rel))
+        self._stacks.ensure_current()
+        views = self._stacks.views_of(self._index(sigma_rel))
         slots = tensor_slots(self.model)
         self._swap.enter(
-            [(name, self._model_tensors[name], views[name], slots[name][0].is_parameter) for name in self.tensor_names]
+            [
+                (name, self._stacks.model_tensors[name], views[name], slots[name][0].is_parameter)
+                for name in self.tensor_names
+            ]
         )
         try:
             yield self.model
@@ -411,14 +231,13 @@ class PostHocEMA:
         """
         if self.snapshot_dir is None or self._snapshot_dir_checked:
             return
-        if self.snapshot_dir.is_dir():
-            others = sorted({header.run for header in _read_headers(self.snapshot_dir)} - {self.run_id})
-            if others:
-                raise ValueError(
-                    f"Invalid snapshot_dir: {self.snapshot_dir} holds snapshots of another training run "
-                    f"({len(others)} other run id(s)); synthesis would mix them with this run's. Use an empty "
-                    "directory per run, delete the old snapshots, or resume that run (load_state_dict)."
-                )
+        others = other_runs(self.snapshot_dir, self.run_id)
+        if others:
+            raise ValueError(
+                f"Invalid snapshot_dir: {self.snapshot_dir} holds snapshots of another training run "
+                f"({len(others)} other run id(s)); synthesis would mix them with this run's. Use an empty "
+                "directory per run, delete the old snapshots, or resume that run (load_state_dict)."
+            )
         self._snapshot_dir_checked = True
 
     def snapshot(self) -> list[Path]:
@@ -435,30 +254,25 @@ class PostHocEMA:
         if rank() == 0:
             self.check_snapshot_dir()
         step = self.last_update_step
-        layout = [(name, tuple(self._model_tensors[name].shape)) for name in self.tensor_names]
+        layout = [(name, tuple(self._stacks.model_tensors[name].shape)) for name in self.tensor_names]
         paths = []
         for index, (sigma_rel, gamma) in enumerate(zip(self.sigma_rels, self.gammas)):
-            path = self.snapshot_dir / f"posthoc-step{step:010d}-ema{index}.pt"
+            path = snapshot_path(self.snapshot_dir, step, index)
             paths.append(path)
             if rank() != 0:
                 continue
-            tensors = {}
-            for name, tensor in self._ema_views(index).items():
-                dtype = self.snapshot_dtype if self.snapshot_dtype is not None and tensor.is_floating_point() else None
-                tensors[name] = tensor.detach().to("cpu", dtype or tensor.dtype, copy=True)
-            atomic_save(
+            write_snapshot(
+                path,
+                self._stacks.views_of(index),
                 {
-                    "format": SNAPSHOT_FORMAT,
-                    "version": VERSION,
                     "run": self.run_id,
                     "step": step,
                     "gamma": gamma,
                     "sigma_rel": sigma_rel,
                     "update_every": self.update_every,
                     "layout": layout,
-                    "tensors": tensors,
                 },
-                path,
+                self.snapshot_dtype,
             )
         self.last_snapshot_step = step
         return paths
@@ -477,7 +291,7 @@ class PostHocEMA:
             "num_updates": self.num_updates,
             "update_every": self.update_every,
             "snapshot_every": self.snapshot_every,
-            "emas": [self._ema_views(index) for index in range(self.num_emas)],
+            "emas": [self._stacks.views_of(index) for index in range(self.num_emas)],
         }
 
     @torch.no_grad()
@@ -506,7 +320,7 @@ class PostHocEMA:
             problems.append(f"'emas' must be a list of {self.num_emas} dicts")
         else:
             for index, (sigma_rel, saved) in enumerate(zip(self.sigma_rels, emas)):
-                for name, tensor in self._ema_views(index).items():
+                for name, tensor in self._stacks.views_of(index).items():
                     value = saved.get(name) if isinstance(saved, dict) else None
                     if not isinstance(value, Tensor) or value.shape != tensor.shape or value.dtype != tensor.dtype:
                         problems.append(f"{name} (sigma_rel {sigma_rel}): missing or of another shape or dtype")
@@ -515,7 +329,7 @@ class PostHocEMA:
         if problems or not isinstance(emas, list):
             raise ValueError("Invalid state_dict for this PostHocEMA (nothing was loaded): " + "; ".join(problems))
         for index, saved in enumerate(emas):
-            for name, tensor in self._ema_views(index).items():
+            for name, tensor in self._stacks.views_of(index).items():
                 tensor.copy_(saved[name])
         self.num_steps, self.num_updates = int(state_dict["num_steps"]), int(state_dict["num_updates"])
         self.run_id, self.last_snapshot_step = str(run), last_snapshot  # the same run continues
@@ -537,96 +351,3 @@ class PostHocEMA:
             f"PostHocEMA(sigma_rels={self.sigma_rels}, gammas={[round(g, 3) for g in self.gammas]}, "
             f"tensors={len(self.tensor_names)}, num_steps={self.num_steps}, snapshot_every={self.snapshot_every})"
         )
-
-
-def _layout(tensor: Tensor) -> tuple:
-    return tuple(tensor.shape), layout_strides(tensor), tensor.device
-
-
-def _layout_signature(tensors: dict[str, Tensor]) -> list[tuple]:
-    return [(tensor.data_ptr(), tensor.dtype, tensor.device, layout_strides(tensor)) for tensor in tensors.values()]
-
-
-# ---- synthesis -----------------------------------------------------------------------------------------
-
-
-class SnapshotHeader(NamedTuple):
-    path: Path
-    run: str
-    step: int
-    gamma: float
-    layout: tuple
-
-
-def _read_headers(snapshot_dir: Path) -> list[SnapshotHeader]:
-    """The header of every snapshot file in `snapshot_dir`, checked (tensors memory-mapped, not read)."""
-    headers = []
-    for path in sorted(snapshot_dir.iterdir()):
-        if not _SNAPSHOT_NAME.match(path.name):
-            continue
-        state = read_checkpoint(path, mmap=True)  # raises, naming the file, if it is damaged
-        if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT or state.get("version") != VERSION:
-            raise ValueError(f"Invalid snapshot {path}: not a {SNAPSHOT_FORMAT} v{VERSION} file")
-        step = state.get("step")
-        if not isinstance(step, int) or step <= 0 or not isinstance(state.get("run"), str):
-            raise ValueError(f"Invalid snapshot {path}: its step {step!r} is not an int > 0, or it names no run")
-        layout = tuple(tuple(entry) for entry in state["layout"])
-        headers.append(SnapshotHeader(path, state["run"], step, float(state["gamma"]), layout))
-        del state
-    return headers
-
-
-def _snapshot_headers(snapshot_dir: Path) -> list[SnapshotHeader]:
-    """The snapshots of one run in `snapshot_dir`, sorted by step; anything else raises."""
-    if not snapshot_dir.is_dir():
-        raise FileNotFoundError(f"No snapshot directory at {snapshot_dir}")
-    headers = _read_headers(snapshot_dir)
-    if not headers:
-        raise ValueError(f"Invalid snapshot_dir: {snapshot_dir} holds no posthoc-step*-ema*.pt snapshots")
-    if len({header.run for header in headers}) > 1:
-        raise ValueError(
-            f"Invalid snapshot_dir: {snapshot_dir} mixes snapshots of different training runs; keep one run per "
-            "directory"
-        )
-    if len({header.layout for header in headers}) > 1:
-        raise ValueError(
-            f"Invalid snapshot_dir: {snapshot_dir} mixes snapshots of different models (tensor names or shapes "
-            "differ); keep one training run per directory"
-        )
-    return sorted(headers, key=lambda header: header.step)
-
-
-def synthesize(snapshot_dir: str | os.PathLike, sigma_rel: float, step: int | None = None) -> dict[str, Tensor]:
-    """The EMA of relative width `sigma_rel` at `step` (default: the last snapshot's), from the snapshots.
-
-    Keyed like `model.state_dict()` (the averaged tensors; counts such as `num_batches_tracked` from
-    the latest snapshot used). Only snapshots taken at or before `step` take part; the combination
-    is computed in float64, one snapshot in memory at a time.
-    """
-    sigma_rel = check_sigma_rel(sigma_rel)
-    headers = _snapshot_headers(Path(snapshot_dir))
-    steps = sorted({header.step for header in headers})
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ValueError(f"Invalid step: {step}; {snapshot_dir} has snapshots at steps {steps}")
-    used = [header for header in headers if header.step <= step]
-    coefficients = snapshot_coefficients(
-        [header.step for header in used], [header.gamma for header in used], step, sigma_rel_to_gamma(sigma_rel)
-    )
-    totals: dict[str, Tensor] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    latest: dict[str, Tensor] = {}
-    for header, coefficient in zip(used, coefficients.tolist()):
-        state = read_checkpoint(header.path, mmap=True)
-        assert isinstance(state, dict)
-        for name, tensor in state["tensors"].items():
-            if is_averaged(tensor):  # floating and complex tensors, summed in 64 bits
-                wide = tensor.to(torch.complex128 if tensor.is_complex() else torch.float64, copy=True)
-                contribution = wide.mul_(coefficient)
-                totals[name] = contribution if name not in totals else totals[name].add_(contribution)
-                dtypes[name] = tensor.dtype
-            else:
-                latest[name] = tensor.clone()  # sorted by step: the last one seen is the latest (copied off the map)
-        del state
-    return {**{name: total.to(dtypes[name]) for name, total in totals.items()}, **latest}
