@@ -152,13 +152,7 @@ class ModelEMA:
         weight = 1.0 - decay**self.update_every
         if 0.0 < weight < tracker.underflow.weight:
             tracker.underflow.warn(decay, weight, self.update_every)
-        # What `torch.no_grad()` does, without its Python context-manager cost (a few microseconds).
-        grad_was_enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
-            tracker.step(weight)
-        finally:
-            torch._C._set_grad_enabled(grad_was_enabled)
+        tracker.step(weight)
         self.num_updates += 1
         self.last_decay = decay
 
@@ -167,11 +161,10 @@ class ModelEMA:
         self._tracker.synchronize()
 
     def before_model_write(self) -> None:
-        """Call before changing the model's weights outside a `torch.optim` optimizer step (offloaded EMA only).
+        """Call before changing the model's weights outside a `torch.optim` step (offloaded EMA only).
 
-        Makes the current CUDA stream wait, on the GPU, until the last snapshot of the model
-        for an offloaded update has been copied. `torch.optim` optimizers and the fastai
-        callbacks do this already.
+        The current CUDA stream waits, on the GPU, until the last snapshot of the model for an offloaded update
+        has been copied. `torch.optim` optimizers and the fastai callbacks do this already.
         """
         self._tracker.plan.before_model_write()
 
@@ -202,13 +195,6 @@ class ModelEMA:
             self._tracker.follow()
         return self._tracker.module
 
-    def _ema_values(self) -> list[Tensor]:
-        """The EMA's tensors as they stand, wherever they are (inside use_ema_weights(), partly in the model)."""
-        swap = self._swap.swap
-        if swap is None:
-            return list(self._tracker.binding.ema_tensors)
-        return [swap.ema_value(index).detach().clone() for index in range(len(self.tensor_names))]
-
     def reset(self) -> None:
         """Restart the average from the model's current weights."""
         self._swap.check_outside("reset()")
@@ -224,14 +210,13 @@ class ModelEMA:
         self._readable()
         self.before_model_write()
         targets = self._tracker.binding.model_locals if model is None else self._tracker.matching(model, "copy_to")
-        for target, ema_tensor in zip(targets, self._ema_values()):
+        for target, ema_tensor in zip(targets, self._swap.ema_values(self._tracker.binding.ema_tensors)):
             target.copy_(ema_tensor)
 
     def copy_from(self, module: nn.Module | ModelEMA) -> None:
-        """Set the EMA weights from another module with the same names and shapes (e.g. an earlier EMA).
+        """Set the EMA weights from a module with the same names and shapes, or from another `ModelEMA` of the model.
 
-        Another `ModelEMA` of this model is read part by part, by name (a sharded EMA's way): a
-        tensor it did not average (frozen then) keeps its value here.
+        Another EMA is read by name, part by part (a sharded EMA's way); what it did not average keeps its value.
         """
         self._swap.check_outside("copy_from()")
         if isinstance(module, ModelEMA):
@@ -277,7 +262,7 @@ class ModelEMA:
         CPU memory: a collective that every rank must call.
         """
         self._readable()
-        tensors = dict(zip(self.tensor_names, self._ema_values()))
+        tensors = dict(zip(self.tensor_names, self._swap.ema_values(self._tracker.binding.ema_tensors)))
         for name, layout in self._tracker.layouts.items():
             tensors[name] = gather_full(tensors[name].to(layout.device), layout).cpu()
         return make_state_dict(tensors, self.num_updates, self.num_steps, self.decay, self.last_decay, self.config())
@@ -311,12 +296,10 @@ class ModelEMA:
         self.last_decay = last_decay
 
     def sharded_state(self, purpose: str | None = None) -> ShardedEMAState:
-        """This EMA as a `torch.distributed.checkpoint` `Stateful`: `dcp.save({..., "ema": ema.sharded_state()})`.
+        """This EMA as a `torch.distributed.checkpoint` `Stateful`: `dcp.save({..., "ema": ema.sharded_state("save")})`.
 
-        Under FSDP2 each rank saves and loads its own shard (no gather), and loading reshards to
-        any world size, or to one process with an unsharded model. `purpose` ("save" or "load")
-        says what the state is for; None tells DCP's save and load apart by their caller (see
-        `fastema.core.sharded_state`).
+        Under FSDP2 each rank saves and loads its own shard (no gather); a load reshards to any world size or to one
+        process. `purpose` ("save" or "load") says what the state is for: give it (None guesses from the caller).
         """
         from .sharded_state import ShardedEMAState  # torch.distributed.checkpoint only when asked for
 

@@ -112,6 +112,12 @@ class SwapGuard:
     def active(self) -> bool:
         return self.swap is not None
 
+    def ema_values(self, ema_tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The EMA's tensors as they stand, wherever they are (inside a swap, partly in the model: copies then)."""
+        if self.swap is None:
+            return list(ema_tensors)
+        return [self.swap.ema_value(index).detach().clone() for index in range(len(ema_tensors))]
+
     def check_outside(self, what: str) -> None:
         """Raise if `what` is called while the EMA weights are in the model."""
         if self.swap is not None:
