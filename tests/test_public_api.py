@@ -4,6 +4,8 @@ import inspect
 import re
 import textwrap
 
+import torch
+
 import fastema
 
 
@@ -62,6 +64,43 @@ def test_callback_signatures_match_the_contract():
         ("skip_ema", True),
         *ADDED_ARGUMENTS,
     ]
+
+
+# A value other than the default for each option EMACallback and EMASchedule share.
+SHARED_VALUES = dict(
+    ema_device="cpu",
+    validate_ema=False,
+    replace_weights=True,
+    foreach=False,
+    resume=True,
+    all_parameters=True,
+    all_buffers=True,
+    flatten_model=True,
+    ema_dtype=torch.float64,
+    update_every=3,
+)
+
+
+def test_the_shared_options_are_listed_once_and_every_one_reaches_both_callbacks():
+    from fastema.fastai.callbacks import SHARED_OPTIONS
+
+    for callback in (fastema.EMACallback, fastema.EMASchedule):
+        names = list(inspect.signature(callback).parameters)
+        assert [name for name in names if name in SHARED_OPTIONS] == list(SHARED_OPTIONS)
+        assert set(names) - set(SHARED_OPTIONS) <= {
+            "decay",
+            "start_decay",
+            "final_decay",
+            "start",
+            "finish",
+            "schedule",
+            "skip_ema",
+        }
+    assert sorted(SHARED_VALUES) == sorted(SHARED_OPTIONS)
+    for name, value in SHARED_VALUES.items():
+        arguments = {name: value, **({"foreach": None} if name == "flatten_model" else {})}
+        for callback in (fastema.EMACallback(**arguments), fastema.EMASchedule(**arguments)):
+            assert getattr(callback, name) == value, (type(callback).__name__, name)
 
 
 def test_engine_does_not_import_fastai():

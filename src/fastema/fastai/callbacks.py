@@ -124,6 +124,27 @@ def _copy_engine_state(source: ModelEMA, target: ModelEMA) -> None:
         target.load_state_dict(source.state_dict())
 
 
+# The keyword arguments EMACallback and EMASchedule share after their own. Their signatures spell them out (the
+# seed's signatures, fastai's docments and the docs need them there); this is the one list that passes them on.
+SHARED_OPTIONS = (
+    "ema_device",
+    "validate_ema",
+    "replace_weights",
+    "foreach",
+    "resume",
+    "all_parameters",
+    "all_buffers",
+    "flatten_model",
+    "ema_dtype",
+    "update_every",
+)
+
+
+def _shared_options(arguments: dict) -> dict:
+    """The shared options among a constructor's `locals()`."""
+    return {name: arguments[name] for name in SHARED_OPTIONS}
+
+
 class AveragingCallback(Callback, EMACheckpointing):
     "What every fastema callback does with fastai's events: start, update on real steps, validate with the EMA"
 
@@ -346,52 +367,17 @@ class EMACallback(AveragingCallback):
         update_every: int = 1,  # update every N-th optimizer step only, with decay**N (see ModelEMA.update)
     ):
         self.decay = check_decay(decay, "decay")
-        self._init_common(
-            start,
-            ema_device,
-            validate_ema,
-            replace_weights,
-            foreach,
-            resume,
-            all_parameters,
-            all_buffers,
-            skip_ema,
-            flatten_model,
-            ema_dtype,
-            update_every,
-        )
+        self._init_common(start, skip_ema, **_shared_options(locals()))
 
-    def _init_common(
-        self,
-        start,
-        ema_device,
-        validate_ema,
-        replace_weights,
-        foreach,
-        resume,
-        all_parameters,
-        all_buffers,
-        skip_ema,
-        flatten_model,
-        ema_dtype,
-        update_every,
-    ):
-        check_device(ema_device, "ema_device")
-        for name, flag in dict(
-            validate_ema=validate_ema,
-            replace_weights=replace_weights,
-            resume=resume,
-            all_parameters=all_parameters,
-            all_buffers=all_buffers,
-        ).items():
-            check_flag(flag, name)
-        check_flatten_model(flatten_model, check_foreach(foreach))
-        check_ema_dtype(ema_dtype)
-        check_update_every(update_every)
-        store_attr(
-            "ema_device,validate_ema,replace_weights,foreach,resume,all_parameters,all_buffers,flatten_model,"
-            "ema_dtype,update_every"
-        )
+    def _init_common(self, start: int | float, skip_ema: bool, **options) -> None:
+        """Check and store the options EMACallback and EMASchedule share (each checked once, here)."""
+        check_device(options["ema_device"], "ema_device")
+        for name in ("validate_ema", "replace_weights", "resume", "all_parameters", "all_buffers"):
+            check_flag(options[name], name)
+        check_flatten_model(options["flatten_model"], check_foreach(options["foreach"]))
+        check_ema_dtype(options["ema_dtype"])
+        check_update_every(options["update_every"])
+        store_attr(**options)
         self._init_events(start, skip_ema)
 
     def _decay_at(self, step: int) -> float:
@@ -415,10 +401,7 @@ class EMACallback(AveragingCallback):
         previous = loaded_engine if sharded else getattr(self.learn, "model_ema", None)
         if self.resume and previous is not None:  # without one (the first fit of fine_tune), start afresh
             try:
-                if sharded:
-                    engine.copy_from(previous)
-                else:
-                    engine.copy_from(previous)
+                engine.copy_from(previous)
             except ValueError as error:
                 raise ValueError(f"Invalid resume: the previous EMA does not match the model ({error})") from error
             self._resumed = True
@@ -573,20 +556,7 @@ class EMASchedule(EMACallback):
                 raise ValueError(f"Invalid finish: {self.finish}; it must come after start={self.start}")
             self._annealer = make_annealer(schedule, self.start_decay, self.final_decay)
         self.decay = self.start_decay  # the current decay, updated at every EMA step
-        self._init_common(
-            start,
-            ema_device,
-            validate_ema,
-            replace_weights,
-            foreach,
-            resume,
-            all_parameters,
-            all_buffers,
-            skip_ema,
-            flatten_model,
-            ema_dtype,
-            update_every,
-        )
+        self._init_common(start, skip_ema, **_shared_options(locals()))
 
     def _compute_steps(self, n_epoch: int, n_iter: int) -> None:
         super()._compute_steps(n_epoch, n_iter)
