@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from fastema import ModelEMA
+from fastema.core import offload as _offload
 from fastema.core import steps as _steps
+from fastema.core.offload import OffloadedStep
 from fastema.core.plan import kernel_steps
-from fastema.core.steps import OffloadedStep
 from helpers import ToyNet, all_tensors, assert_matches_reference, assert_state_matches, update_forbidding_cuda_sync
 from reference import ReferenceEMA, expected_tracked, snapshot
 
@@ -241,19 +242,19 @@ def test_optimizer_hook_reaches_each_offloaded_step_and_goes_away_with_the_last(
         parameter.grad = torch.ones(3)
         torch.optim.SGD([parameter], lr=0.1).step()
 
-    assert not _steps.optimizer_hook_installed()
+    assert not _offload.optimizer_hook_installed()
     first, second = Waiting(), Waiting()
-    _steps._watch_optimizer_steps(first)
-    _steps._watch_optimizer_steps(second)
+    _offload._watch_optimizer_steps(first)
+    _offload._watch_optimizer_steps(second)
     sgd_step()
     assert sorted(map(id, calls)) == sorted([id(first), id(second)])
     calls.clear()
-    _steps._unwatch_optimizer_steps(first)
-    assert _steps.optimizer_hook_installed()  # `second` still needs it
+    _offload._unwatch_optimizer_steps(first)
+    assert _offload.optimizer_hook_installed()  # `second` still needs it
     del second
     gc.collect()
-    _steps._release(None, watched=True)  # what a collected OffloadedStep's finalizer does
-    assert not _steps.optimizer_hook_installed()
+    _offload._release(None, watched=True)  # what a collected OffloadedStep's finalizer does
+    assert not _offload.optimizer_hook_installed()
     sgd_step()
     assert calls == []
 

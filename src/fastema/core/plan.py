@@ -1,7 +1,7 @@
 """The update plan: (EMA tensor, model tensor) pairs turned once into a flat list of steps.
 
 Pairs are grouped by the devices and dtypes of both sides, and each group gets one step from
-`_steps`: fused (`_foreach_lerp_`) or a loop for one device and dtype, staged for a wider EMA
+`steps`: fused (`_foreach_lerp_`) or a loop for one device and dtype, staged for a wider EMA
 dtype, offloaded for another device. With `flatten_model=True` the planner first packs what
 it can into one buffer per group (`PackedStep`), so an update is a single `lerp_`:
 
@@ -23,9 +23,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .offload import OffloadedStep
 from .steps import (
     KernelStep,
-    OffloadedStep,
     PackedStep,
     SlotStep,
     StagedStep,
