@@ -14,7 +14,7 @@ from .posthoc.snapshots import synthesize as synthesize
 if TYPE_CHECKING:
     from .fastai.callbacks import EMACallback as EMACallback
     from .fastai.callbacks import EMASchedule as EMASchedule
-    from .fastai.callbacks import PostHocEMACallback as PostHocEMACallback
+    from .fastai.posthoc import PostHocEMACallback as PostHocEMACallback
 
 __version__ = "0.1.0"
 

@@ -151,7 +151,7 @@ def run_posthoc_demo(
     from fastai.optimizer import Adam
     from fastai.torch_core import set_seed
 
-    from .fastai.callbacks import PostHocEMACallback
+    from .fastai.posthoc import PostHocEMACallback
 
     set_seed(seed)
     output = Path(output)

@@ -4,6 +4,7 @@ Importing this package patches `Learner.save`/`Learner.load` (fastai's `@patch` 
 behave as fastai's own whenever no EMA callback is attached.
 """
 
-from .callbacks import EMACallback, EMASchedule, PostHocEMACallback, posthoc_sweep
+from .callbacks import EMACallback, EMASchedule
+from .posthoc import PostHocEMACallback, posthoc_sweep
 
 __all__ = ["EMACallback", "EMASchedule", "PostHocEMACallback", "posthoc_sweep"]
