@@ -810,6 +810,19 @@ def test_hf_resume_without_an_ema_file_warns_and_a_file_of_another_step_raises(t
         )
 
 
+def test_hf_resume_refuses_an_ema_saved_with_another_update_every_and_changes_nothing(tmp_path):
+    from fastema.transformers import EMACallback
+
+    hf_trainer(
+        tiny_bert(), EMACallback(decay=0.8, update_every=2), tmp_path, save_strategy="steps", save_steps=4
+    ).train()
+    model = tiny_bert()
+    callback = EMACallback(decay=0.8)  # update_every=1: the saved counts would mean something else
+    with pytest.raises(ValueError, match=r"update_every 2 != 1"):
+        hf_trainer(model, callback, tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert callback.engine is None or callback.engine.num_updates == 0
+
+
 def test_hf_replace_weights_puts_the_ema_into_the_model(tmp_path):
     from fastema.transformers import EMACallback
 

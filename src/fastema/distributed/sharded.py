@@ -1,10 +1,10 @@
 """Sharded EMA checkpoints with PyTorch Distributed Checkpoint (DCP): no rank gathers the EMA.
 
     import torch.distributed.checkpoint as dcp
-    dcp.save({"model": model.state_dict(), "ema": ema.sharded_state()}, checkpoint_id="ckpt/step1000")
-    dcp.load({"model": ..., "ema": ema.sharded_state()}, checkpoint_id="ckpt/step1000")
+    dcp.save({"model": model.state_dict(), "ema": ema.sharded_state("save")}, checkpoint_id="ckpt/step1000")
+    dcp.load({"model": ..., "ema": ema.sharded_state("load")}, checkpoint_id="ckpt/step1000")
 
-`ModelEMA.sharded_state()` is a DCP `Stateful`. Under FSDP2 its tensors are the EMA's shards,
+`ModelEMA.sharded_state(purpose)` is a DCP `Stateful`. Under FSDP2 its tensors are the EMA's shards,
 laid out as the model's DTensors, so every rank writes its own shard in parallel and `dcp.load`
 reshards to whatever layout the loading job has: 2 ranks to 3, or to one process with an
 unsharded model (and back). Everything in it is a tensor (the counts, the decays, the tensor

@@ -115,7 +115,7 @@ def _resumed_epoch(learn) -> int:
 def _copy_engine_state(source: ModelEMA, target: ModelEMA) -> None:
     """`target` takes `source`'s EMA and counts; shard by shard for a sharded EMA (no rank gathers it)."""
     if source.sharded:
-        target.sharded_state().load_state_dict(source.sharded_state().state_dict())
+        target.sharded_state("load").load_state_dict(source.sharded_state("save").state_dict())
     else:
         target.load_state_dict(source.state_dict())
 

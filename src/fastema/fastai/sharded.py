@@ -9,7 +9,7 @@ writes its own shards of:
     opt           with `with_opt`: fastai's `Optimizer.state_dict()` ({"state": one dict per
                   parameter, "hypers": one dict per group}), or, for an `OptimWrapper` around a
                   torch optimizer, DCP's `get_optimizer_state_dict` (keyed by parameter name)
-    ema           `ModelEMA.sharded_state()` (see `fastema.sharded`)
+    ema           `ModelEMA.sharded_state()` (see `fastema.distributed`)
     ema_callback  where the EMA callback stood (`started`, `decay`)
 
 `learn.save` and `learn.load` are collectives: every rank calls them (as fastai's
