@@ -133,6 +133,20 @@ def test_an_exception_inside_the_swap_restores_the_model_and_propagates():
     assert not ema.ema_weights_in_use
 
 
+def test_a_model_that_loses_a_tracked_tensor_inside_the_swap_raises_and_the_ema_is_free_again():
+    model, ema = moved_apart({})
+    own_weights = model_state(model)
+    held = model.head.weight  # the tensor the swap wrote the EMA into
+    with pytest.raises(KeyError), ema.use_ema_weights():
+        del model.head.weight  # finding where the model keeps it now fails
+    assert not ema.ema_weights_in_use  # released: the next calls are not refused as "inside use_ema_weights()"
+    assert torch.equal(held, own_weights["head.weight"])  # the model's own values went back where the swap wrote
+    for name, value in model_state(model).items():
+        assert torch.equal(value, own_weights[name]), name
+    with pytest.raises(RuntimeError, match="no longer has the tensors"):  # not "called inside use_ema_weights()"
+        ema.refresh()
+
+
 @pytest.mark.parametrize("options", LAYOUTS)
 @pytest.mark.parametrize("failing_copy", [1, 2, 4, 7])
 def test_a_swap_that_fails_part_way_through_entering_puts_everything_back(options, failing_copy, monkeypatch):
@@ -158,3 +172,19 @@ def test_a_swap_that_fails_part_way_through_entering_puts_everything_back(option
     assert not ema.ema_weights_in_use
     with ema.use_ema_weights():  # and the next swap works
         pass
+
+
+def test_the_state_dict_keeps_the_key_order_of_fastema_0_1():
+    _, ema = moved_apart({})
+    assert list(ema.state_dict()) == [
+        "format",
+        "version",
+        "tensors",
+        "num_updates",
+        "num_steps",
+        "update_every",
+        "decay",
+        "last_decay",
+        "all_parameters",
+        "all_buffers",
+    ]

@@ -245,8 +245,7 @@ class ModelEMA:
         try:
             yield self.model
         finally:
-            reshard(self.model)  # FSDP2: drop unsharded copies that hold EMA values
-            self._swap.exit(self._tracker.moved_model_tensors())
+            self._swap.exit(self._tracker.tensors_after_swap)
 
     @property
     def ema_weights_in_use(self) -> bool:

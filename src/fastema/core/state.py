@@ -89,7 +89,9 @@ def make_state_dict(
         "tensors": tensors,
         "num_updates": num_updates,
         "num_steps": num_steps,
+        "update_every": config["update_every"],
         "decay": decay,
         "last_decay": last_decay,
-        **config,
+        "all_parameters": config["all_parameters"],
+        "all_buffers": config["all_buffers"],
     }

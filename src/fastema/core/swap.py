@@ -15,7 +15,7 @@ the way out, whichever way it was swapped, and reported to the caller.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -134,11 +134,21 @@ class SwapGuard:
         self.swap = swap
         return swap
 
-    def exit(self, targets: Sequence[Tensor] | None = None) -> None:
-        """Put the model's weights back (see `WeightSwap.exit`); warn, at the `with` line, about in-place writes."""
+    def exit(self, find_targets: Callable[[], Sequence[Tensor] | None] | None = None) -> None:
+        """Put the model's weights back (see `WeightSwap.exit`); warn, at the `with` line, about in-place writes.
+
+        `find_targets` says where the model keeps its tensors now, if they moved inside the swap. The swap
+        is released first: if finding them fails, the model's values still go back into the tensors the
+        swap wrote, and the error is raised.
+        """
         swap, self.swap = self.swap, None
         if swap is None:
             return
+        try:
+            targets = None if find_targets is None else find_targets()
+        except BaseException:
+            swap.exit(None)
+            raise
         written = swap.exit(targets)
         if written:
             warnings.warn(

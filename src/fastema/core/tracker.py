@@ -244,11 +244,12 @@ class Tracker:
             raise ValueError(f"Invalid copy_from: the other EMA's tensors have other shapes ({differing[:3]})")
         return shared
 
-    def moved_model_tensors(self) -> list[Tensor] | None:
-        """Where the model keeps its tracked tensors now, if they moved since the binding (None: they did not).
+    def tensors_after_swap(self) -> list[Tensor] | None:
+        """Where the model keeps its tracked tensors as a swap ends, if they moved since the binding (None: not).
 
         One pass over the model: `p.data = ...` moves no counter, so the binding is compared.
         """
+        reshard(self.model)  # FSDP2: drop unsharded copies that hold EMA values
         if self.binding.current():
             return None
         slots = tensor_slots(self.model)

@@ -373,7 +373,7 @@ class EMACallback(AveragingCallback):
         check_flatten_model(options["flatten_model"], check_foreach(options["foreach"]))
         check_ema_dtype(options["ema_dtype"])
         check_update_every(options["update_every"])
-        store_attr(**options)
+        store_attr("", **options)  # these only: not `start` and `skip_ema` from this frame
         self._init_events(start, skip_ema)
 
     def _decay_at(self, step: int) -> float:

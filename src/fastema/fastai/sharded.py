@@ -375,7 +375,7 @@ def load(
             candidate = callback.sharded_candidate(names["ema"])
         except (KeyError, ValueError) as error:
             raise ValueError(f"Invalid checkpoint {checkpoint} (nothing was loaded): its EMA: {error}") from error
-        # DCP reads the EMA into fresh buffers and hands them to the candidate's checks (see fastema.sharded).
+        # DCP reads the EMA into fresh buffers and hands them to the candidate's checks (see fastema.distributed).
         template["ema"] = candidate.sharded_state("load")
         template["ema_callback"] = {
             "started": torch.empty((), dtype=torch.bool),
