@@ -166,6 +166,11 @@ class ModelResult:
         for peer in PEERS:
             if ms.get(peer) is not None and ours is not None:
                 self.ratios[f"{peer} / fastema"] = ms[peer] / ours  # type: ignore[operator]  # checked just above
+        # Like for like: the same tensors (parameters only, frozen ones copied), stepped the same way.
+        drop_in = ms.get("fastema.diffusers EMAModel")
+        for peer in ("diffusers EMAModel", "diffusers EMAModel foreach"):
+            if ms.get(peer) is not None and drop_in is not None:
+                self.ratios[f"{peer} / fastema.diffusers"] = ms[peer] / drop_in  # type: ignore[operator]
         if self.train_step_ms is not None and ours is not None:
             self.ratios["EMA share of train step"] = ours / (self.train_step_ms + ours)
 
