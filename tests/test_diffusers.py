@@ -113,6 +113,21 @@ def test_every_step_matches_diffusers_and_the_float64_reference(settings, foreac
     assert ours.cur_decay_value > 0.4  # past the copying steps: the steps above averaged
 
 
+def test_while_nothing_requires_grad_everything_is_copied():
+    model = tiny_unet().requires_grad_(False)
+    theirs = DiffusersEMAModel(model.parameters(), **NO_WARMUP)
+    ours = EMAModel(model.parameters(), **NO_WARMUP)
+    for step in range(1, 4):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.mul_(1.5)
+        theirs.step(model.parameters())
+        ours.step(model.parameters())
+        assert ours.cur_decay_value == theirs.cur_decay_value == reference_decay(step, **NO_WARMUP)
+        assert_shadows_equal(theirs.shadow_params, list(model.parameters()))
+        assert_shadows_equal(ours.shadow_params, list(model.parameters()))
+
+
 def test_an_ema_built_from_a_copy_follows_the_model_it_is_stepped_with():
     """train_text_to_image.py: the EMA is built from a copy of the UNet and stepped with the one that trains."""
     model = tiny_unet()

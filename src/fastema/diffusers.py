@@ -129,78 +129,14 @@ class EMAModel:
         self.model_cls = model_cls
         self.model_config = model_config
         self.temp_stored_params: list[Tensor] | None = None
-        self._names = list(named)
-        self._module = module
-        self._held: list[Tensor] = list(
-            named.values()
-        )  # the tensors `step()` got last (the engines read them), by position
-        self._shapes = [tuple(tensor.shape) for tensor in self._held]
-        self._flags = tuple(tensor.requires_grad for tensor in self._held)
-        self._device: torch.device | None = None  # where `to()` put the EMA (None: beside the model)
-        self._dtype: torch.dtype | None = None  # the dtype `to()` gave it (None: the model's)
-        self._parts = self._split(self._flags, None)
+        self._engines = _Engines(named, module, self.decay, foreach)
         if kwargs.get("device") is not None:
             self.to(device=kwargs["device"])
-
-    # ---- the engines ---------------------------------------------------------------------------------
 
     @property
     def engine(self) -> ModelEMA:
         """The `ModelEMA` of the parameters that require grad (of all of them while none does)."""
-        return self._parts[0].engine
-
-    def _split(self, flags: tuple[bool, ...], values: dict[str, Tensor] | None) -> list[_Part]:
-        """The averaged parameters (those requiring grad, or all if none does) and the copied ones, each
-        with its engine, starting from `values` (None: the model's)."""
-        averaged = [name for name, flag in zip(self._names, flags) if flag] or list(self._names)
-        copied = [name for name in self._names if name not in set(averaged)]
-        held = dict(zip(self._names, self._held))
-        options = dict(
-            decay=self.decay, foreach=True if self.foreach else None, device=self._device, ema_dtype=self._dtype
-        )
-        parts = [_Part(averaged, held, self._module, values, options)]
-        if copied:  # frozen parameters are copied at every step, so an unfrozen one restarts from its last copy
-            parts.append(_Part(copied, held, None, values, options))
-        return parts
-
-    def _rebuild(self, flags: tuple[bool, ...]) -> None:
-        """New engines for these flags and the current `to()` placement, holding the EMA's current values."""
-        values = self._ema_tensors()  # waits for an update in flight
-        parts = self._split(flags, values)
-        for part in self._parts:
-            part.engine.close()
-        self._parts, self._flags = parts, flags
-
-    def _ema_tensors(self) -> dict[str, Tensor]:
-        """The EMA's tensors by name, as the engines' modules hold them."""
-        tensors: dict[str, Tensor] = {}
-        for part in self._parts:
-            tensors.update(part.ema_tensors())
-        return tensors
-
-    def _read(self, parameters: Iterable[Tensor] | nn.Module, argument: str) -> tuple[list[Tensor], bool]:
-        """`parameters` as a list, checked against the EMA (as many tensors, of the same shapes), and
-        whether they are the very tensors the engines read (checked when they came)."""
-        if isinstance(parameters, nn.Module):
-            parameters = parameters.parameters()
-        tensors = _tensor_list(parameters, argument, checked=False)
-        if len(tensors) == len(self._held) and all(map(operator.is_, tensors, self._held)):
-            return tensors, True
-        tensors = _tensor_list(tensors, argument)
-        _check_shapes(tensors, self._shapes, argument, "the parameters this EMA averages (another model's?)")
-        return tensors, False
-
-    def _follow(self, tensors: list[Tensor]) -> None:
-        """Make the engines read `tensors` (checked by `_read`, not the ones they read): what `step()` got."""
-        if self._module is not None and not all(map(operator.is_, tensors, self._module.parameters())):
-            raise ValueError(
-                "Invalid parameters: this EMAModel was built on a module and averages that module's "
-                "parameters, not these; build it with EMAModel(model.parameters()) to step with another model's"
-            )
-        named = dict(zip(self._names, tensors))
-        for part in self._parts:
-            part.hold(named)
-        self._held = list(tensors)
+        return self._engines.parts[0].engine
 
     # ---- what training scripts call ------------------------------------------------------------------
 
@@ -222,35 +158,27 @@ class EMAModel:
 
     def step(self, parameters: Iterable[Tensor] | nn.Module) -> None:
         """Move the EMA toward `parameters` (the model's, after an optimizer step); frozen ones are copied."""
-        tensors, held = self._read(parameters, "parameters")
+        engines = self._engines
+        tensors, held = engines.read(parameters, "parameters")
         if not held:
-            self._follow(tensors)
-        flags = tuple(tensor.requires_grad for tensor in tensors)
-        if flags != self._flags:
-            self._rebuild(flags)
+            engines.follow(tensors)
         optimization_step = self.optimization_step + 1
         decay = self.get_decay(optimization_step)
-        averaged, *copied = self._parts
-        # While nothing requires grad everything is copied, as in diffusers: a decay of 0 copies exactly.
-        averaged.engine.update(decay=decay if any(flags) else 0.0)
-        for part in copied:
-            part.engine.update(decay=0.0)
+        engines.update(tensors, decay)
         self.optimization_step = optimization_step
         self.cur_decay_value = decay
 
     @property
     def shadow_params(self) -> list[Tensor]:
         """The EMA's tensors, in the order of the parameters (references, as diffusers returns them)."""
-        tensors = self._ema_tensors()
-        return [tensors[name].detach() for name in self._names]
+        tensors = self._engines.ema_tensors()
+        return [tensors[name].detach() for name in self._engines.names]
 
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[Tensor] | nn.Module) -> None:
         """Copy the EMA into `parameters` (any model's of the same shapes), converting device and dtype."""
-        tensors, held = self._read(parameters, "parameters")
-        named = dict(zip(self._names, tensors))
-        for part in self._parts:
-            part.copy_to(None if held else named)
+        tensors, held = self._engines.read(parameters, "parameters")
+        self._engines.copy_to(None if held else tensors)
 
     def store(self, parameters: Iterable[Tensor] | nn.Module) -> None:
         """Keep a copy of `parameters` in host memory, for `restore()` after an evaluation with the EMA."""
@@ -270,7 +198,7 @@ class EMAModel:
         tensors = _tensor_list(parameters, "parameters")
         stored = self.temp_stored_params
         _check_shapes(tensors, [tuple(saved.shape) for saved in stored], "parameters", "the tensors store() kept")
-        for part in self._parts:
+        for part in self._engines.parts:
             part.engine.before_model_write()  # an offloaded update may still be copying the model
         for tensor, saved in zip(tensors, stored):
             tensor.copy_(saved)
@@ -289,15 +217,8 @@ class EMAModel:
             raise TypeError(f"Invalid dtype: {dtype!r}; expected None or a floating torch.dtype")
         if device is not None and not isinstance(device, (str, torch.device, int)):
             raise TypeError(f"Invalid device: {device!r}; expected None, a device name or a torch.device")
-        placement = self._device, self._dtype
-        self._device = self._device if device is None else torch.device(device)
-        self._dtype = self._dtype if dtype is None else dtype
-        if (self._device, self._dtype) != placement:
-            try:
-                self._rebuild(self._flags)
-            except Exception:
-                self._device, self._dtype = placement
-                raise
+        engines = self._engines
+        engines.place(engines.device if device is None else torch.device(device), dtype or engines.dtype)
 
     def pin_memory(self) -> None:
         """Keep the EMA in host memory (`to("cpu")`); the engine pins the memory its copies go through."""
@@ -327,12 +248,15 @@ class EMAModel:
         if shadow is not None:
             if not isinstance(shadow, (list, tuple)) or not all(isinstance(tensor, Tensor) for tensor in shadow):
                 raise ValueError("Invalid state_dict['shadow_params']: expected a list of tensors")
+            names = self._engines.names
             _check_shapes(
-                list(shadow), self._shapes, "state_dict['shadow_params']", "this EMA's (another architecture's?)"
+                list(shadow),
+                self._engines.shapes,
+                "state_dict['shadow_params']",
+                "this EMA's (another architecture's?)",
             )
-            values = dict(zip(self._names, shadow))
-            for part in self._parts:
-                part.load(values)
+            for part in self._engines.parts:
+                part.load(dict(zip(names, shadow)))
         for key, value in settings.items():
             setattr(self, key, value)
 
@@ -364,6 +288,104 @@ class EMAModel:
         ema_model = cls(model.parameters(), model_cls=model_cls, model_config=model.config, foreach=foreach)
         ema_model.load_state_dict(settings)
         return ema_model
+
+
+class _Engines:
+    """The parameters `step()` gets, split into the averaged and the copied ones, each part with its `ModelEMA`.
+
+    The split follows `requires_grad` at every step, and the placement is `to()`'s (None: beside the
+    model, in its dtype); a change of either builds new engines from the EMA's current values.
+    """
+
+    def __init__(
+        self, named: Mapping[str, Tensor], module: nn.Module | None, decay: float, foreach: bool | None
+    ) -> None:
+        self.names = list(named)
+        self.module = module
+        self.held = list(named.values())  # the tensors `step()` got last (the engines read them), by position
+        self.shapes = [tuple(tensor.shape) for tensor in self.held]
+        self.flags = tuple(tensor.requires_grad for tensor in self.held)
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
+        self.options: dict[str, Any] = dict(decay=decay, foreach=True if foreach else None)
+        self.parts = self._split(self.flags, None)
+
+    def _split(self, flags: tuple[bool, ...], values: Mapping[str, Tensor] | None) -> list[_Part]:
+        """The averaged parameters (those requiring grad, or all if none does) and the copied ones, each
+        with its engine, starting from `values` (None: the model's)."""
+        averaged = [name for name, flag in zip(self.names, flags) if flag] or list(self.names)
+        copied = [name for name in self.names if name not in set(averaged)]
+        held = dict(zip(self.names, self.held))
+        options = dict(self.options, device=self.device, ema_dtype=self.dtype)
+        parts = [_Part(averaged, held, self.module, values, options)]
+        if copied:  # frozen parameters are copied at every step, so an unfrozen one restarts from its last copy
+            parts.append(_Part(copied, held, None, values, options))
+        return parts
+
+    def _rebuild(self, flags: tuple[bool, ...]) -> None:
+        parts = self._split(flags, self.ema_tensors())  # the values wait for an update in flight
+        for part in self.parts:
+            part.engine.close()
+        self.parts, self.flags = parts, flags
+
+    def place(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        """Keep the EMA on `device`, its floating tensors in `dtype` (None: beside the model, in its dtype)."""
+        placement = self.device, self.dtype
+        if (device, dtype) == placement:
+            return
+        self.device, self.dtype = device, dtype
+        try:
+            self._rebuild(self.flags)
+        except Exception:
+            self.device, self.dtype = placement
+            raise
+
+    def ema_tensors(self) -> dict[str, Tensor]:
+        """The EMA's tensors by name, as the engines' modules hold them."""
+        tensors: dict[str, Tensor] = {}
+        for part in self.parts:
+            tensors.update(part.ema_tensors())
+        return tensors
+
+    def read(self, parameters: Iterable[Tensor] | nn.Module, argument: str) -> tuple[list[Tensor], bool]:
+        """`parameters` as a list, checked against the EMA (as many tensors, of the same shapes), and
+        whether they are the very tensors the engines read (checked when they came)."""
+        if isinstance(parameters, nn.Module):
+            parameters = parameters.parameters()
+        tensors = _tensor_list(parameters, argument, checked=False)
+        if len(tensors) == len(self.held) and all(map(operator.is_, tensors, self.held)):
+            return tensors, True
+        tensors = _tensor_list(tensors, argument)
+        _check_shapes(tensors, self.shapes, argument, "the parameters this EMA averages (another model's?)")
+        return tensors, False
+
+    def follow(self, tensors: list[Tensor]) -> None:
+        """Make the engines read `tensors` (checked by `read`, not the ones they read): what `step()` got."""
+        if self.module is not None and not all(map(operator.is_, tensors, self.module.parameters())):
+            raise ValueError(
+                "Invalid parameters: this EMAModel was built on a module and averages that module's "
+                "parameters, not these; build it with EMAModel(model.parameters()) to step with another model's"
+            )
+        for part in self.parts:
+            part.hold(dict(zip(self.names, tensors)))
+        self.held = list(tensors)
+
+    def update(self, tensors: list[Tensor], decay: float) -> None:
+        """Average the parameters that require grad with `decay` (all with 0 while none does); copy the rest."""
+        flags = tuple(tensor.requires_grad for tensor in tensors)
+        if flags != self.flags:
+            self._rebuild(flags)
+        averaged, *copied = self.parts
+        # While nothing requires grad everything is copied, as in diffusers: a decay of 0 copies exactly.
+        averaged.engine.update(decay=decay if any(flags) else 0.0)
+        for part in copied:
+            part.engine.update(decay=0.0)
+
+    def copy_to(self, tensors: list[Tensor] | None) -> None:
+        """The EMA into `tensors`, by position (None: the tensors the engines read)."""
+        named = None if tensors is None else dict(zip(self.names, tensors))
+        for part in self.parts:
+            part.copy_to(named)
 
 
 class _Part:
