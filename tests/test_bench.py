@@ -112,6 +112,8 @@ def test_peers_are_timed_in_the_same_run_and_the_output_is_clean(capfd):
         assert result.ms[peer] > 0, peer
         assert result.ratios[f"{peer} / fastema"] == result.ms[peer] / result.ms["fastema"]
         assert f"| {peer} |" in out and f"| {peer} / fastema |" in out  # a time column and a ratio column
+    for peer in ("diffusers EMAModel", "diffusers EMAModel foreach"):  # and against the drop-in, like for like
+        assert result.ratios[f"{peer} / fastema.diffusers"] == result.ms[peer] / result.ms["fastema.diffusers EMAModel"]
     with pytest.raises(ValueError, match="peers"):
         bench.run_bench(
             models=["toy"], custom_models={"toy": (ToyNet, "image")}, peers=True, dtype="bfloat16", ema_dtype="float32"

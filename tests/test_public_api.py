@@ -139,6 +139,7 @@ MISSING_EXTRAS = textwrap.dedent(
     import fastema, fastema.__main__
     without(["lightning", "pytorch_lightning"], lambda: __import__("fastema.lightning"))
     without(["transformers"], lambda: __import__("fastema.transformers"))
+    without(["diffusers"], lambda: __import__("fastema.diffusers"))
     without(["fastai", "fastcore"], lambda: fastema.EMACallback)
     without(["matplotlib"], lambda: fastema.__main__.main(["demo", "--epochs", "1"]))
     """
@@ -155,6 +156,7 @@ def test_a_missing_extra_says_which_extra_to_install():
         'ImportError fastema.lightning needs lightning, which is not installed: pip install "fastema[lightning]"',
         "ImportError fastema.transformers needs transformers, which is not installed: pip install "
         '"fastema[transformers]"',
+        'ImportError fastema.diffusers needs diffusers, which is not installed: pip install "fastema[diffusers]"',
         "ImportError fastema.fastai (the fastai callbacks) needs fastai, which is not installed: pip install "
         '"fastema[fastai]"',
         'SystemExit fastema demo needs matplotlib, which is not installed: pip install "fastema[demo]"',

@@ -20,9 +20,11 @@ in the same interleaved rounds: timm `ModelEmaV3` (`ema.update(model, step=...)`
 `torch.optim.swa_utils.AveragedModel(multi_avg_fn=get_ema_multi_avg_fn(d))`
 (`update_parameters`), Lightning's `EMAWeightAveraging` (an `AveragedModel` with
 `avg_fn=get_ema_avg_fn(d)` and `use_buffers=True`, which the callback updates after each
-step), ema-pytorch (`EMA(model, beta=d, update_after_step=0, update_every=1).update()`) and
-torch-ema (`ExponentialMovingAverage(parameters, decay=d).update()`). `pip install fastema[bench]`
-installs them.
+step), ema-pytorch (`EMA(model, beta=d, update_after_step=0, update_every=1).update()`),
+torch-ema (`ExponentialMovingAverage(parameters, decay=d).update()`) and diffusers' `EMAModel`
+(`EMAModel(model.parameters(), decay=d, foreach=...).step(model.parameters())`, foreach off, its
+default, and on), beside fastema's drop-in for it, `fastema.diffusers.EMAModel`, called the same
+way. `pip install fastema[bench]` installs them.
 
 `--ema-dtype float32` with `--dtype bfloat16` times a float32 EMA of a bfloat16 model
 (`foreach_lerp` cannot run: `_foreach_lerp_` refuses mixed dtypes). `--ema-device cpu` with
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import platform
@@ -43,6 +46,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +61,9 @@ PEERS = [
     "Lightning EMAWeightAveraging",
     "ema-pytorch",
     "torch-ema",
+    "diffusers EMAModel",
+    "diffusers EMAModel foreach",
+    "fastema.diffusers EMAModel",
 ]
 OFFLOAD_METHOD = "fastema (training thread)"
 MEMORY_SHOWN = ["fastema", "fastema flat", "posthoc K=2"]
@@ -81,13 +88,38 @@ def _timm_model(name: str) -> Callable[[], nn.Module]:
     return build
 
 
+class _Denoiser(nn.Module):
+    """A diffusers `UNet2DModel` called as an image model: 32x32 crops of the input, timestep 0."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.unet(images[..., :32, :32], 0).sample
+
+
+def _ddpm_unet32() -> nn.Module:
+    from diffusers import UNet2DModel
+
+    # The block layout of google/ddpm-cifar10-32 (35.7M parameters), built from the configuration: no download.
+    return _Denoiser(
+        UNet2DModel(
+            sample_size=32,
+            block_out_channels=(128, 256, 256, 256),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        )
+    )
+
+
 def _deberta_base() -> nn.Module:
     from transformers import DebertaConfig, DebertaModel
 
     return DebertaModel(DebertaConfig())  # DebertaConfig's defaults are microsoft/deberta-base; no download
 
 
-# name -> (builder, kind of input); the seed's table first, then two small-tensor models.
+# name -> (builder, kind of input); the seed's table first, then two small-tensor models and a diffusion UNet.
 MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "xresnet50": (_fastai_model("xresnet50"), "image"),
     "xse_resnext50": (_fastai_model("xse_resnext50"), "image"),
@@ -97,6 +129,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "deberta_base": (_deberta_base, "tokens"),
     "mobilenetv3_small_100": (_timm_model("mobilenetv3_small_100"), "image"),
     "efficientnet_b0": (_timm_model("efficientnet_b0"), "image"),
+    "ddpm_unet32": (_ddpm_unet32, "image"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -133,6 +166,11 @@ class ModelResult:
         for peer in PEERS:
             if ms.get(peer) is not None and ours is not None:
                 self.ratios[f"{peer} / fastema"] = ms[peer] / ours  # type: ignore[operator]  # checked just above
+        # Like for like: the same tensors (parameters only, frozen ones copied), stepped the same way.
+        drop_in = ms.get("fastema.diffusers EMAModel")
+        for peer in ("diffusers EMAModel", "diffusers EMAModel foreach"):
+            if ms.get(peer) is not None and drop_in is not None:
+                self.ratios[f"{peer} / fastema.diffusers"] = ms[peer] / drop_in  # type: ignore[operator]
         if self.train_step_ms is not None and ours is not None:
             self.ratios["EMA share of train step"] = ours / (self.train_step_ms + ours)
 
@@ -166,7 +204,24 @@ def peer_steps(model: nn.Module) -> dict[str, Callable[[], None]]:
 
         torch_ema = ExponentialMovingAverage(model.parameters(), decay=DECAY)
         steps["torch-ema"] = torch_ema.update
+    if importlib.util.find_spec("diffusers") is not None:
+        from diffusers.training_utils import EMAModel as DiffusersEMAModel
+
+        from .diffusers import EMAModel
+
+        diffusers_emas = {
+            "diffusers EMAModel": DiffusersEMAModel(model.parameters(), decay=DECAY),
+            "diffusers EMAModel foreach": DiffusersEMAModel(model.parameters(), decay=DECAY, foreach=True),
+            "fastema.diffusers EMAModel": EMAModel(model.parameters(), decay=DECAY),
+        }
+        for name, diffusers_ema in diffusers_emas.items():
+            steps[name] = functools.partial(diffusers_step, diffusers_ema, model)
     return steps
+
+
+def diffusers_step(ema: Any, model: nn.Module) -> None:
+    """One step of a diffusers-style `EMAModel` as the training scripts take it: given the parameters each time."""
+    ema.step(model.parameters())
 
 
 def two_updates(first: ModelEMA, second: ModelEMA) -> None:
