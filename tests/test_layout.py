@@ -17,7 +17,7 @@ LAYERS = [
     ("posthoc",),
     ("distributed",),
     ("fastai", "_trainer", "lightning", "transformers", "diffusers", "deepspeed"),
-    ("bench", "demo", "__main__", "__init__", "_extras", "sharded", "callback", "learner_checkpoint"),
+    ("bench", "demo", "__main__", "__init__", "_extras", "_compat", "sharded", "callback", "learner_checkpoint"),
 ]
 # `_extras` (optional-framework errors) is a leaf every layer may use.
 LEAVES = {"_extras"}
@@ -42,7 +42,9 @@ def layer_of(name: str) -> int:
 def imports_of(path: Path) -> set[str]:
     """The fastema modules `path` imports (at import time or inside functions), as names inside the package."""
     me = module_name(path)
-    package = me.split(".") if path.name == "__init__.py" else me.split(".")[:-1]
+    # The package a relative import starts from: a package's own name (the root's is empty), else the parent's.
+    own_package = [] if me == "__init__" else me.split(".")
+    package = own_package if path.name == "__init__.py" else me.split(".")[:-1]
     found = set()
     tree = ast.parse(path.read_text())
     typing_only = {  # `if TYPE_CHECKING:` imports never run
@@ -87,6 +89,7 @@ def test_the_walk_sees_the_imports_it_should():
     assert "core.tracker" in GRAPH["core.model_ema"]
     assert "core.model_ema" in GRAPH["fastai.callbacks"]
     assert "posthoc.averager" in GRAPH["posthoc"]
+    assert {"_compat", "core.model_ema"} <= GRAPH["__init__"]
 
 
 @pytest.mark.parametrize("module", sorted(GRAPH))

@@ -670,6 +670,11 @@ def test_fastai_callback_tracks_the_power_emas_over_real_optimizer_steps_and_sna
         f"posthoc-step{s:010d}-ema{i}.pt" for s in (4, 8) for i in (0, 1)
     ]
     assert learn.posthoc_ema is callback.engine
+    learn.export("export.pkl")  # for inference: the K EMAs stay behind
+    from fastai.learner import load_learner
+
+    assert not hasattr(load_learner(tmp_path / "export.pkl"), "posthoc_ema")
+    assert learn.posthoc_ema is callback.engine
 
 
 def test_fastai_validation_with_a_tracked_ema_and_the_sweep(tmp_path):

@@ -188,3 +188,12 @@ def test_the_state_dict_keeps_the_key_order_of_fastema_0_1():
         "all_parameters",
         "all_buffers",
     ]
+
+
+def test_copy_from_another_ema_with_no_tensor_in_common_raises_and_changes_nothing():
+    _, ema = moved_apart({})
+    before = ema_state(ema)
+    with pytest.raises(ValueError, match="no name in common"):
+        ema.copy_from(ModelEMA(torch.nn.Linear(2, 2)))
+    for name, value in ema_state(ema).items():
+        assert torch.equal(value, before[name]), name

@@ -3,6 +3,8 @@
 from importlib.metadata import PackageNotFoundError, distribution
 from typing import TYPE_CHECKING
 
+from ._compat import install as _install_compat
+
 # `X as X`: an explicit re-export, for type checkers and linters (`__all__` below is computed).
 from .core.model_ema import ModelEMA as ModelEMA
 from .core.schedules import DecayWarmup as DecayWarmup
@@ -15,6 +17,8 @@ if TYPE_CHECKING:
     from .fastai.callbacks import EMACallback as EMACallback
     from .fastai.callbacks import EMASchedule as EMASchedule
     from .fastai.posthoc import PostHocEMACallback as PostHocEMACallback
+
+_install_compat()  # fastema 0.1's module paths, for old pickles
 
 __version__ = "0.1.0"
 

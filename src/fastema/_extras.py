@@ -24,7 +24,7 @@ def require(extra: str, what: str, *modules: str) -> None:
 def warn_moved(old: str, new: str) -> None:
     """A module kept at its old import path re-exports its successor and says where that is."""
     warnings.warn(
-        f"{old} moved to {new} in fastema 0.2; import from {new} (the old path goes in a later release)",
+        f"{old} moved to {new}; import from {new} (the old path goes in a later release)",
         DeprecationWarning,
         stacklevel=3,  # the line that imported the old path (warnings skips importlib's own frames)
     )

@@ -29,7 +29,7 @@ from .parallel import gather_full, reshard, shard_like, unwrap_model
 from .schedules import DecayWarmup, check_warmup
 from .state import CONFIG_KEYS, check_state_dict, make_state_dict
 from .swap import SwapGuard
-from .tracker import Tracker, named_tensors
+from .tracker import Tracker, migrate_v01, named_tensors
 from .tracking import Placement, tracked_parameters, tracked_tensors, watch_module_changes
 
 if TYPE_CHECKING:
@@ -325,7 +325,7 @@ class ModelEMA:
         return dict(self.__dict__)
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update(state if "_tracker" in state else migrate_v01(state))
         watch_module_changes()
 
     def __repr__(self) -> str:

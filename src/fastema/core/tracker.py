@@ -20,6 +20,7 @@ from .latch import FailureLatch
 from .parallel import is_sharded, local_part, reshard, unwrap_model
 from .plan import Plan, plan_update
 from .steps import is_dense
+from .swap import SwapGuard
 from .tracking import (
     Binding,
     IdentityWatch,
@@ -239,6 +240,8 @@ class Tracker:
         """The entries of `sources` (another EMA's, by name) that this EMA tracks, or a ValueError on any shape."""
         own = self.ema_by_name()
         shared = {name: tensor for name, tensor in sources.items() if name in own}
+        if not shared:
+            raise ValueError("Invalid copy_from: the other EMA averages none of this EMA's tensors (no name in common)")
         differing = [tuple(tensor.shape) for name, tensor in shared.items() if tensor.shape != own[name].shape]
         if differing:
             raise ValueError(f"Invalid copy_from: the other EMA's tensors have other shapes ({differing[:3]})")
@@ -317,6 +320,28 @@ class Tracker:
         self.__dict__.update(state)
         self.plan = Plan([])
         self.bind()
+
+
+def migrate_v01(state: dict) -> dict:
+    """The pickled state of a ModelEMA written by fastema 0.1 (the tracker's parts were its own attributes then)."""
+    tracker = Tracker.__new__(Tracker)
+    tracker.__setstate__(
+        {
+            "model": state["model"],
+            "names": state["tensor_names"],
+            "placement": state["_placement"],
+            "foreach": state["foreach"],
+            "flatten": state["flatten_model"],
+            "sharded": state["sharded"],
+            "module": state["_module"],
+            "shards": state["_shards"],
+            "latch": state["_latch"],
+            "replacements": state.get("_replacements", {}),
+            "volatile": state.get("_volatile", frozenset()),
+        }
+    )
+    kept = {key: value for key, value in state.items() if not key.startswith("_")}
+    return {**kept, "_tracker": tracker, "_swap": SwapGuard(), "_attachments": state["_attachments"]}
 
 
 def named_tensors(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:

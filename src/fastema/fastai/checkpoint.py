@@ -195,12 +195,12 @@ def load(self: Learner, file, device=None, **kwargs) -> Learner:
 
 def export(self: Learner, fname="export.pkl", **kwargs) -> None:
     "Export the content of `self` without the items, the optimizer state and the EMA, for inference"
-    model_ema = self.__dict__.pop("model_ema", None)
+    # The EMA model, and PostHocEMACallback's K EMAs: each as large as the model, and not what inference uses.
+    averages = {name: self.__dict__.pop(name) for name in ("model_ema", "posthoc_ema") if name in self.__dict__}
     try:
         _fastai_export(self, fname, **kwargs)
     finally:
-        if model_ema is not None:
-            self.model_ema = model_ema
+        self.__dict__.update(averages)
 
 
 def export_ema(self: Learner, fname="export_ema.pkl", pickle_module=cloudpickle, pickle_protocol=2) -> None:

@@ -44,7 +44,7 @@ from ..core.tracking import (
 )
 from .profiles import check_sigma_rel, gamma_to_sigma_rel, power_decay, sigma_rel_to_gamma
 from .snapshots import VERSION, other_runs, snapshot_path, synthesize, write_snapshot
-from .stacks import StackedEMAs
+from .stacks import StackedEMAs, migrate_v01
 
 __all__ = ["PostHocEMA", "gamma_to_sigma_rel", "sigma_rel_to_gamma", "synthesize"]
 
@@ -345,6 +345,9 @@ class PostHocEMA:
     def load(self, path: str | os.PathLike) -> None:
         """Restore from a file written by `save()`; a bad file changes nothing."""
         load_into(path, self.load_state_dict, "fastema.PostHocEMA")
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state if "_stacks" in state else migrate_v01(state))
 
     def __repr__(self) -> str:
         return (

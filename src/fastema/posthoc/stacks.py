@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ..core.parallel import is_sharded, local_part
 from ..core.plan import Plan, kernel_steps, pack_model
 from ..core.steps import StackedStep, Step, fused_step_supported, is_averaged, layout_strides
+from ..core.swap import SwapGuard
 from ..core.tracking import IdentityWatch, Placement, changes, copy_of_model, tensor_slots
 
 
@@ -143,3 +144,25 @@ def _layout(tensor: Tensor) -> tuple:
 
 def _layout_signature(tensors: dict[str, Tensor]) -> list[tuple]:
     return [(tensor.data_ptr(), tensor.dtype, tensor.device, layout_strides(tensor)) for tensor in tensors.values()]
+
+
+def migrate_v01(state: dict) -> dict:
+    """The pickled state of a PostHocEMA written by fastema 0.1 (the stacks' parts were its own attributes then)."""
+    stacks = StackedEMAs.__new__(StackedEMAs)
+    stacks.model, stacks.names, stacks.num_emas = state["model"], state["tensor_names"], len(state["sigma_rels"])
+    stacks.ema_dtype, stacks.foreach, stacks.flatten_model = (
+        state["ema_dtype"],
+        state["foreach"],
+        state["flatten_model"],
+    )
+    stacks.built_layouts, stacks.views, stacks.groups = state["_built_layouts"], state["_views"], state["_groups"]
+    stacks.copies, stacks.modules = state["_copies"], state["_modules"]
+    stacks.plan_steps()
+    kept = {key: value for key, value in state.items() if not key.startswith("_") or key == "_snapshot_dir_checked"}
+    return {
+        **kept,
+        "_stacks": stacks,
+        "_swap": SwapGuard(),
+        "_latch": state["_latch"],
+        "_attachments": state["_attachments"],
+    }
