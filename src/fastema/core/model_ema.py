@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .checkpoint import load_into, save_on_rank_0
 from .checks import (
@@ -25,9 +25,9 @@ from .checks import (
     check_update_every,
 )
 from .hooks import Attachments, RemovableHandle
-from .parallel import gather_full, reshard, shard_like, unwrap_model
+from .parallel import reshard, unwrap_model
 from .schedules import DecayWarmup, check_warmup
-from .state import CONFIG_KEYS, check_state_dict, make_state_dict
+from .state import CONFIG_KEYS, full_state, prepare_load
 from .swap import SwapGuard
 from .tracker import Tracker, named_tensors
 from .tracking import Placement, tracked_parameters, tracked_tensors, watch_module_changes
@@ -261,11 +261,7 @@ class ModelEMA:
         For a sharded (FSDP2) model the tensors are the full EMA, gathered shard by shard into
         CPU memory: a collective that every rank must call.
         """
-        self._readable()
-        tensors = dict(zip(self.tensor_names, self._swap.ema_values(self._tracker.binding.ema_tensors)))
-        for name, layout in self._tracker.layouts.items():
-            tensors[name] = gather_full(tensors[name].to(layout.device), layout).cpu()
-        return make_state_dict(tensors, self.num_updates, self.num_steps, self.decay, self.last_decay, self.config())
+        return full_state(self)
 
     def config(self) -> dict[str, object]:
         """The options a saved state must share to load into this EMA (what its counts and tensors mean)."""
@@ -278,22 +274,7 @@ class ModelEMA:
         must call it, with the same state).
         """
         self._swap.check_outside("load_state_dict()")
-        expected = dict(zip(self.tensor_names, self._tracker.binding.ema_tensors))
-        expected.update(self._tracker.layouts)  # full shapes for sharded tensors
-        tensors, counts, last_decay = check_state_dict(state_dict, expected, self.decay, self.ema_dtype, self.config())
-        layouts = self._tracker.layouts
-        parts = {
-            name: shard_like(tensors[name], layouts[name]) if name in layouts else tensors[name]
-            for name in self.tensor_names
-        }
-        self._write_checked_state(parts, counts, last_decay)
-
-    def _write_checked_state(self, parts: dict[str, Tensor], counts: tuple[int, int], last_decay: float) -> None:
-        """Copy checked values (this rank's part of each tracked tensor, by name) and counts into the EMA."""
-        self._swap.check_outside("load_state_dict()")
-        self._tracker.overwrite(parts)
-        self.num_updates, self.num_steps = counts
-        self.last_decay = last_decay
+        prepare_load(self, state_dict)()
 
     def sharded_state(self, purpose: str | None = None) -> ShardedEMAState:
         """This EMA as a `torch.distributed.checkpoint` `Stateful`: `dcp.save({..., "ema": ema.sharded_state("save")})`.

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from .checks import check_decay
+from .parallel import gather_full, shard_like
+
+if TYPE_CHECKING:
+    from .model_ema import ModelEMA
 
 STATE_FORMAT = "fastema.ModelEMA"
 STATE_VERSION = 1
@@ -93,3 +100,36 @@ def make_state_dict(
         "last_decay": last_decay,
         **config,
     }
+
+
+def full_state(ema: ModelEMA) -> dict:
+    """`ema.state_dict()`: the EMA's values (full tensors, gathered shard by shard under FSDP2), counts and config."""
+    ema._readable()
+    tensors = dict(zip(ema.tensor_names, ema._swap.ema_values(ema._tracker.binding.ema_tensors)))
+    for name, layout in ema._tracker.layouts.items():
+        tensors[name] = gather_full(tensors[name].to(layout.device), layout).cpu()
+    return make_state_dict(tensors, ema.num_updates, ema.num_steps, ema.decay, ema.last_decay, ema.config())
+
+
+def prepare_load(ema: ModelEMA, state_dict: object) -> Callable[[], None]:
+    """Check a full `state_dict` against `ema` (nothing is written); return the call that writes it.
+
+    Averagers made of several EMAs check every part before writing any.
+    """
+    expected = dict(zip(ema.tensor_names, ema._tracker.binding.ema_tensors))
+    expected.update(ema._tracker.layouts)  # full shapes for sharded tensors
+    tensors, counts, last_decay = check_state_dict(state_dict, expected, ema.decay, ema.ema_dtype, ema.config())
+    layouts = ema._tracker.layouts
+    parts = {
+        name: shard_like(tensors[name], layouts[name]) if name in layouts else tensors[name]
+        for name in ema.tensor_names
+    }
+    return lambda: write_checked_state(ema, parts, counts, last_decay)
+
+
+def write_checked_state(ema: ModelEMA, parts: dict[str, Tensor], counts: tuple[int, int], last_decay: float) -> None:
+    """Copy checked values (this rank's part of each tracked tensor, by name) and counts into `ema`."""
+    ema._swap.check_outside("load_state_dict()")
+    ema._tracker.overwrite(parts)
+    ema.num_updates, ema.num_steps = counts
+    ema.last_decay = last_decay
