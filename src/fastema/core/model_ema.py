@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .checkpoint import load_into, save_on_rank_0
 from .checks import (
@@ -26,7 +26,7 @@ from .checks import (
 )
 from .hooks import Attachments, RemovableHandle
 from .parallel import reshard, unwrap_model
-from .schedules import DecayWarmup, check_warmup
+from .schedules import DecayWarmup, check_warmup, decay_from
 from .state import CONFIG_KEYS, full_state, prepare_load
 from .swap import SwapGuard
 from .tracker import Tracker, named_tensors
@@ -54,16 +54,17 @@ class ModelEMA:
     update is one `lerp_` (the tensor objects stay; storage is shared, which safetensors refuses).
     `ema_dtype=torch.float32` keeps a float32 EMA of a bf16/fp16 model; `device='cpu'` offloads it
     (the update runs in a background thread; reads wait for it); `update_every=N` updates every
-    N-th call with decay**N; `warmup` ramps the decay up (`ExponentialWarmup`, `InverseGammaWarmup`).
+    N-th call with decay**N; `warmup` ramps the decay up (`ExponentialWarmup`, `InverseGammaWarmup`);
+    `half_life=H, batch_size=B` sets the decay per step to `0.5 ** (B / H)` (the length in samples, `SampleLength`).
 
     Attributes: `module`, `tensor_names`, `num_updates` (EMA updates done), `num_steps` (calls of
-    `update()` since the start or `reset()`), `last_decay`, `decay`, `model` (the unwrapped model).
+    `update()` since the start or `reset()`), `last_decay`, `decay`, `length` (a `SampleLength` or None), `model`.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        decay: float = 0.9998,  # weight kept by the EMA at each update, in [0, 1]
+        decay: float | None = None,  # weight kept by the EMA at each step, in [0, 1]; None: 0.9998 or from half_life
         *,
         all_parameters: bool = False,  # also average parameters without `requires_grad`
         all_buffers: bool = False,  # also average non-persistent buffers
@@ -74,10 +75,12 @@ class ModelEMA:
         update_every: int = 1,  # update on every N-th call of `update()` only, with decay**N
         warmup: DecayWarmup | None = None,  # decay as a function of the step count, e.g. ExponentialWarmup()
         tensor_names: Sequence[str] | None = None,  # average exactly these (state-dict names); None = by the flags
+        half_life: float | None = None,  # the EMA's length in samples (or tokens), instead of `decay`
+        batch_size: float | None = None,  # samples (or tokens) per optimizer step, with half_life: all ranks together
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
-        self.decay = check_decay(decay, "decay")
+        self.decay, self.length = decay_from(decay, half_life, batch_size)
         self.all_parameters = check_flag(all_parameters, "all_parameters")
         self.all_buffers = check_flag(all_buffers, "all_buffers")
         self.foreach = check_foreach(foreach)
@@ -212,6 +215,16 @@ class ModelEMA:
         targets = self._tracker.binding.model_locals if model is None else self._tracker.matching(model, "copy_to")
         for target, ema_tensor in zip(targets, self._swap.ema_values(self._tracker.binding.ema_tensors)):
             target.copy_(ema_tensor)
+
+    def switch(self) -> None:
+        """Switch EMA (Li et al., 2024): `copy_to()` the tracked model, in place; the optimizer's state is untouched."""
+        self.copy_to()
+
+    def ema_tensors(self) -> list[Tensor]:
+        """The EMA's own tensors (this rank's shards under FSDP2) in `tensor_names` order, as they stand: no copy."""
+        self._swap.check_outside("ema_tensors()")
+        self._readable()
+        return list(self._tracker.binding.ema_tensors)
 
     def copy_from(self, module: nn.Module | ModelEMA) -> None:
         """Set the EMA weights from a module with the same names and shapes, or from another `ModelEMA` of the model.

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
 
 from .checks import check_decay
 from .parallel import gather_full, shard_like
+from .schedules import note_rescaled
 
 if TYPE_CHECKING:
     from .model_ema import ModelEMA
@@ -88,8 +89,10 @@ def make_state_dict(
     decay: float,
     last_decay: float,
     config: dict[str, object],
+    length: dict[str, float] | None = None,
 ) -> dict:
-    """A `ModelEMA.state_dict()`: the format marker, the tensors by name, the counts, the decays and `config`."""
+    """A `ModelEMA.state_dict()`: the format marker, the tensors by name, the counts, the decays, `config` and
+    `length` (the half-life and batch size the decay came from, if it did)."""
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
@@ -99,6 +102,7 @@ def make_state_dict(
         "decay": decay,
         "last_decay": last_decay,
         **config,
+        **(length or {}),
     }
 
 
@@ -108,7 +112,8 @@ def full_state(ema: ModelEMA) -> dict:
     tensors = dict(zip(ema.tensor_names, ema._swap.ema_values(ema._tracker.binding.ema_tensors)))
     for name, layout in ema._tracker.layouts.items():
         tensors[name] = gather_full(tensors[name].to(layout.device), layout).cpu()
-    return make_state_dict(tensors, ema.num_updates, ema.num_steps, ema.decay, ema.last_decay, ema.config())
+    length = None if ema.length is None else {"half_life": ema.length.half_life, "batch_size": ema.length.batch_size}
+    return make_state_dict(tensors, ema.num_updates, ema.num_steps, ema.decay, ema.last_decay, ema.config(), length)
 
 
 def prepare_load(ema: ModelEMA, state_dict: object) -> Callable[[], None]:
@@ -124,7 +129,12 @@ def prepare_load(ema: ModelEMA, state_dict: object) -> Callable[[], None]:
         name: shard_like(tensors[name], layouts[name]) if name in layouts else tensors[name]
         for name in ema.tensor_names
     }
-    return lambda: write_checked_state(ema, parts, counts, last_decay)
+
+    def write() -> None:
+        write_checked_state(ema, parts, counts, last_decay)
+        note_rescaled(cast(dict, state_dict), ema.length)
+
+    return write
 
 
 def write_checked_state(ema: ModelEMA, parts: dict[str, Tensor], counts: tuple[int, int], last_decay: float) -> None:
