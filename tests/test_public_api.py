@@ -11,6 +11,7 @@ import fastema
 
 def test_all_lists_the_public_api():
     assert sorted(fastema.__all__) == [
+        "BEMA",
         "DecayWarmup",
         "EMACallback",
         "EMASchedule",
@@ -19,6 +20,7 @@ def test_all_lists_the_public_api():
         "ModelEMA",
         "PostHocEMA",
         "PostHocEMACallback",
+        "SwitchEMA",
         "__version__",
         "synthesize",
     ]
