@@ -31,7 +31,9 @@ def train(model, averager, reference, steps, seed=0, read_every_step=True):
             reference.step(expected_tracked(model))
         if read_every_step:  # a read materialises the BEMA weights: a second one must not apply alpha again
             for _ in range(2):
-                assert averager.module is not None
+                module = averager.module
+            if reference is not None:  # burn-in, the first update, the steps between updates: all as the paper's
+                assert_state_matches(all_tensors(module), reference.state, rtol=1e-5, atol=1e-6)
     return optimizer
 
 
@@ -103,6 +105,8 @@ def test_bema_resumed_mid_run_is_bit_identical(tmp_path, settings):
     resumed_model.load_state_dict(saved["model"])
     resumed = BEMA(resumed_model, **settings)
     resumed.load(tmp_path / "bema.pt")
+    for name, tensor in first.module.state_dict().items():  # read before the next update: as saved
+        assert torch.equal(resumed.module.state_dict()[name], tensor), name
     optimizer = torch.optim.SGD([p for p in resumed_model.parameters() if p.requires_grad], lr=0.1, momentum=0.5)
     optimizer.load_state_dict(saved["optimizer"])
     generator = torch.Generator().manual_seed(0)
