@@ -197,3 +197,75 @@ def test_bema_sharded_state_round_trips_through_dcp(tmp_path):
         assert torch.equal(loaded.module.state_dict()[name], tensor), name
     with pytest.raises(ValueError, match=r"nothing was loaded.*update_after 1 != 2"):
         load_sharded({"bema": BEMA(model, update_after=2).sharded_state("load")}, tmp_path / "ckpt")
+
+
+# ---- through the integrations (one fit each) ----------------------------------------------------------
+
+
+class ReferenceOnRealSteps:
+    """The float64 reference BEMA of `model`, stepped after every torch optimizer step in the process."""
+
+    def __init__(self, model, **settings):
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.model, self.reference = model, ReferenceBEMA(expected_tracked(model), **settings)
+        self.handle = register_optimizer_step_post_hook(lambda *_: self.reference.step(expected_tracked(self.model)))
+
+
+def test_fastai_bema_callback_matches_the_reference_and_its_checkpoint_resumes_it(tmp_path):
+    from fastai.callback.core import Callback
+
+    from fastema.fastai import BEMACallback
+    from helpers import make_learner
+
+    class ReferenceSteps(Callback):
+        order = BEMACallback.order + 1
+
+        def before_fit(self):
+            self.reference = ReferenceBEMA(expected_tracked(self.learn.model), update_after=3, update_every=2)
+
+        def after_step(self):
+            self.reference.step(expected_tracked(self.learn.model))
+
+    spy, callback = ReferenceSteps(), BEMACallback(update_after=3, update_every=2)
+    learn = make_learner(cbs=[callback, spy], path=tmp_path)
+    learn.fit(2)  # 16 optimizer steps
+    assert callback.engine.num_steps == 16 and callback.engine.num_updates == 6
+    assert_state_matches(dict(learn.model_ema.state_dict()), spy.reference.state, rtol=1e-5, atol=1e-6)
+    learn.save("run")
+    other = make_learner(cbs=[BEMACallback(update_after=3, update_every=2)], path=tmp_path, seed=1)
+    other.load("run")
+    for name, tensor in learn.model_ema.state_dict().items():
+        assert torch.equal(other.model_ema.state_dict()[name], tensor), name
+
+
+def test_lightning_bema_callback_matches_the_reference_over_real_steps():
+    from fastema.lightning import BEMACallback
+    from test_trainers import lightning_data, lightning_module, lightning_trainer
+
+    module = lightning_module()
+    callback = BEMACallback(update_after=4, lag=5)
+    real = ReferenceOnRealSteps(module, update_after=4, lag=5)
+    try:
+        lightning_trainer([callback], max_epochs=2).fit(module, lightning_data(), lightning_data(16))
+    finally:
+        real.handle.remove()
+    assert real.reference.steps == 16 and callback.engine.num_updates == 12
+    assert_state_matches(dict(callback.module.state_dict()), real.reference.state, rtol=1e-5, atol=1e-6)
+
+
+def test_hf_bema_callback_matches_the_reference_and_saves_its_own_file(tmp_path):
+    from fastema.transformers import BEMA_CHECKPOINT_NAME, BEMACallback
+    from test_trainers import hf_trainer, tiny_bert
+
+    model = tiny_bert()
+    callback = BEMACallback(update_after=2)
+    real = ReferenceOnRealSteps(model, update_after=2)
+    try:
+        hf_trainer(model, callback, tmp_path, save_strategy="steps", save_steps=4).train()  # 8 optimizer steps
+    finally:
+        real.handle.remove()
+    assert real.reference.steps == 8 and callback.engine.num_updates == 6
+    assert_state_matches(dict(callback.module.state_dict()), real.reference.state, rtol=1e-5, atol=1e-6)
+    saved = torch.load(tmp_path / "checkpoint-8" / BEMA_CHECKPOINT_NAME, weights_only=True)
+    assert saved["ema"]["engine"]["format"] == "fastema.BEMA" and saved["ema"]["engine"]["num_updates"] == 6

@@ -110,3 +110,49 @@ def test_half_life_and_decay_are_exclusive_and_checked():
     assert ModelEMA(model).decay == 0.9998  # no decay, no half-life: the default
     state = ModelEMA(model, half_life=10, batch_size=2).state_dict()
     assert (state["half_life"], state["batch_size"]) == (10.0, 2.0)
+
+
+# ---- through the integrations: the global batch each one knows --------------------------------------------
+
+
+def test_fastai_derives_the_global_batch_with_gradient_accumulation_and_resumes_at_another(tmp_path, caplog):
+    from fastai.callback.training import GradientAccumulation
+
+    from fastema import EMACallback
+    from helpers import make_learner
+
+    callback = EMACallback(half_life=64)
+    learn = make_learner(cbs=[callback, GradientAccumulation(n_acc=16)], path=tmp_path)  # bs 8, two batches a step
+    learn.fit(1)
+    assert callback.engine.length.batch_size == 16 and callback.engine.decay == pytest.approx(0.5 ** (16 / 64))
+    assert callback.engine.num_updates == 4
+    learn.save("run")
+    bigger = make_learner(cbs=[EMACallback(half_life=64), GradientAccumulation(n_acc=32)], path=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fastema"):
+        bigger.load("run")
+    assert "batch size 32 (saved with 16)" in caplog.text
+    with pytest.raises(ValueError, match="together with half_life"):
+        EMACallback(0.99, half_life=64)
+
+
+def test_lightning_derives_the_global_batch():
+    from fastema.lightning import EMACallback
+    from test_trainers import lightning_data, lightning_module, lightning_trainer
+
+    callback = EMACallback(half_life=64)
+    trainer = lightning_trainer([callback], max_epochs=1, accumulate_grad_batches=2)
+    trainer.fit(lightning_module(), lightning_data(), lightning_data(16))
+    assert callback.engine.length.batch_size == 16 and callback.engine.decay == pytest.approx(0.5 ** (16 / 64))
+    assert callback.engine.num_updates == 4
+
+
+def test_hf_trainer_derives_the_global_batch(tmp_path):
+    from fastema.transformers import EMACallback
+    from test_trainers import hf_trainer, tiny_bert
+
+    callback = EMACallback(half_life=64)
+    hf_trainer(tiny_bert(), callback, tmp_path, max_steps=2).train()  # 4 per device x 2 accumulated x 1 process
+    assert callback.engine.length.batch_size == 8 and callback.engine.decay == pytest.approx(0.5 ** (8 / 64))
+    tokens = EMACallback(half_life=4096, batch_size=96)  # a length in tokens: the batch given in tokens
+    hf_trainer(tiny_bert(), tokens, tmp_path / "tokens", max_steps=1).train()
+    assert tokens.engine.decay == pytest.approx(0.5 ** (96 / 4096))

@@ -50,3 +50,78 @@ def test_switch_ema_is_due_at_the_multiples_of_every_between_start_and_end():
     ]:
         with pytest.raises(error):
             SwitchEMA(**bad)
+
+
+# ---- through the integrations -----------------------------------------------------------------------------
+
+
+def optimizer_tensors(optimizer):
+    """Every tensor in a torch or fastai optimizer's state, by (parameter id, key)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return {
+        (id(parameter), key): value
+        for parameter, state in inner.state.items()
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+class Switches(list):
+    """The step counts at which `ModelEMA.switch` ran; `optimizer()` gives the run's optimizer once it exists."""
+
+    def optimizer(self):
+        raise NotImplementedError
+
+
+@pytest.fixture
+def switches(monkeypatch):
+    """Records every `ModelEMA.switch` and checks each: the model holds the EMA after it, and the optimizer's state
+    is the same before and after."""
+    calls = Switches()
+    original = ModelEMA.switch
+
+    def switch(engine):
+        before = {key: value.clone() for key, value in optimizer_tensors(calls.optimizer()).items()}
+        original(engine)
+        after = optimizer_tensors(calls.optimizer())
+        assert before and before.keys() == after.keys()
+        assert all(torch.equal(value, after[key]) for key, value in before.items())
+        model, ema = engine.model.state_dict(), engine.module.state_dict()
+        assert all(torch.equal(model[name], ema[name]) for name in engine.tensor_names)
+        calls.append(engine.num_steps)
+
+    monkeypatch.setattr(ModelEMA, "switch", switch)
+    return calls
+
+
+def test_fastai_switches_at_the_end_of_each_epoch(switches):
+    from fastai.optimizer import Adam
+
+    from fastema import EMACallback
+    from helpers import make_learner
+
+    learn = make_learner(cbs=[EMACallback(0.5, switch_every=1)])
+    learn.opt_func = Adam
+    switches.optimizer = lambda: learn.opt
+    learn.fit(2)  # 8 optimizer steps an epoch
+    assert list(switches) == [8, 16]
+
+
+def test_lightning_switches_at_the_configured_steps(switches):
+    from fastema.lightning import EMACallback
+    from test_trainers import lightning_data, lightning_module, lightning_trainer
+
+    trainer = lightning_trainer([EMACallback(0.5, switch_every=SwitchEMA(every=3, unit="step", start=4, end=10))])
+    switches.optimizer = lambda: trainer.optimizers[0]
+    trainer.fit(lightning_module(), lightning_data(), lightning_data(16))  # 24 optimizer steps
+    assert list(switches) == [6, 9]
+
+
+def test_hf_trainer_switches_at_the_end_of_each_epoch(switches, tmp_path):
+    from fastema.transformers import EMACallback
+    from test_trainers import hf_trainer, tiny_bert
+
+    trainer = hf_trainer(tiny_bert(), EMACallback(0.5, switch_every=1), tmp_path, max_steps=-1, num_train_epochs=2)
+    switches.optimizer = lambda: trainer.optimizer
+    trainer.train()  # 32 samples, 4 per batch, 2 batches a step: 4 optimizer steps an epoch
+    assert list(switches) == [4, 8]

@@ -4,6 +4,6 @@ Importing this package patches `Learner.save`/`Learner.load` (fastai's `@patch` 
 behave as fastai's own whenever no EMA callback is attached.
 """
 
-from .callbacks import EMACallback, EMASchedule, PostHocEMACallback, posthoc_sweep
+from .callbacks import BEMACallback, EMACallback, EMASchedule, PostHocEMACallback, posthoc_sweep
 
-__all__ = ["EMACallback", "EMASchedule", "PostHocEMACallback", "posthoc_sweep"]
+__all__ = ["BEMACallback", "EMACallback", "EMASchedule", "PostHocEMACallback", "posthoc_sweep"]

@@ -9,7 +9,7 @@ from contextlib import ExitStack
 from numbers import Integral, Real
 from pathlib import Path
 from types import FrameType
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ try:
 except ModuleNotFoundError as error:
     raise missing_extra(error, "fastai", "fastema.fastai (the fastai callbacks)") from error
 
+from ..averagers.bema import BEMA
 from ..core.checks import (
     DeviceLike,
     check_decay,
@@ -35,7 +36,15 @@ from ..core.checks import (
 )
 from ..core.model_ema import ModelEMA
 from ..core.parallel import unwrap_model
-from ..core.schedules import DecayWarmup, make_annealer, scheduled_decay
+from ..core.schedules import (
+    DEFAULT_DECAY,
+    DecayWarmup,
+    SampleLength,
+    SwitchEMA,
+    check_switch,
+    make_annealer,
+    scheduled_decay,
+)
 from ..core.state import CONFIG_KEYS, check_state_dict
 from ..core.tracking import tensor_slots
 from ..posthoc import PostHocEMA, synthesize
@@ -47,7 +56,7 @@ try:  # fastai's default annealer; imported here so that the engine never needs 
 except ImportError:  # pragma: no cover - fastai always ships it
     SchedCos = None
 
-__all__ = ["EMACallback", "EMASchedule", "PostHocEMACallback"]
+__all__ = ["BEMACallback", "EMACallback", "EMASchedule", "PostHocEMACallback"]
 
 CHECKPOINT_FORMAT = "fastema.EMACallback"
 CHECKPOINT_VERSION = 1
@@ -116,6 +125,23 @@ def _resumed_epoch(learn) -> int:
     return 0
 
 
+def _global_batch(learn) -> float:
+    """Samples per optimizer step, all processes together: the batch size x GradientAccumulation x world size."""
+    from fastai.torch_core import num_distrib
+
+    batch = learn.dls.train.bs
+    # GradientAccumulation(n_acc) steps once the batches since the last step hold at least n_acc samples.
+    n_acc = getattr(getattr(learn, "gradient_accumulation", None), "n_acc", 0)
+    return float(batch * max(1, math.ceil(n_acc / batch)) * max(1, num_distrib()))
+
+
+def _half_life(decay: float, batch_size: float) -> float:
+    """The half-life in samples of a decay per step of `batch_size` samples (inf when the EMA stands still)."""
+    if decay >= 1.0:
+        return math.inf
+    return 0.0 if decay <= 0.0 else batch_size * math.log(0.5) / math.log(decay)
+
+
 def _copy_engine_state(source: ModelEMA, target: ModelEMA) -> None:
     """`target` takes `source`'s EMA and counts; shard by shard for a sharded EMA (no rank gathers it)."""
     if source.sharded:
@@ -137,6 +163,7 @@ SHARED_OPTIONS = (
     "flatten_model",
     "ema_dtype",
     "update_every",
+    "switch_every",
 )
 
 
@@ -152,6 +179,7 @@ class AveragingCallback(Callback, EMACheckpointing):
     # (Recorder.order + 1) so that `ema_decay` lands on the step they just logged.
     order = Recorder.order + 2
     checkpoint_format = ""  # the "format" of the EMA file `learn.save` writes: each callback its own
+    switch_every: SwitchEMA | None = None  # Switch EMA: when to copy the average into the model
 
     def _init_events(self, start: int | float, skip_ema: bool) -> None:
         self.start = _check_position(start, "start", is_finish=False)
@@ -262,7 +290,18 @@ class AveragingCallback(Callback, EMACheckpointing):
             return
         if self._updated:
             self._after_update()
+            self._switch_if_due(self._engine.num_steps, "step")
         self._step_cancelled = self._updated = False
+
+    def after_train(self):
+        # The end of the epoch's training: before its validation and before SaveModelCallback's checkpoint.
+        if self._active:
+            self._switch_if_due(self.epoch + 1, "epoch")
+
+    def _switch_if_due(self, count: int, unit: str) -> None:
+        switch = self.switch_every
+        if switch is not None and self._started and self._engine.num_updates and switch.due(count, unit):
+            self._engine.switch()
 
     def _after_update(self) -> None:
         """After a batch whose step moved the EMA (logging)."""
@@ -365,8 +404,18 @@ class EMACallback(AveragingCallback):
         flatten_model: bool = False,  # pack model and EMA into flat buffers: one lerp_ per step (see ModelEMA)
         ema_dtype: torch.dtype | None = None,  # dtype of the EMA's floating tensors, e.g. torch.float32 for bf16 models
         update_every: int = 1,  # update every N-th optimizer step only, with decay**N (see ModelEMA.update)
+        switch_every: int | SwitchEMA | None = None,  # Switch EMA: copy the EMA into the model every N epochs
+        half_life: float | None = None,  # the EMA's length in samples instead of `decay`: 0.5 ** (batch / half_life)
+        batch_size: float | None = None,  # samples (or tokens) per optimizer step; None: bs x accumulation x world
     ):
         self.decay = check_decay(decay, "decay")
+        if half_life is not None:
+            if self.decay != DEFAULT_DECAY:
+                raise ValueError(f"Invalid decay: {decay} together with half_life={half_life}; give one of them")
+            SampleLength(half_life, 1.0 if batch_size is None else batch_size)  # checked now, the batch at fit
+        elif batch_size is not None:
+            raise ValueError(f"Invalid batch_size: {batch_size!r}; it is used only with half_life")
+        self.half_life, self.batch_size = half_life, batch_size
         self._init_common(start, skip_ema, **_shared_options(locals()))
 
     def _init_common(self, start: int | float, skip_ema: bool, **options) -> None:
@@ -377,8 +426,18 @@ class EMACallback(AveragingCallback):
         check_flatten_model(options["flatten_model"], check_foreach(options["foreach"]))
         check_ema_dtype(options["ema_dtype"])
         check_update_every(options["update_every"])
+        options["switch_every"] = check_switch(options["switch_every"])
         store_attr(**options)
         self._init_events(start, skip_ema)
+
+    half_life: float | None = None  # EMASchedule's decay is scheduled, not a half-life
+    batch_size: float | None = None
+
+    def _sample_length(self) -> dict:
+        """`half_life` and this Learner's global batch, for the engine (empty without a half-life)."""
+        if self.half_life is None:
+            return {}
+        return {"half_life": self.half_life, "batch_size": self.batch_size or _global_batch(self.learn)}
 
     def _decay_at(self, step: int) -> float:
         return self.decay
@@ -388,6 +447,8 @@ class EMACallback(AveragingCallback):
         return cast(ModelEMA, AveragingCallback._engine.fget(self))  # type: ignore[attr-defined]  # a property
 
     def _start_fit(self, loaded_engine, loaded):
+        if self.half_life is not None:  # from this fit's global batch: the EMA scaling rule when it changed
+            self.decay = SampleLength(**self._sample_length()).decay
         decay = self._decay_at(self._start_step)
         if loaded is not None and loaded_engine is not None and _resumed_epoch(self.learn) > 0:
             # `learn.load(...)` then `fit(..., start_epoch=k)`: continue exactly where the checkpoint stood,
@@ -411,9 +472,11 @@ class EMACallback(AveragingCallback):
     def _new_engine(
         self, decay: float, tensor_names: list[str] | None = None, flatten_model: bool | None = None
     ) -> ModelEMA:
+        length = self._sample_length()
         return ModelEMA(
             self.learn.model,
-            decay,
+            None if length else decay,
+            **length,
             all_parameters=self.all_parameters,
             all_buffers=self.all_buffers,
             foreach=self.foreach,
@@ -500,13 +563,16 @@ class EMACallback(AveragingCallback):
 
     def _log_decay(self):
         tensorboard = getattr(self.learn, "tensor_board", None)
+        # The half-life in samples that the decay amounts to at this Learner's global batch.
+        half_life = _half_life(self.decay, self.batch_size or _global_batch(self.learn))
         if tensorboard is not None and getattr(tensorboard, "run", False):
             tensorboard.writer.add_scalar("ema_decay", self.decay, self.train_iter)
+            tensorboard.writer.add_scalar("ema_half_life", half_life, self.train_iter)
         wandb_callback = getattr(self.learn, "wandb", None)
         if wandb_callback is not None and getattr(wandb_callback, "run", False):
             import wandb
 
-            wandb.log({"ema_decay": self.decay}, step=wandb_callback._wandb_step)
+            wandb.log({"ema_decay": self.decay, "ema_half_life": half_life}, step=wandb_callback._wandb_step)
 
     def _ema_weights(self):
         return self._engine.use_ema_weights()
@@ -541,6 +607,7 @@ class EMASchedule(EMACallback):
         flatten_model: bool = False,  # pack model and EMA into flat buffers: one lerp_ per step (see ModelEMA)
         ema_dtype: torch.dtype | None = None,  # dtype of the EMA's floating tensors, e.g. torch.float32 for bf16 models
         update_every: int = 1,  # update every N-th optimizer step only, with decay**N (see ModelEMA.update)
+        switch_every: int | SwitchEMA | None = None,  # Switch EMA: copy the EMA into the model every N epochs
     ):
         self.start_decay = check_decay(start_decay, "start_decay")
         self.final_decay = check_decay(final_decay, "final_decay")
@@ -581,6 +648,113 @@ class EMASchedule(EMACallback):
 
 
 learner_checkpoint.install()
+
+
+BEMA_CHECKPOINT_FORMAT = "fastema.BEMACallback"
+
+
+class BEMACallback(AveragingCallback):
+    "BEMA, the bias-corrected EMA (Block & Zhang 2025) of the model's weights: a `fastema.BEMA` updated after each step"
+
+    checkpoint_format = BEMA_CHECKPOINT_FORMAT
+
+    def __init__(
+        self,
+        ema_power: float = 0.5,  # kappa: the EMA's weight on the model is (lag + multiplier t) ** -kappa
+        bias_power: float = 0.2,  # eta: the bias correction is (lag + multiplier t) ** -eta
+        lag: float = 10,  # rho: the schedules' offset
+        multiplier: float = 1.0,  # gamma: how fast the schedules age per step
+        min_ema_multiplier: float = 0.0,  # a floor under the EMA's weight on the model
+        update_after: int = 0,  # theta_0 is taken after this many optimizer steps (counted from `start`)
+        update_every: int = 1,  # update when t is a multiple of this
+        start: int | float = 0,  # when BEMA starts: float = fraction of training steps, int = epoch index
+        validate_ema: bool = True,  # validate with the BEMA weights (swapped into the model in place)
+        replace_weights: bool = False,  # after fit, copy the BEMA weights into the model instead of `learn.model_ema`
+        skip_ema: bool = True,  # no update when a callback cancelled the step or batch (no optimizer step happened)
+        switch_every: int | SwitchEMA | None = None,  # Switch EMA with the BEMA weights, every N epochs
+        ema_device: DeviceLike = None,  # where theta_0, the EMA and the BEMA weights live; None = beside the model
+        foreach: bool | None = None,  # fused multi-tensor steps (True), loops (False), fastest (None)
+        all_parameters: bool = False,  # also average parameters without `requires_grad`
+        all_buffers: bool = False,  # also average non-persistent buffers
+        flatten_model: bool = False,  # pack the model and the EMAs into flat buffers
+        ema_dtype: torch.dtype | None = None,  # dtype of their floating tensors, e.g. torch.float32 for bf16 models
+    ):
+        self.settings: dict[str, Any] = dict(
+            ema_power=ema_power,
+            bias_power=bias_power,
+            lag=lag,
+            multiplier=multiplier,
+            min_ema_multiplier=min_ema_multiplier,
+            update_after=update_after,
+            update_every=update_every,
+            device=ema_device,
+            foreach=foreach,
+            all_parameters=all_parameters,
+            all_buffers=all_buffers,
+            flatten_model=flatten_model,
+            ema_dtype=ema_dtype,
+        )
+        BEMA(nn.Linear(1, 1), **self.settings)  # everything BEMA checks, checked now rather than at fit
+        self.validate_ema = check_flag(validate_ema, "validate_ema")
+        self.replace_weights = check_flag(replace_weights, "replace_weights")
+        self.switch_every = check_switch(switch_every)
+        self._init_events(start, skip_ema)
+
+    @property
+    def _engine(self) -> BEMA:
+        return cast(BEMA, AveragingCallback._engine.fget(self))  # type: ignore[attr-defined]  # a property
+
+    def _new_engine(self, flatten_model: bool | None = None) -> BEMA:
+        settings = dict(self.settings)
+        if flatten_model is not None:
+            settings["flatten_model"] = flatten_model
+        return BEMA(self.learn.model, **settings)
+
+    def _start_fit(self, loaded_engine, loaded):
+        engine = self._new_engine()
+        if loaded is not None and loaded_engine is not None and _resumed_epoch(self.learn) > 0:
+            engine.load_state_dict(loaded_engine.state_dict())  # `learn.load` then `fit(..., start_epoch=k)`
+            return engine, loaded["started"]
+        return engine, False
+
+    def _begin(self) -> None:
+        self._engine.reset()  # theta_0 and the step count start at `start`
+
+    def _validates_with_ema(self) -> bool:
+        return bool(self.validate_ema)
+
+    def _update(self) -> None:
+        self._engine.update()
+
+    def _ema_weights(self):
+        return self._engine.use_ema_weights()
+
+    def _finish_fit(self) -> None:
+        if self.replace_weights:
+            self._engine.copy_to()
+        else:
+            self.learn.model_ema = None if self._engine.sharded else self._engine.module
+
+    def ema_checkpoint(self) -> dict | None:
+        "What `learn.save` writes beside the model: theta_0, the EMA, the BEMA weights and the counts"
+        return self._checkpoint()
+
+    def check_ema_checkpoint(self, state: object, path) -> None:
+        "Raise a ValueError naming `path` unless `state` fits this Learner's model; changes nothing"
+        state = self._check_checkpoint_header(state, path)
+        try:
+            # A throwaway engine (not flattened: packing would move the model's storage) that only reads the model.
+            self._new_engine(flatten_model=False).load_state_dict(state["engine"])
+        except ValueError as error:
+            raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
+
+    def restore_ema_checkpoint(self, state: dict) -> None:
+        "Install a checked checkpoint: `learn.model_ema` is its BEMA model; `fit(..., start_epoch=k)` continues it"
+        engine = self._new_engine()
+        engine.load_state_dict(state["engine"])
+        self.engine = engine
+        self._loaded = {"started": state["started"]}
+        self.learn.model_ema = None if engine.sharded else engine.module
 
 
 POSTHOC_CHECKPOINT_FORMAT = "fastema.PostHocEMACallback"
