@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).parent.parent / "src" / "fastema"
 # Lower layers first; a module may import its own layer and the layers before it, never a later one.
 LAYERS = [
     ("core",),
-    ("posthoc",),
+    ("posthoc", "averagers"),
     ("distributed",),
     ("fastai", "_trainer", "lightning", "transformers", "diffusers", "deepspeed"),
     ("bench", "demo", "__main__", "__init__", "_extras", "_compat", "sharded", "callback", "learner_checkpoint"),

@@ -1,6 +1,7 @@
 """`ema_decay` read back from real TensorBoard event files and an offline W&B run."""
 
 import json
+import math
 import struct
 
 import pytest
@@ -33,6 +34,9 @@ def test_tensorboard_event_file_holds_ema_decay(tmp_path):
     assert [s.step for s in scalars] == list(range(1, 17))  # fastai's train_iter after each batch
     assert [s.value for s in scalars] == pytest.approx(spy.decays, rel=1e-6)
     assert spy.decays[0] == pytest.approx(0.5) and spy.decays[-1] == pytest.approx(0.99)
+    # The half-life in samples that each decay amounts to at this Learner's batch of 8, logged beside it.
+    half_lives = [s.value for s in events.Scalars("ema_half_life")]
+    assert half_lives == pytest.approx([8 * math.log(0.5) / math.log(decay) for decay in spy.decays], rel=1e-5)
 
 
 def read_wandb_history(path):

@@ -7,10 +7,12 @@ import textwrap
 import torch
 
 import fastema
+from fastema.core.schedules import SwitchEMA
 
 
 def test_all_lists_the_public_api():
     assert sorted(fastema.__all__) == [
+        "BEMA",
         "DecayWarmup",
         "EMACallback",
         "EMASchedule",
@@ -19,6 +21,7 @@ def test_all_lists_the_public_api():
         "ModelEMA",
         "PostHocEMA",
         "PostHocEMACallback",
+        "SwitchEMA",
         "__version__",
         "synthesize",
     ]
@@ -27,7 +30,7 @@ def test_all_lists_the_public_api():
 
 
 # Keyword arguments that fastema adds after the seed's, in this order.
-ADDED_ARGUMENTS = [("flatten_model", False), ("ema_dtype", None), ("update_every", 1)]
+ADDED_ARGUMENTS = [("flatten_model", False), ("ema_dtype", None), ("update_every", 1), ("switch_every", None)]
 
 
 def test_callback_signatures_match_the_contract():
@@ -44,6 +47,8 @@ def test_callback_signatures_match_the_contract():
         ("all_buffers", False),
         ("skip_ema", True),
         *ADDED_ARGUMENTS,
+        ("half_life", None),
+        ("batch_size", None),
     ]
     from fastai.callback.schedule import SchedCos
 
@@ -66,6 +71,7 @@ def test_callback_signatures_match_the_contract():
     ]
 
 
+SWITCH = SwitchEMA(2, unit="step")
 # A value other than the default for each option EMACallback and EMASchedule share.
 SHARED_VALUES = dict(
     ema_device="cpu",
@@ -78,6 +84,7 @@ SHARED_VALUES = dict(
     flatten_model=True,
     ema_dtype=torch.float64,
     update_every=3,
+    switch_every=fastema.SwitchEMA(every=2, unit="step"),
 )
 
 
@@ -95,6 +102,8 @@ def test_the_shared_options_are_listed_once_and_every_one_reaches_both_callbacks
             "finish",
             "schedule",
             "skip_ema",
+            "half_life",
+            "batch_size",
         }
     assert sorted(SHARED_VALUES) == sorted(SHARED_OPTIONS)
     for name, value in SHARED_VALUES.items():

@@ -6,10 +6,12 @@ from typing import TYPE_CHECKING
 from ._compat import install as _install_compat
 
 # `X as X`: an explicit re-export, for type checkers and linters (`__all__` below is computed).
+from .averagers.bema import BEMA as BEMA
 from .core.model_ema import ModelEMA as ModelEMA
 from .core.schedules import DecayWarmup as DecayWarmup
 from .core.schedules import ExponentialWarmup as ExponentialWarmup
 from .core.schedules import InverseGammaWarmup as InverseGammaWarmup
+from .core.schedules import SwitchEMA as SwitchEMA
 from .posthoc.averager import PostHocEMA as PostHocEMA
 from .posthoc.snapshots import synthesize as synthesize
 
@@ -36,11 +38,13 @@ def _installed(name: str) -> bool:
 
 __all__ = sorted(
     [
+        "BEMA",
         "DecayWarmup",
         "ExponentialWarmup",
         "InverseGammaWarmup",
         "ModelEMA",
         "PostHocEMA",
+        "SwitchEMA",
         "__version__",
         "synthesize",
         # Without fastai, `from fastema import *` must still work.

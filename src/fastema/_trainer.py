@@ -19,11 +19,12 @@ from typing import Any
 
 from torch import nn
 
+from .averagers.bema import BEMA
 from .core.checks import check_flag
 from .core.hooks import RemovableHandle, attach_to_optimizer
 from .core.model_ema import ModelEMA
 from .core.parallel import unwrap_model
-from .core.schedules import DecayWarmup
+from .core.schedules import DecayWarmup, SwitchEMA, check_switch
 
 STATE_FORMAT = "fastema.StepDrivenEMA"
 STATE_VERSION = 1
@@ -44,19 +45,47 @@ def check_start(value: object) -> int | float:
 
 
 class ModelEMAFactory:
-    """Builds each fit's `ModelEMA` (a picklable callable: Lightning's `ddp_spawn` pickles the callbacks)."""
+    """Builds each fit's `ModelEMA` (a picklable callable: Lightning's `ddp_spawn` pickles the callbacks).
 
-    def __init__(self, decay: float, warmup: DecayWarmup | None, options: dict[str, Any]) -> None:
-        self.decay, self.warmup, self.options = decay, warmup, options
+    With `half_life`, the decay comes from the global batch the framework reports (`batch_size` in the
+    options overrides it: give it when `half_life` counts tokens).
+    """
+
+    def __init__(
+        self, decay: float | None, warmup: DecayWarmup | None, options: dict[str, Any], half_life: float | None = None
+    ) -> None:
+        self.decay, self.warmup, self.options, self.half_life = decay, warmup, options, half_life
         # Every option checked now, when the callback is built, not at fit. `tensor_names` name the
         # real model's tensors: checked for type here, against the model when the EMA is built.
         names = options.get("tensor_names")
         if names is not None and (isinstance(names, str) or not all(isinstance(name, str) for name in names)):
             raise TypeError(f"Invalid tensor_names: {names!r}; expected a sequence of state-dict names")
-        ModelEMA(nn.Linear(1, 1), decay, warmup=warmup, **{k: v for k, v in options.items() if k != "tensor_names"})
+        checked = {k: v for k, v in options.items() if k != "tensor_names"}
+        if half_life is not None:
+            checked.setdefault("batch_size", 1.0)  # the real one is known at fit
+        ModelEMA(nn.Linear(1, 1), decay, warmup=warmup, half_life=half_life, **checked)
 
-    def __call__(self, model: nn.Module) -> ModelEMA:
-        return ModelEMA(model, self.decay, warmup=self.warmup, **self.options)
+    def __call__(self, model: nn.Module, batch_size: float | None = None) -> ModelEMA:
+        options = dict(self.options)
+        if self.half_life is not None:
+            options.setdefault("batch_size", batch_size)
+            if options["batch_size"] is None:
+                raise ValueError(
+                    "Invalid batch_size: None; half_life needs the global batch, which this trainer does not report: "
+                    "give EMACallback(..., batch_size=...) (samples or tokens per optimizer step, all ranks together)"
+                )
+        return ModelEMA(model, self.decay, warmup=self.warmup, half_life=self.half_life, **options)
+
+
+class BEMAFactory:
+    """Builds each fit's `BEMA` (picklable, as `ModelEMAFactory`); every setting checked when the callback is built."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        BEMA(nn.Linear(1, 1), **{k: v for k, v in settings.items() if k != "tensor_names"})
+
+    def __call__(self, model: nn.Module, batch_size: float | None = None) -> BEMA:
+        return BEMA(model, **self.settings)
 
 
 class StepDrivenEMA:
@@ -69,10 +98,18 @@ class StepDrivenEMA:
     same whether a run is resumed or not.
     """
 
-    def __init__(self, make_engine: Callable[[nn.Module], Any], start: int | float, per_batch: bool = False) -> None:
+    def __init__(
+        self,
+        make_engine: Callable[..., Any],
+        start: int | float,
+        per_batch: bool = False,
+        switch: SwitchEMA | int | None = None,
+    ) -> None:
         self.make_engine = make_engine
         self.start = check_start(start)
         self.per_batch = per_batch
+        self.switch = check_switch(switch)
+        self.batch_size: float | None = None  # the global batch, for an EMA length in samples
         self.engine: Any = None
         self.steps = 0  # optimizer steps (batches with one, per_batch) since the run began
         self.started = False
@@ -85,13 +122,20 @@ class StepDrivenEMA:
         self._source: object = None  # where the last state loaded came from, for its errors
 
     def begin(
-        self, model: nn.Module, optimizers: Iterable[Any], total_steps: float | None, steps_so_far: int = 0
+        self,
+        model: nn.Module,
+        optimizers: Iterable[Any],
+        total_steps: float | None,
+        steps_so_far: int = 0,
+        batch_size: float | None = None,
     ) -> None:
         """Start (or continue) averaging `model` (where it trains) and hook the optimizers.
 
         The EMA continues when the same model continues from where the last run of this EMA
-        stopped (a second `fit` on the same trainer); otherwise a new one is built.
+        stopped (a second `fit` on the same trainer); otherwise a new one is built. `batch_size`:
+        the global batch of this run (samples per optimizer step), for an EMA length in samples.
         """
+        self.batch_size = batch_size
         continuing = (
             self.engine is not None
             and self.engine.model is unwrap_model(model)
@@ -110,7 +154,7 @@ class StepDrivenEMA:
         else:
             self._start_step = self.start
         if not continuing:
-            self.engine = self.make_engine(model)
+            self.engine = self.make_engine(model, batch_size)
             self.steps, self.started = steps_so_far, steps_so_far >= self._start_step
             if self.started and steps_so_far > 0:
                 self.engine.reset()  # resumed past `start` without the EMA's state: it starts from here
@@ -141,9 +185,16 @@ class StepDrivenEMA:
         if self.started:
             if stepped:
                 self.engine.update()
+                if self.switch is not None and self.switch.due(self.engine.num_steps, "step"):
+                    self.engine.switch()
         elif self.steps >= self._start_step:
             self.engine.reset()  # the EMA starts from the weights after `start` steps
             self.started = True
+
+    def end_epoch(self, epochs: int) -> None:
+        """At the end of an epoch's training (`epochs` done): Switch EMA, if one is due."""
+        if self.switch is not None and self.averaging and self.switch.due(epochs, "epoch"):
+            self.engine.switch()
 
     @property
     def averaging(self) -> bool:
@@ -229,7 +280,7 @@ class StepDrivenEMA:
         if self._pending is None:
             return
         if self.engine is None or self.engine.model is not unwrap_model(model):
-            self.engine = self.make_engine(model)
+            self.engine = self.make_engine(model, self.batch_size)
         pending, self._pending = self._pending, None
         self._load(pending)
 
@@ -242,7 +293,9 @@ class StepDrivenEMA:
                 if self._source is None:
                     raise
                 raise ValueError(f"Invalid EMA state in {self._source}: {error}") from error
-            if isinstance(saved.get("decay"), float) and saved["decay"] != self.engine.decay:
+            # An EMA length in samples rescales the decay to a new batch size itself (and logs it).
+            rescaled = getattr(self.engine, "length", None) is not None
+            if not rescaled and isinstance(saved.get("decay"), float) and saved["decay"] != self.engine.decay:
                 warnings.warn(
                     f"The EMA was saved with decay={saved['decay']}; it continues with this callback's "
                     f"decay={self.engine.decay}",
@@ -262,8 +315,8 @@ class StepDrivenCallback:
         self.replace_weights = check_flag(replace_weights, "replace_weights")
 
     @property
-    def engine(self) -> ModelEMA | None:
-        """The `ModelEMA` of the current (or last) run."""
+    def engine(self) -> Any:
+        """The `ModelEMA` (or `BEMA`) of the current (or last) run."""
         return self.ema.engine
 
     @property

@@ -25,13 +25,14 @@ try:
 except ModuleNotFoundError as error:
     raise missing_extra(error, "transformers", "fastema.transformers") from error
 
-from ._trainer import ModelEMAFactory, StepDrivenCallback, StepDrivenEMA
+from ._trainer import BEMAFactory, ModelEMAFactory, StepDrivenCallback, StepDrivenEMA
 from .core.checkpoint import atomic_save, read_checkpoint
-from .core.schedules import DecayWarmup
+from .core.schedules import DecayWarmup, SwitchEMA
 
-__all__ = ["EMA_CHECKPOINT_NAME", "EMACallback"]
+__all__ = ["BEMA_CHECKPOINT_NAME", "EMA_CHECKPOINT_NAME", "BEMACallback", "EMACallback"]
 
 EMA_CHECKPOINT_NAME = "fastema_ema.pt"
+BEMA_CHECKPOINT_NAME = "fastema_bema.pt"
 
 
 def _training_loop() -> tuple[Any, object]:
@@ -59,22 +60,31 @@ def _run_folder(trainer: Any, args: Any) -> Path:
 class EMACallback(StepDrivenCallback, TrainerCallback):
     """An exponential moving average of the model's weights (a `ModelEMA`), for the Hugging Face `Trainer`."""
 
+    checkpoint_name = EMA_CHECKPOINT_NAME
+    half_life: float | None = None  # an EMA length in samples (the global batch is read when training begins)
+
     def __init__(
         self,
-        decay: float = 0.9998,  # each update keeps `decay` of the EMA and moves `1 - decay` toward the model
+        decay: float | None = None,  # each update keeps `decay` of the EMA and moves the rest; None: 0.9998
         start: int | float = 0,  # optimizer steps before the EMA starts (int), or a fraction of all steps (float)
         warmup: DecayWarmup | None = None,  # the decay as a function of the update count, e.g. InverseGammaWarmup()
         validate_ema: bool = True,  # evaluate with the EMA weights during training (swapped in place)
         replace_weights: bool = False,  # at the end of training, copy the EMA into the model
         resume_from: str | os.PathLike | None = None,  # the checkpoint folder to resume the EMA from; None: the
         # one `train(resume_from_checkpoint=...)` resumes from
+        half_life: float | None = None,  # the EMA's length in samples, instead of decay (see ModelEMA)
+        switch_every: int | SwitchEMA | None = None,  # Switch EMA: copy the EMA into the model every N epochs
         **options: Any,  # ModelEMA's: all_parameters, all_buffers, foreach, device, flatten_model, ema_dtype, ...
     ) -> None:
+        self._init(validate_ema, replace_weights, resume_from)
+        self.half_life = half_life
+        self.ema = StepDrivenEMA(ModelEMAFactory(decay, warmup, options, half_life), start, switch=switch_every)
+
+    def _init(self, validate_ema: bool, replace_weights: bool, resume_from: str | os.PathLike | None) -> None:
         self._init_flags(validate_ema, replace_weights)
         if resume_from is not None and not isinstance(resume_from, (str, os.PathLike)):
             raise TypeError(f"Invalid resume_from: {resume_from!r}; expected None or a checkpoint folder path")
         self.resume_from = None if resume_from is None else Path(resume_from)
-        self.ema = StepDrivenEMA(ModelEMAFactory(decay, warmup, options), start)
         self._trainer: Any = None
         self._evaluate: Any = None  # the Trainer's own `_evaluate`, while ours wraps it
         self._run_folder: Path | None = None  # where this run's checkpoint folders go
@@ -82,7 +92,10 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         trainer, resume_from_checkpoint = _training_loop()
         self._run_folder = _run_folder(trainer, args)
-        self.ema.begin(model, [optimizer], state.max_steps, state.global_step)
+        batch_size = None
+        if self.half_life is not None:  # samples per optimizer step, all ranks together
+            batch_size = float(args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
+        self.ema.begin(model, [optimizer], state.max_steps, state.global_step, batch_size)
         self._wrap_evaluation(trainer)
         if state.global_step > 0:  # resuming from a checkpoint: the EMA saved with it
             self._resume(args, state, resume_from_checkpoint)
@@ -94,7 +107,7 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
             folder = Path(resume_from_checkpoint)
         else:
             folder = self._checkpoint_folder(args, state)
-        path = folder / EMA_CHECKPOINT_NAME
+        path = folder / self.checkpoint_name
         if not path.is_file():
             warnings.warn(
                 f"Resuming at step {state.global_step} without an EMA checkpoint ({path} does not exist): the EMA "
@@ -144,6 +157,7 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
             self.ema.swap_in()  # without the Trainer's frame: the evaluation follows; `on_evaluate` swaps back
 
     def on_epoch_end(self, args, state, control, **kwargs):
+        self.ema.end_epoch(round(state.epoch))  # before the epoch's evaluation and checkpoint
         if self._trainer is None and control.should_evaluate and self.validate_ema:
             self.ema.swap_in()
 
@@ -157,7 +171,7 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
         ema_state = self.ema.state_dict()  # on every rank: for a sharded (FSDP2) EMA it is a collective
         if state.is_world_process_zero:
             folder = self._checkpoint_folder(args, state)
-            atomic_save({"global_step": state.global_step, "ema": ema_state}, folder / EMA_CHECKPOINT_NAME)
+            atomic_save({"global_step": state.global_step, "ema": ema_state}, folder / self.checkpoint_name)
 
     def _checkpoint_folder(self, args, state) -> Path:
         """The folder of the checkpoint the Trainer saves (or resumes) at this step."""
@@ -167,7 +181,7 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
         self._unwrap_evaluation()
         best = state.best_model_checkpoint
         if args.load_best_model_at_end and best is not None and self.ema.engine is not None:
-            path = Path(best) / EMA_CHECKPOINT_NAME
+            path = Path(best) / self.checkpoint_name
             if path.is_file():
                 # The Trainer loaded the best checkpoint's model; the EMA saved with it is the one that scored.
                 saved = read_checkpoint(path)
@@ -175,7 +189,7 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
             else:
                 warnings.warn(
                     f"load_best_model_at_end: the Trainer loaded the best checkpoint {best}, which holds no EMA "
-                    f"({EMA_CHECKPOINT_NAME}); the EMA is the one of the last step, not the best checkpoint's",
+                    f"({self.checkpoint_name}); the EMA is the one of the last step, not the best checkpoint's",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -193,3 +207,39 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
         if engine.flatten_model:
             kwargs.setdefault("state_dict", {k: v.clone() for k, v in module.state_dict().items()})
         module.save_pretrained(save_directory, **kwargs)
+
+
+class BEMACallback(EMACallback):
+    """BEMA, the bias-corrected EMA (a `fastema.BEMA`), for the Hugging Face `Trainer`: as `EMACallback`, with its
+    own checkpoint file (`fastema_bema.pt`). TRL's `BEMACallback` under the same name and hyperparameters, with
+    `t` counted from `update_after`, updates every step by default, checkpoints and evaluations with BEMA weights."""
+
+    checkpoint_name = BEMA_CHECKPOINT_NAME
+
+    def __init__(
+        self,
+        ema_power: float = 0.5,  # kappa: the EMA's weight on the model is (lag + multiplier t) ** -kappa
+        bias_power: float = 0.2,  # eta: the bias correction is (lag + multiplier t) ** -eta
+        lag: float = 10,  # rho: the schedules' offset
+        multiplier: float = 1.0,  # gamma: how fast the schedules age per step
+        min_ema_multiplier: float = 0.0,  # a floor under the EMA's weight on the model
+        update_after: int = 0,  # theta_0 is taken after this many optimizer steps (after `start`)
+        update_every: int = 1,  # update when t is a multiple of this (TRL's update_freq)
+        start: int | float = 0,  # optimizer steps before BEMA starts (int), or a fraction of all steps (float)
+        validate_ema: bool = True,  # evaluate with the BEMA weights during training (swapped in place)
+        replace_weights: bool = False,  # at the end of training, copy the BEMA weights into the model
+        resume_from: str | os.PathLike | None = None,  # the checkpoint folder to resume from (see EMACallback)
+        switch_every: int | SwitchEMA | None = None,  # Switch EMA with the BEMA weights, every N epochs
+        **options: Any,  # BEMA's: all_parameters, all_buffers, foreach, device, flatten_model, ema_dtype
+    ) -> None:
+        self._init(validate_ema, replace_weights, resume_from)
+        settings = dict(
+            ema_power=ema_power,
+            bias_power=bias_power,
+            lag=lag,
+            multiplier=multiplier,
+            min_ema_multiplier=min_ema_multiplier,
+            update_after=update_after,
+            update_every=update_every,
+        )
+        self.ema = StepDrivenEMA(BEMAFactory({**settings, **options}), start, switch=switch_every)

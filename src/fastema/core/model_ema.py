@@ -25,9 +25,9 @@ from .checks import (
     check_update_every,
 )
 from .hooks import Attachments, RemovableHandle
-from .parallel import gather_full, reshard, shard_like, unwrap_model
-from .schedules import DecayWarmup, check_warmup
-from .state import CONFIG_KEYS, check_state_dict, make_state_dict
+from .parallel import reshard, unwrap_model
+from .schedules import DecayWarmup, check_warmup, decay_from
+from .state import CONFIG_KEYS, full_state, prepare_load
 from .swap import SwapGuard
 from .tracker import Tracker, migrate_v01, named_tensors
 from .tracking import Placement, tracked_parameters, tracked_tensors, watch_module_changes
@@ -54,16 +54,17 @@ class ModelEMA:
     update is one `lerp_` (the tensor objects stay; storage is shared, which safetensors refuses).
     `ema_dtype=torch.float32` keeps a float32 EMA of a bf16/fp16 model; `device='cpu'` offloads it
     (the update runs in a background thread; reads wait for it); `update_every=N` updates every
-    N-th call with decay**N; `warmup` ramps the decay up (`ExponentialWarmup`, `InverseGammaWarmup`).
+    N-th call with decay**N; `warmup` ramps the decay up (`ExponentialWarmup`, `InverseGammaWarmup`);
+    `half_life=H, batch_size=B` sets the decay per step to `0.5 ** (B / H)` (the length in samples, `SampleLength`).
 
     Attributes: `module`, `tensor_names`, `num_updates` (EMA updates done), `num_steps` (calls of
-    `update()` since the start or `reset()`), `last_decay`, `decay`, `model` (the unwrapped model).
+    `update()` since the start or `reset()`), `last_decay`, `decay`, `length` (a `SampleLength` or None), `model`.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        decay: float = 0.9998,  # weight kept by the EMA at each update, in [0, 1]
+        decay: float | None = None,  # weight kept by the EMA at each step, in [0, 1]; None: 0.9998 or from half_life
         *,
         all_parameters: bool = False,  # also average parameters without `requires_grad`
         all_buffers: bool = False,  # also average non-persistent buffers
@@ -74,10 +75,12 @@ class ModelEMA:
         update_every: int = 1,  # update on every N-th call of `update()` only, with decay**N
         warmup: DecayWarmup | None = None,  # decay as a function of the step count, e.g. ExponentialWarmup()
         tensor_names: Sequence[str] | None = None,  # average exactly these (state-dict names); None = by the flags
+        half_life: float | None = None,  # the EMA's length in samples (or tokens), instead of `decay`
+        batch_size: float | None = None,  # samples (or tokens) per optimizer step, with half_life: all ranks together
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
-        self.decay = check_decay(decay, "decay")
+        self.decay, self.length = decay_from(decay, half_life, batch_size)
         self.all_parameters = check_flag(all_parameters, "all_parameters")
         self.all_buffers = check_flag(all_buffers, "all_buffers")
         self.foreach = check_foreach(foreach)
@@ -213,6 +216,16 @@ class ModelEMA:
         for target, ema_tensor in zip(targets, self._swap.ema_values(self._tracker.binding.ema_tensors)):
             target.copy_(ema_tensor)
 
+    def switch(self) -> None:
+        """Switch EMA (Li et al., 2024): `copy_to()` the tracked model, in place; the optimizer's state is untouched."""
+        self.copy_to()
+
+    def ema_tensors(self) -> list[Tensor]:
+        """The EMA's own tensors (this rank's shards under FSDP2) in `tensor_names` order, as they stand: no copy."""
+        self._swap.check_outside("ema_tensors()")
+        self._readable()
+        return list(self._tracker.binding.ema_tensors)
+
     def copy_from(self, module: nn.Module | ModelEMA) -> None:
         """Set the EMA weights from a module with the same names and shapes, or from another `ModelEMA` of the model.
 
@@ -260,11 +273,7 @@ class ModelEMA:
         For a sharded (FSDP2) model the tensors are the full EMA, gathered shard by shard into
         CPU memory: a collective that every rank must call.
         """
-        self._readable()
-        tensors = dict(zip(self.tensor_names, self._swap.ema_values(self._tracker.binding.ema_tensors)))
-        for name, layout in self._tracker.layouts.items():
-            tensors[name] = gather_full(tensors[name].to(layout.device), layout).cpu()
-        return make_state_dict(tensors, self.num_updates, self.num_steps, self.decay, self.last_decay, self.config())
+        return full_state(self)
 
     def config(self) -> dict[str, object]:
         """The options a saved state must share to load into this EMA (what its counts and tensors mean)."""
@@ -277,22 +286,7 @@ class ModelEMA:
         must call it, with the same state).
         """
         self._swap.check_outside("load_state_dict()")
-        expected = dict(zip(self.tensor_names, self._tracker.binding.ema_tensors))
-        expected.update(self._tracker.layouts)  # full shapes for sharded tensors
-        tensors, counts, last_decay = check_state_dict(state_dict, expected, self.decay, self.ema_dtype, self.config())
-        layouts = self._tracker.layouts
-        parts = {
-            name: shard_like(tensors[name], layouts[name]) if name in layouts else tensors[name]
-            for name in self.tensor_names
-        }
-        self._write_checked_state(parts, counts, last_decay)
-
-    def _write_checked_state(self, parts: dict[str, Tensor], counts: tuple[int, int], last_decay: float) -> None:
-        """Copy checked values (this rank's part of each tracked tensor, by name) and counts into the EMA."""
-        self._swap.check_outside("load_state_dict()")
-        self._tracker.overwrite(parts)
-        self.num_updates, self.num_steps = counts
-        self.last_decay = last_decay
+        prepare_load(self, state_dict)()
 
     def sharded_state(self, purpose: str | None = None) -> ShardedEMAState:
         """This EMA as a `torch.distributed.checkpoint` `Stateful`: `dcp.save({..., "ema": ema.sharded_state("save")})`.

@@ -1,12 +1,19 @@
-"""Decay schedules: where an annealer (fastai's `SchedCos`, ...) puts the decay at a given step."""
+"""Decay schedules: where an annealer (fastai's `SchedCos`, ...) puts the decay at a given step, warm-ups, and
+the EMA's length in samples (`SampleLength`, the EMA scaling rule)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from numbers import Real
+from typing import cast
 
 from .checks import check_decay
+
+logger = logging.getLogger("fastema")
+
+DEFAULT_DECAY = 0.9998
 
 Annealer = Callable[[float], float]
 
@@ -94,3 +101,105 @@ def check_warmup(value: object) -> DecayWarmup | None:
     if value is not None and not isinstance(value, DecayWarmup):
         raise TypeError(f"Invalid warmup: {value!r}; expected None, ExponentialWarmup(...) or InverseGammaWarmup(...)")
     return value
+
+
+class SampleLength:
+    """The EMA's length in samples (or tokens) rather than in steps: it forgets half of itself every `half_life`.
+
+    Each optimizer step sees `batch_size` samples (all ranks and accumulated micro-batches
+    together; tokens if `half_life` is in tokens), so the decay per step is
+    `0.5 ** (batch_size / half_life)`, and an update that covers N steps (`update_every=N`) uses
+    its N-th power. A batch k times larger gives `decay ** k`: the EMA scaling rule of Busbridge
+    et al. ("How to Scale Your EMA", NeurIPS 2023), which keeps the EMA the same per sample.
+    """
+
+    def __init__(self, half_life: float, batch_size: float) -> None:
+        _check_positive(half_life, "half_life")
+        _check_positive(batch_size, "batch_size")
+        self.half_life, self.batch_size = float(half_life), float(batch_size)
+
+    @property
+    def decay(self) -> float:
+        """The decay of one optimizer step."""
+        return 0.5 ** (self.batch_size / self.half_life)
+
+    def __repr__(self) -> str:
+        return f"SampleLength(half_life={self.half_life}, batch_size={self.batch_size})"
+
+
+def decay_from(decay: object, half_life: object, batch_size: object) -> tuple[float, SampleLength | None]:
+    """The decay per step: `decay` (None: the default), or from `half_life` and `batch_size`; never both."""
+    if half_life is None:
+        if batch_size is not None:
+            raise ValueError(f"Invalid batch_size: {batch_size!r}; it is used only with half_life")
+        return check_decay(DEFAULT_DECAY if decay is None else decay, "decay"), None
+    if decay is not None:
+        raise ValueError(
+            f"Invalid decay: {decay!r} together with half_life={half_life!r}; give one of them (half_life with "
+            "batch_size sets the decay)"
+        )
+    if batch_size is None:
+        raise ValueError("Invalid batch_size: None; half_life needs the samples (or tokens) per optimizer step")
+    length = SampleLength(cast(float, half_life), cast(float, batch_size))
+    return length.decay, length
+
+
+def note_rescaled(saved: dict, length: SampleLength | None) -> None:
+    """Log it when a state saved with another batch size is resumed: the decay follows the EMA scaling rule."""
+    saved_batch, saved_decay = saved.get("batch_size"), saved.get("decay")
+    if length is None or not isinstance(saved_batch, float) or saved_batch == length.batch_size:
+        return
+    logger.warning(
+        "fastema: the EMA continues with batch size %g (saved with %g): decay %s -> %s = decay ** %g "
+        "(the EMA scaling rule; half-life %g samples)",
+        length.batch_size,
+        saved_batch,
+        saved_decay,
+        length.decay,
+        length.batch_size / saved_batch,
+        length.half_life,
+    )
+
+
+class SwitchEMA:
+    """When Switch EMA (Li et al., 2024) copies the EMA into the model: at the multiples of `every` from `start` to
+    `end` (inclusive; None: to the end of training), counted in epochs (`unit="epoch"`, at the end of each epoch's
+    training) or in optimizer steps since the EMA started (`unit="step"`, right after the update). Training goes
+    on from the copied weights with the optimizer's state as it was.
+    """
+
+    def __init__(self, every: int = 1, unit: str = "epoch", start: int = 0, end: int | None = None) -> None:
+        for name, value, floor in (("every", every, 1), ("start", start, 0), ("end", end, 1)):
+            if name == "end" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Invalid {name}: {value!r}; expected an int >= {floor}")
+            if value < floor:
+                raise ValueError(f"Invalid {name}: {value}; expected an int >= {floor}")
+        if unit not in ("epoch", "step"):
+            raise ValueError(f"Invalid unit: {unit!r}; expected 'epoch' or 'step'")
+        if end is not None and end < start:
+            raise ValueError(f"Invalid end: {end}; it must not come before start={start}")
+        self.every, self.unit, self.start, self.end = every, unit, start, end
+
+    def due(self, count: int, unit: str) -> bool:
+        """Whether to switch now, after `count` epochs or optimizer steps (`unit`)."""
+        return (
+            unit == self.unit
+            and count > 0
+            and count % self.every == 0
+            and count >= self.start
+            and (self.end is None or count <= self.end)
+        )
+
+    def __repr__(self) -> str:
+        return f"SwitchEMA(every={self.every}, unit={self.unit!r}, start={self.start}, end={self.end})"
+
+
+def check_switch(value: object) -> SwitchEMA | None:
+    """`switch_every`: None (no switching), an int N (every N epochs) or a `SwitchEMA`."""
+    if value is None or isinstance(value, SwitchEMA):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return SwitchEMA(every=value)
+    raise TypeError(f"Invalid switch_every: {value!r}; expected None, an int number of epochs or a SwitchEMA(...)")

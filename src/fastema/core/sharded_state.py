@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .parallel import DTensor, is_sharded
-from .state import STATE_FORMAT, STATE_VERSION, check_state_dict
+from .state import STATE_FORMAT, STATE_VERSION, check_state_dict, write_checked_state
 
 if TYPE_CHECKING:
     from .model_ema import ModelEMA
@@ -171,4 +171,4 @@ class ShardedEMAState:
         }
         expected = ema._tracker.ema_by_name()  # this rank's parts
         tensors, counts, checked_last_decay = check_state_dict(state, expected, ema.decay, ema.ema_dtype, ema.config())
-        ema._write_checked_state({name: tensors[name] for name in ema.tensor_names}, counts, checked_last_decay)
+        write_checked_state(ema, {name: tensors[name] for name in ema.tensor_names}, counts, checked_last_decay)

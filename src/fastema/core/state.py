@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import Tensor
 
 from .checks import check_decay
+from .parallel import gather_full, shard_like
+from .schedules import note_rescaled
+
+if TYPE_CHECKING:
+    from .model_ema import ModelEMA
 
 STATE_FORMAT = "fastema.ModelEMA"
 STATE_VERSION = 1
@@ -81,8 +89,10 @@ def make_state_dict(
     decay: float,
     last_decay: float,
     config: dict[str, object],
+    length: dict[str, float] | None = None,
 ) -> dict:
-    """A `ModelEMA.state_dict()`: the format marker, the tensors by name, the counts, the decays and `config`."""
+    """A `ModelEMA.state_dict()`: the format marker, the tensors by name, the counts, the decays, `config` and
+    `length` (the half-life and batch size the decay came from, if it did)."""
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
@@ -94,4 +104,44 @@ def make_state_dict(
         "last_decay": last_decay,
         "all_parameters": config["all_parameters"],
         "all_buffers": config["all_buffers"],
+        **(length or {}),
     }
+
+
+def full_state(ema: ModelEMA) -> dict:
+    """`ema.state_dict()`: the EMA's values (full tensors, gathered shard by shard under FSDP2), counts and config."""
+    ema._readable()
+    tensors = dict(zip(ema.tensor_names, ema._swap.ema_values(ema._tracker.binding.ema_tensors)))
+    for name, layout in ema._tracker.layouts.items():
+        tensors[name] = gather_full(tensors[name].to(layout.device), layout).cpu()
+    length = None if ema.length is None else {"half_life": ema.length.half_life, "batch_size": ema.length.batch_size}
+    return make_state_dict(tensors, ema.num_updates, ema.num_steps, ema.decay, ema.last_decay, ema.config(), length)
+
+
+def prepare_load(ema: ModelEMA, state_dict: object) -> Callable[[], None]:
+    """Check a full `state_dict` against `ema` (nothing is written); return the call that writes it.
+
+    Averagers made of several EMAs check every part before writing any.
+    """
+    expected = dict(zip(ema.tensor_names, ema._tracker.binding.ema_tensors))
+    expected.update(ema._tracker.layouts)  # full shapes for sharded tensors
+    tensors, counts, last_decay = check_state_dict(state_dict, expected, ema.decay, ema.ema_dtype, ema.config())
+    layouts = ema._tracker.layouts
+    parts = {
+        name: shard_like(tensors[name], layouts[name]) if name in layouts else tensors[name]
+        for name in ema.tensor_names
+    }
+
+    def write() -> None:
+        write_checked_state(ema, parts, counts, last_decay)
+        note_rescaled(cast(dict, state_dict), ema.length)
+
+    return write
+
+
+def write_checked_state(ema: ModelEMA, parts: dict[str, Tensor], counts: tuple[int, int], last_decay: float) -> None:
+    """Copy checked values (this rank's part of each tracked tensor, by name) and counts into `ema`."""
+    ema._swap.check_outside("load_state_dict()")
+    ema._tracker.overwrite(parts)
+    ema.num_updates, ema.num_steps = counts
+    ema.last_decay = last_decay

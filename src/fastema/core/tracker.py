@@ -340,7 +340,7 @@ def migrate_v01(state: dict) -> dict:
             "volatile": state.get("_volatile", frozenset()),
         }
     )
-    kept = {key: value for key, value in state.items() if not key.startswith("_")}
+    kept = {"length": None, **{key: value for key, value in state.items() if not key.startswith("_")}}
     return {**kept, "_tracker": tracker, "_swap": SwapGuard(), "_attachments": state["_attachments"]}
 
 

@@ -4,7 +4,8 @@ Importing this package patches `Learner.save`/`Learner.load` (fastai's `@patch` 
 behave as fastai's own whenever no EMA callback is attached.
 """
 
+from .bema import BEMACallback
 from .callbacks import EMACallback, EMASchedule
 from .posthoc import PostHocEMACallback, posthoc_sweep
 
-__all__ = ["EMACallback", "EMASchedule", "PostHocEMACallback", "posthoc_sweep"]
+__all__ = ["BEMACallback", "EMACallback", "EMASchedule", "PostHocEMACallback", "posthoc_sweep"]

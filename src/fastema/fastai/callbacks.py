@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from contextlib import ExitStack
 from numbers import Integral, Real
@@ -31,7 +32,15 @@ from ..core.checks import (
 )
 from ..core.model_ema import ModelEMA
 from ..core.parallel import unwrap_model
-from ..core.schedules import DecayWarmup, make_annealer, scheduled_decay
+from ..core.schedules import (
+    DEFAULT_DECAY,
+    DecayWarmup,
+    SampleLength,
+    SwitchEMA,
+    check_switch,
+    make_annealer,
+    scheduled_decay,
+)
 from ..core.state import CONFIG_KEYS, check_state_dict
 from ..core.tracking import tensor_slots
 from ..posthoc import PostHocEMA
@@ -112,6 +121,23 @@ def _resumed_epoch(learn) -> int:
     return 0
 
 
+def _global_batch(learn) -> float:
+    """Samples per optimizer step, all processes together: the batch size x GradientAccumulation x world size."""
+    from fastai.torch_core import num_distrib
+
+    batch = learn.dls.train.bs
+    # GradientAccumulation(n_acc) steps once the batches since the last step hold at least n_acc samples.
+    n_acc = getattr(getattr(learn, "gradient_accumulation", None), "n_acc", 0)
+    return float(batch * max(1, math.ceil(n_acc / batch)) * max(1, num_distrib()))
+
+
+def _half_life(decay: float, batch_size: float) -> float:
+    """The half-life in samples of a decay per step of `batch_size` samples (inf when the EMA stands still)."""
+    if decay >= 1.0:
+        return math.inf
+    return 0.0 if decay <= 0.0 else batch_size * math.log(0.5) / math.log(decay)
+
+
 def _copy_engine_state(source: ModelEMA, target: ModelEMA) -> None:
     """`target` takes `source`'s EMA and counts; shard by shard for a sharded EMA (no rank gathers it)."""
     if source.sharded:
@@ -133,6 +159,7 @@ SHARED_OPTIONS = (
     "flatten_model",
     "ema_dtype",
     "update_every",
+    "switch_every",
 )
 
 
@@ -148,6 +175,7 @@ class AveragingCallback(Callback, EMACheckpointing):
     # (Recorder.order + 1) so that `ema_decay` lands on the step they just logged.
     order = Recorder.order + 2
     checkpoint_format = ""  # the "format" of the EMA file `learn.save` writes: each callback its own
+    switch_every: SwitchEMA | None = None  # Switch EMA: when to copy the average into the model
 
     def _init_events(self, start: int | float, skip_ema: bool) -> None:
         self.start = _check_position(start, "start", is_finish=False)
@@ -258,7 +286,18 @@ class AveragingCallback(Callback, EMACheckpointing):
             return
         if self._updated:
             self._after_update()
+            self._switch_if_due(self._engine.num_steps, "step")
         self._step_cancelled = self._updated = False
+
+    def after_train(self):
+        # The end of the epoch's training: before its validation and before SaveModelCallback's checkpoint.
+        if self._active:
+            self._switch_if_due(self.epoch + 1, "epoch")
+
+    def _switch_if_due(self, count: int, unit: str) -> None:
+        switch = self.switch_every
+        if switch is not None and self._started and self._engine.num_updates and switch.due(count, unit):
+            self._engine.switch()
 
     def _after_update(self) -> None:
         """After a batch whose step moved the EMA (logging)."""
@@ -361,8 +400,18 @@ class EMACallback(AveragingCallback):
         flatten_model: bool = False,  # pack model and EMA into flat buffers: one lerp_ per step (see ModelEMA)
         ema_dtype: torch.dtype | None = None,  # dtype of the EMA's floating tensors, e.g. torch.float32 for bf16 models
         update_every: int = 1,  # update every N-th optimizer step only, with decay**N (see ModelEMA.update)
+        switch_every: int | SwitchEMA | None = None,  # Switch EMA: copy the EMA into the model every N epochs
+        half_life: float | None = None,  # the EMA's length in samples instead of `decay`: 0.5 ** (batch / half_life)
+        batch_size: float | None = None,  # samples (or tokens) per optimizer step; None: bs x accumulation x world
     ):
         self.decay = check_decay(decay, "decay")
+        if half_life is not None:
+            if self.decay != DEFAULT_DECAY:
+                raise ValueError(f"Invalid decay: {decay} together with half_life={half_life}; give one of them")
+            SampleLength(half_life, 1.0 if batch_size is None else batch_size)  # checked now, the batch at fit
+        elif batch_size is not None:
+            raise ValueError(f"Invalid batch_size: {batch_size!r}; it is used only with half_life")
+        self.half_life, self.batch_size = half_life, batch_size
         self._init_common(start, skip_ema, **_shared_options(locals()))
 
     def _init_common(self, start: int | float, skip_ema: bool, **options) -> None:
@@ -373,8 +422,18 @@ class EMACallback(AveragingCallback):
         check_flatten_model(options["flatten_model"], check_foreach(options["foreach"]))
         check_ema_dtype(options["ema_dtype"])
         check_update_every(options["update_every"])
+        options["switch_every"] = check_switch(options["switch_every"])
         store_attr("", **options)  # these only: not `start` and `skip_ema` from this frame
         self._init_events(start, skip_ema)
+
+    half_life: float | None = None  # EMASchedule's decay is scheduled, not a half-life
+    batch_size: float | None = None
+
+    def _sample_length(self) -> dict:
+        """`half_life` and this Learner's global batch, for the engine (empty without a half-life)."""
+        if self.half_life is None:
+            return {}
+        return {"half_life": self.half_life, "batch_size": self.batch_size or _global_batch(self.learn)}
 
     def _decay_at(self, step: int) -> float:
         return self.decay
@@ -384,6 +443,8 @@ class EMACallback(AveragingCallback):
         return cast(ModelEMA, AveragingCallback._engine.fget(self))  # type: ignore[attr-defined]  # a property
 
     def _start_fit(self, loaded_engine, loaded):
+        if self.half_life is not None:  # from this fit's global batch: the EMA scaling rule when it changed
+            self.decay = SampleLength(**self._sample_length()).decay
         decay = self._decay_at(self._start_step)
         if loaded is not None and loaded_engine is not None and _resumed_epoch(self.learn) > 0:
             # `learn.load(...)` then `fit(..., start_epoch=k)`: continue exactly where the checkpoint stood,
@@ -407,9 +468,11 @@ class EMACallback(AveragingCallback):
     def _new_engine(
         self, decay: float, tensor_names: list[str] | None = None, flatten_model: bool | None = None
     ) -> ModelEMA:
+        length = self._sample_length()
         return ModelEMA(
             self.learn.model,
-            decay,
+            None if length else decay,
+            **length,
             all_parameters=self.all_parameters,
             all_buffers=self.all_buffers,
             foreach=self.foreach,
@@ -496,13 +559,16 @@ class EMACallback(AveragingCallback):
 
     def _log_decay(self):
         tensorboard = getattr(self.learn, "tensor_board", None)
+        # The half-life in samples that the decay amounts to at this Learner's global batch.
+        half_life = _half_life(self.decay, self.batch_size or _global_batch(self.learn))
         if tensorboard is not None and getattr(tensorboard, "run", False):
             tensorboard.writer.add_scalar("ema_decay", self.decay, self.train_iter)
+            tensorboard.writer.add_scalar("ema_half_life", half_life, self.train_iter)
         wandb_callback = getattr(self.learn, "wandb", None)
         if wandb_callback is not None and getattr(wandb_callback, "run", False):
             import wandb
 
-            wandb.log({"ema_decay": self.decay}, step=wandb_callback._wandb_step)
+            wandb.log({"ema_decay": self.decay, "ema_half_life": half_life}, step=wandb_callback._wandb_step)
 
     def _ema_weights(self):
         return self._engine.use_ema_weights()
@@ -537,6 +603,7 @@ class EMASchedule(EMACallback):
         flatten_model: bool = False,  # pack model and EMA into flat buffers: one lerp_ per step (see ModelEMA)
         ema_dtype: torch.dtype | None = None,  # dtype of the EMA's floating tensors, e.g. torch.float32 for bf16 models
         update_every: int = 1,  # update every N-th optimizer step only, with decay**N (see ModelEMA.update)
+        switch_every: int | SwitchEMA | None = None,  # Switch EMA: copy the EMA into the model every N epochs
     ):
         self.start_decay = check_decay(start_decay, "start_decay")
         self.final_decay = check_decay(final_decay, "final_decay")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ..averagers.bema import BEMA
     from ..core.model_ema import ModelEMA
     from ..posthoc.averager import PostHocEMA
 
@@ -15,7 +16,7 @@ EMA_SUFFIX = ".ema.pth"
 class EMACheckpointing:
     """What `learn.save`/`learn.load` need of an EMA callback (the callbacks inherit it)."""
 
-    engine: ModelEMA | PostHocEMA | None = None
+    engine: ModelEMA | PostHocEMA | BEMA | None = None
 
     def ema_checkpoint(self) -> dict | None:
         raise NotImplementedError
