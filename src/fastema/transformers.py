@@ -3,7 +3,8 @@
     trainer = Trainer(model, args, ..., callbacks=[EMACallback(decay=0.9999)])
 
 Updates after every optimizer step that really happened (gradient accumulation and AMP's
-skipped steps respected: it hooks the optimizer's steps), evaluates with the EMA weights
+skipped steps respected: it hooks the optimizer's steps, or with DeepSpeed the engine's applied
+steps; under ZeRO-3 the EMA keeps this rank's partitions), evaluates with the EMA weights
 swapped into the model in place during training, saves the EMA's state into each checkpoint
 folder (`fastema_ema.pt`, rank 0) and restores it on `trainer.train(resume_from_checkpoint=...)`,
 so a resumed run continues the same EMA. Importing `fastema` does not import transformers;
@@ -82,7 +83,9 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         trainer, resume_from_checkpoint = _training_loop()
         self._run_folder = _run_folder(trainer, args)
-        self.ema.begin(model, [optimizer], state.max_steps, state.global_step)
+        # With DeepSpeed the engine steps the weights (its optimizer is not a torch one): it is hooked itself.
+        engine = getattr(trainer, "deepspeed", None)
+        self.ema.begin(model, [optimizer if engine is None else engine], state.max_steps, state.global_step)
         self._wrap_evaluation(trainer)
         if state.global_step > 0:  # resuming from a checkpoint: the EMA saved with it
             self._resume(args, state, resume_from_checkpoint)
