@@ -81,7 +81,8 @@ def train(engine, xs, reference=None, on_step=None):
 
 
 def partitions(engine):
-    return [p.ds_tensor.detach().clone() for p in engine.module.parameters()]
+    """Every partition's bytes, padding included (its bits are whatever memory held: NaNs in a float view)."""
+    return [p.ds_tensor.detach().clone().view(torch.uint8) for p in engine.module.parameters()]
 
 
 def zero3_case(rank, out_dir):
@@ -405,6 +406,11 @@ def accelerate_case(rank):
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = ModelEMA(model, DECAY, ema_dtype=torch.float32)
+    try:  # the optimizer `prepare` returns steps nothing under DeepSpeed: the engine does
+        ema.attach(optimizer)
+        wrong_attach = None
+    except TypeError as error:
+        wrong_attach = str(error)
     ema.attach(model)
     reference = ReferenceEMA(gathered(model))
     for x in batches(rank):
@@ -420,6 +426,7 @@ def accelerate_case(rank):
         "num_updates": ema.num_updates,
         "ema": {name: tensor.clone() for name, tensor in ema.state_dict()["tensors"].items()},
         "reference": reference.state,
+        "wrong_attach": wrong_attach,
     }
 
 

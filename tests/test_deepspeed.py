@@ -148,5 +148,6 @@ def test_hf_trainer_with_a_zero3_config_averages_evaluates_with_the_ema_and_resu
 def test_accelerate_with_a_deepspeed_plugin_attaches_to_the_prepared_engine(ranks):
     results, _ = ranks
     for result in (r["accelerate"] for r in results):
+        assert "attach the DeepSpeed engine instead" in result["wrong_attach"]
         assert result["sharded"] and result["num_updates"] == ds.STEPS
         assert_state_matches(result["ema"], result["reference"], rtol=RTOL, atol=ATOL)

@@ -140,8 +140,7 @@ class IdentityWatch:
     """One tensor watched by identity in the dict of the module holding it (one lookup per check).
 
     Replacing tensors straight in `_parameters` (FSDP2's `fully_shard` does, for every parameter)
-    moves no registration counter; the first tracked tensor watched this way notices it. So is the
-    tensor turned into a ZeRO-3 parameter in place (`deepspeed.initialize` gives it a `ds_tensor`).
+    moves no registration counter; the first tracked tensor watched this way notices it.
     """
 
     def __init__(self, model: nn.Module, slot: Slot, tensor: Tensor) -> None:
@@ -150,7 +149,7 @@ class IdentityWatch:
         self.key, self.tensor = slot.key, tensor
 
     def moved(self) -> bool:
-        return self.members.get(self.key) is not self.tensor or "ds_tensor" in self.tensor.__dict__
+        return self.members.get(self.key) is not self.tensor
 
 
 def tracked_parameters(module: nn.Module, names: list[str]) -> list[Tensor]:
