@@ -247,6 +247,20 @@ def moved_partitions_case(rank):
         "num_updates": early.num_updates,
     }
 
+    # Every partition moved after the first update (as loading weights by swapping storages would), with new
+    # values: no counter moves, the watched address does, and the EMA reads the new partitions.
+    watched = ModelEMA(engine, DECAY, ema_dtype=torch.float32)
+    watched.update()
+    old = gathered(engine)
+    with torch.no_grad():
+        for param in engine.module.parameters():
+            param.ds_tensor.data = param.ds_tensor.data + 1
+    watched.update()
+    new = watched.state_dict()["tensors"]
+    result["moved_all"] = {
+        name: (new[name].double() - old[name]).mean().item() for name, _ in engine.module.named_parameters()
+    }
+
     late = ModelEMA(engine, DECAY, ema_dtype=torch.float32)
     moved = engine.module.layers[2].weight  # not the first partition, which is watched at every update
     moved.ds_tensor.data = moved.ds_tensor.data.clone()  # as offloading does (DeepSpeed's next step puts it back)

@@ -106,6 +106,8 @@ def test_partitions_deepspeed_moves_are_followed_or_refused_never_averaged_stale
         # zero.Init: partitioned before initialize, which moves them into flat buffers; the EMA follows.
         assert result["num_updates"] == 3
         assert_state_matches(result["followed"], result["reference"], rtol=RTOL, atol=ATOL)
+        # Every partition moved to new storage holding the weights + 1: the EMA moves 1 - decay toward them.
+        assert result["moved_all"] == pytest.approx(dict.fromkeys(result["moved_all"], 1 - ds.DECAY), abs=0.01)
         # A partition moved by hand, not the watched one: the first update's read-back refuses it.
         assert "did not follow its ZeRO-3 partition" in result["read_back"] and "layers.2.weight" in result["read_back"]
 
