@@ -3,7 +3,8 @@
     trainer = Trainer(model, args, ..., callbacks=[EMACallback(decay=0.9999)])
 
 Updates after every optimizer step that really happened (gradient accumulation and AMP's
-skipped steps respected: it hooks the optimizer's steps), evaluates with the EMA weights
+skipped steps respected: it hooks the optimizer's steps, or with DeepSpeed the engine's applied
+steps; under ZeRO-3 the EMA keeps this rank's partitions), evaluates with the EMA weights
 swapped into the model in place during training, saves the EMA's state into each checkpoint
 folder (`fastema_ema.pt`, rank 0) and restores it on `trainer.train(resume_from_checkpoint=...)`,
 so a resumed run continues the same EMA. Importing `fastema` does not import transformers;
@@ -95,7 +96,9 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
         batch_size = None
         if self.half_life is not None:  # samples per optimizer step, all ranks together
             batch_size = float(args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
-        self.ema.begin(model, [optimizer], state.max_steps, state.global_step, batch_size)
+        # With DeepSpeed the engine steps the weights (its optimizer is not a torch one): it is hooked itself.
+        engine = getattr(trainer, "deepspeed", None)
+        self.ema.begin(model, [optimizer if engine is None else engine], state.max_steps, state.global_step, batch_size)
         self._wrap_evaluation(trainer)
         if state.global_step > 0:  # resuming from a checkpoint: the EMA saved with it
             self._resume(args, state, resume_from_checkpoint)

@@ -1,4 +1,8 @@
-"""Running code after every step an optimizer really takes (a step post-hook), through framework wrappers."""
+"""Running code after every step an optimizer really takes (a step post-hook), through framework wrappers.
+
+A DeepSpeed engine is hooked itself (`zero.engine_step_hooks`): after each `engine.step()` that applied
+an optimizer step.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
+
+from .zero import engine_step_hooks, is_deepspeed_engine
 
 __all__ = ["Attachments", "RemovableHandle", "attach_once", "attach_to_optimizer", "torch_optimizer"]
 
@@ -24,8 +30,11 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
     Those wrappers may subclass `Optimizer` without being one (no hooks of their own): unwrapped.
     Any other optimizer is hooked itself, wrapper or not: a Lookahead-style wrapper moves the
-    weights after its inner step, and its own step hooks run after that.
+    weights after its inner step, and its own step hooks run after that. A DeepSpeed engine is
+    returned as it is (it is hooked itself).
     """
+    if is_deepspeed_engine(optimizer):
+        return optimizer
     found = optimizer
     while type(found).__module__.startswith(_WRAPPERS):
         inner = getattr(found, "optimizer", None) or getattr(found, "_optimizer", None)
@@ -34,6 +43,12 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         found = inner
     if isinstance(found, torch.optim.Optimizer):
         return found
+    if type(found).__module__.startswith("deepspeed."):
+        raise TypeError(
+            f"Invalid optimizer: {type(found).__name__} is DeepSpeed's, which steps its inner optimizer once per "
+            "parameter group before copying the weights into the model; attach the DeepSpeed engine instead "
+            "(ema.attach(engine): the model deepspeed.initialize or accelerator.prepare returned)"
+        )
     raise TypeError(f"Invalid optimizer: {optimizer!r}; expected a torch.optim.Optimizer (or a wrapper of one)")
 
 
@@ -41,9 +56,21 @@ def attach_to_optimizer(optimizer: Any, callback: Callable[[], None]) -> Removab
     """Run `callback()` after every step the (unwrapped) optimizer takes.
 
     A step post-hook: an AMP `GradScaler` that skips a step (inf/NaN gradients) does not call the
-    optimizer's `step`, so the callback does not run either.
+    optimizer's `step`, so the callback does not run either. For a DeepSpeed engine: after each
+    `engine.step()` that applied a step (an accumulation boundary without fp16 overflow).
     """
-    return torch_optimizer(optimizer).register_step_post_hook(lambda optimizer, args, kwargs: callback())
+    found = torch_optimizer(optimizer)
+    if is_deepspeed_engine(found):
+        hooks = engine_step_hooks(found)
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = callback
+        return handle
+    return found.register_step_post_hook(lambda optimizer, args, kwargs: callback())
+
+
+def _step_hooks(found: Any) -> dict:
+    """The hooks an optimizer (or a DeepSpeed engine) runs after its steps, by handle id."""
+    return engine_step_hooks(found) if is_deepspeed_engine(found) else found._optimizer_step_post_hooks
 
 
 def attach_once(owner: object, optimizer: Any, callback: Callable[[], None]) -> RemovableHandle:
@@ -51,7 +78,7 @@ def attach_once(owner: object, optimizer: Any, callback: Callable[[], None]) -> 
     found = torch_optimizer(optimizer)
     handles = _ATTACHED.setdefault(found, weakref.WeakKeyDictionary())
     previous = handles.get(owner)
-    if previous is not None and previous.id in found._optimizer_step_post_hooks:
+    if previous is not None and previous.id in _step_hooks(found):
         raise ValueError(
             "Invalid optimizer: this EMA is already attached to it (it would update twice per step); "
             "call remove() on the first handle to attach again"
@@ -78,9 +105,10 @@ class Attachments:
     def attach(
         self, owner: object, optimizer: Any, update: Callable[[], None], parameters: Iterable[torch.Tensor]
     ) -> RemovableHandle:
-        found = torch_optimizer(optimizer)
+        found: Any = torch_optimizer(optimizer)
         own = {id(parameter) for parameter in parameters}
-        if not any(id(parameter) in own for group in found.param_groups for parameter in group["params"]):
+        groups = [{"params": list(found.module.parameters())}] if is_deepspeed_engine(found) else found.param_groups
+        if not any(id(parameter) in own for group in groups for parameter in group["params"]):
             raise ValueError(
                 f"Invalid optimizer: {type(found).__name__} steps none of the parameters this EMA averages "
                 "(an optimizer of another model, or of frozen ones?); attach the optimizer that trains them"
@@ -122,4 +150,4 @@ class Attachments:
 def _live(optimizer: weakref.ref, handle: RemovableHandle) -> bool:
     """Whether the hook `handle` is still registered on the optimizer (which may be gone)."""
     found = optimizer()
-    return found is not None and handle.id in found._optimizer_step_post_hooks
+    return found is not None and handle.id in _step_hooks(found)

@@ -119,13 +119,13 @@ class ModelEMA:
 
     # ---- the update ----------------------------------------------------------------------------------
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+    def attach(self, optimizer: torch.optim.Optimizer | nn.Module) -> RemovableHandle:
         """Call `update()` after every step `optimizer` really takes; `handle.remove()` detaches it.
 
         A step post-hook: a `GradScaler` that skips a step (inf/NaN gradients) does not call the
-        optimizer's `step`, so the EMA does not move either. The one-line integration for plain
-        and `accelerate` loops (pass the torch optimizer; an accelerate `AcceleratedOptimizer` is
-        unwrapped).
+        optimizer's `step`, so the EMA does not move either. The one-line integration for plain,
+        `accelerate` and DeepSpeed loops (a torch optimizer, accelerate's wrapper of one, or a
+        DeepSpeed engine: after each `engine.step()` that applied a step).
         """
         return self._attachments.attach(self, optimizer, self.update, tracked_parameters(self.model, self.tensor_names))
 
@@ -189,7 +189,7 @@ class ModelEMA:
         """The averaged copy of the model (eval mode, no gradients)."""
         if self._tracker.module is None:
             raise RuntimeError(
-                "ModelEMA.module: the model is sharded (FSDP2), so the EMA holds shards only; evaluate with "
+                "ModelEMA.module: the model is sharded (FSDP2, ZeRO-3), so the EMA holds shards only; evaluate with "
                 "use_ema_weights(), or get the full EMA from state_dict()"
             )
         self._swap.check_outside("ModelEMA.module")

@@ -1,9 +1,11 @@
-"""Data-parallel and sharded models: the module to average inside wrappers, and FSDP2's sharded tensors.
+"""Data-parallel and sharded models: the module to average inside wrappers, and sharded tensors.
 
-Under DDP every rank holds the whole model and its EMA (identical on every rank, since the
-weights are). Under FSDP2 (`fully_shard`) parameters are DTensors sharded across ranks: the
-EMA of each parameter is kept as the local shard only and updated shard-locally, and the
-full EMA exists only when asked for (`ModelEMA.state_dict()`, a collective).
+Under DDP (and DeepSpeed ZeRO stages 0-2) every rank holds the whole model and its EMA
+(identical on every rank, since the weights are). Under FSDP2 (`fully_shard`) parameters are
+DTensors sharded across ranks, and under DeepSpeed ZeRO stage 3 each rank holds a flat
+partition of every parameter (`zero`): the EMA of each parameter is kept as the local part
+only and updated locally, and the full EMA exists only when asked for
+(`ModelEMA.state_dict()`, a collective).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import cast
 
 import torch
 from torch import Tensor, nn
+
+from .zero import ZeroLayout, is_deepspeed_engine, is_partitioned, partition, release_gathered
 
 try:  # public since torch 2.4
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -38,9 +42,9 @@ except ImportError:  # pragma: no cover - older torch or no distributed build
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the plain module inside DDP/DataParallel and `torch.compile` wrappers."""
+    """Return the plain module inside DDP/DataParallel, DeepSpeed engine and `torch.compile` wrappers."""
     while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or is_deepspeed_engine(model):
             model = cast(nn.Module, model.module)
         elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
             model = cast(nn.Module, model._orig_mod)
@@ -54,8 +58,10 @@ def reshard(model: nn.Module) -> None:
     After a forward, the root module's parameters stay unsharded (all-gathered copies, which the
     backward would need next): the module then computes with those, not with the shards. Before
     the shards are read or written (EMA validation, re-reading the model), they must be the
-    parameters again; the next forward all-gathers from them. A no-op for other models.
+    parameters again; the next forward all-gathers from them. ZeRO-3: the same for its gathered
+    parameters (`zero.release_gathered`). A no-op for other models.
     """
+    release_gathered(model)
     if FSDPModule is None:
         return
     for module in model.modules():
@@ -64,20 +70,35 @@ def reshard(model: nn.Module) -> None:
 
 
 def is_sharded(tensor: Tensor) -> bool:
-    """Whether `tensor` is a DTensor (an FSDP2/tensor-parallel parameter): each rank holds a part."""
-    return DTensor is not None and isinstance(tensor, DTensor)
+    """Whether each rank holds a part of `tensor`: a DTensor (FSDP2/tensor parallel) or a ZeRO-3 parameter."""
+    return (DTensor is not None and isinstance(tensor, DTensor)) or is_partitioned(tensor)
 
 
 def local_part(tensor: Tensor) -> Tensor:
-    """`tensor` itself, or for a DTensor the part this rank holds (a view of its storage)."""
+    """`tensor` itself, or for a DTensor or a ZeRO-3 parameter the part this rank holds (a view of its storage)."""
+    if is_partitioned(tensor):
+        return partition(tensor)
     if not is_sharded(tensor):
         return tensor
     with torch.no_grad():
         return cast(DTensor, tensor).to_local().detach()
 
 
-def gather_full(local: Tensor, like: Tensor) -> Tensor:
-    """The full tensor whose parts, laid out as `like` (a DTensor), are every rank's `local` (a collective)."""
+def layout_of(tensor: Tensor) -> Tensor | ZeroLayout:
+    """What `gather_full` and `shard_like` need to know of a sharded tensor: a DTensor itself, or a `ZeroLayout`."""
+    return ZeroLayout(tensor) if is_partitioned(tensor) else tensor
+
+
+def gather_full(local: Tensor, like: Tensor | ZeroLayout) -> Tensor:
+    """The full tensor whose parts, laid out as `like` (a DTensor, a `ZeroLayout`), are every rank's `local`.
+
+    A collective: every rank calls it.
+    """
+    if isinstance(like, ZeroLayout):
+        padded = like.padded(local)
+        partitions = [torch.empty_like(padded) for _ in range(torch.distributed.get_world_size(like.group))]
+        _gather_holding(partitions, padded, like.group)
+        return like.assemble(partitions)
     layout = cast(DTensor, like)
     dim = _single_shard_dim(layout)
     if dim is None:  # decided by the layout alone: the same on every rank
@@ -137,8 +158,10 @@ def _single_shard_dim(layout: DTensor) -> int | None:
     return layout.placements[0].dim % len(layout.shape)
 
 
-def shard_like(full: Tensor, like: Tensor) -> Tensor:
-    """This rank's part of `full`, laid out as `like` (a DTensor); every rank passes the same `full`."""
+def shard_like(full: Tensor, like: Tensor | ZeroLayout) -> Tensor:
+    """This rank's part of `full`, laid out as `like` (a DTensor, a `ZeroLayout`); every rank passes the same `full`."""
+    if isinstance(like, ZeroLayout):
+        return like.part_of(full)
     layout = cast(DTensor, like)
     # Every rank holds `full`: each takes its own part, with no scatter from rank 0 (and no collective at all).
     local_only = {"src_data_rank": None} if _DISTRIBUTE_TAKES_SRC_DATA_RANK else {}

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .parallel import DTensor, is_sharded
 from .state import STATE_FORMAT, STATE_VERSION, check_state_dict, write_checked_state
+from .zero import ZeroLayout
 
 if TYPE_CHECKING:
     from .model_ema import ModelEMA
@@ -54,6 +55,11 @@ class ShardedEMAState:
     def __init__(self, ema: ModelEMA, purpose: str | None = None) -> None:
         if purpose not in (None, "save", "load"):
             raise ValueError(f"Invalid purpose: {purpose!r}; expected None, 'save' or 'load'")
+        if any(isinstance(layout, ZeroLayout) for layout in ema._tracker.layouts.values()):
+            raise ValueError(
+                "Invalid EMA for sharded_state(): DeepSpeed ZeRO-3 partitions are not DCP shards; save them with "
+                "fastema.deepspeed.save_checkpoint(engine, ema, ...) (one file per rank, beside DeepSpeed's own)"
+            )
         self.ema, self.purpose = ema, purpose
 
     def _layout_tensor(self, name: str, local: Tensor) -> Tensor:

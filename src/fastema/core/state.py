@@ -114,8 +114,14 @@ def full_state(ema: ModelEMA) -> dict:
     tensors = dict(zip(ema.tensor_names, ema._swap.ema_values(ema._tracker.binding.ema_tensors)))
     for name, layout in ema._tracker.layouts.items():
         tensors[name] = gather_full(tensors[name].to(layout.device), layout).cpu()
-    length = None if ema.length is None else {"half_life": ema.length.half_life, "batch_size": ema.length.batch_size}
-    return make_state_dict(tensors, ema.num_updates, ema.num_steps, ema.decay, ema.last_decay, ema.config(), length)
+    return make_state_dict(
+        tensors, ema.num_updates, ema.num_steps, ema.decay, ema.last_decay, ema.config(), length_of(ema)
+    )
+
+
+def length_of(ema: ModelEMA) -> dict[str, float] | None:
+    """The half-life and batch size `ema`'s decay came from, as its state keeps them (None: a plain decay)."""
+    return None if ema.length is None else {"half_life": ema.length.half_life, "batch_size": ema.length.batch_size}
 
 
 def prepare_load(ema: ModelEMA, state_dict: object) -> Callable[[], None]:

@@ -11,13 +11,13 @@ a load.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
 
 from .latch import FailureLatch
-from .parallel import is_sharded, local_part, reshard, unwrap_model
+from .parallel import is_sharded, layout_of, local_part, reshard, unwrap_model
 from .plan import Plan, plan_update
 from .steps import is_dense
 from .swap import SwapGuard
@@ -33,6 +33,7 @@ from .tracking import (
     tensor_slots,
 )
 from .underflow import Underflow
+from .zero import PartitionWatch, is_partitioned
 
 _REPLAN_HINT = (
     "If a tracked tensor was changed by hand (p.data = ... with another dtype, device or shape), call refresh(); "
@@ -96,14 +97,24 @@ class Tracker:
         binding.record()  # packing gave tensors new addresses
         _check_no_shared_storage(binding.ema_tensors, all_model_tensors)
         # One tracked tensor watched by identity at every update: replacing tensors straight in `_parameters`
-        # (FSDP2's `fully_shard` does, after this EMA was built) moves no counter. Not for a sharded EMA, whose
-        # model swaps unsharded copies in and out at every forward.
+        # (FSDP2's `fully_shard` does, after this EMA was built) moves no counter. Not for an FSDP2 EMA, whose
+        # model swaps unsharded copies in and out at every forward; ZeRO-3 partitions are watched by address.
         steady = [index for index, name in enumerate(binding.names) if name not in self.volatile]
-        self.sentinel: IdentityWatch | None = None
+        self.sentinel: IdentityWatch | PartitionWatch | None = None
         if steady and not self.sharded:
             self.sentinel = IdentityWatch(self.model, binding.slots[steady[0]], binding.model_tensors[steady[0]])
-        # For sharded tensors, the DTensor whose layout gathers the EMA shards into a full tensor.
-        self.layouts = {name: tensor for name, tensor in zip(self.names, binding.model_tensors) if is_sharded(tensor)}
+        zero = [index for index, tensor in enumerate(binding.model_tensors) if is_partitioned(tensor)]
+        if zero:
+            self.sentinel = PartitionWatch(
+                [binding.names[index] for index in zero],
+                [binding.model_tensors[index] for index in zero],
+                [binding.model_locals[index] for index in zero],
+                [binding.ema_tensors[index] for index in zero],
+            )
+        # For sharded tensors, what gathers the EMA's parts into a full tensor: the DTensor, or a `ZeroLayout`.
+        self.layouts: dict[str, Any] = {  # values: Tensor | ZeroLayout
+            name: layout_of(tensor) for name, tensor in zip(self.names, binding.model_tensors) if is_sharded(tensor)
+        }
         self.underflow = Underflow(binding.ema_tensors)
         self.plan.rebaseline()
         self.seen_changes = changes()
@@ -170,9 +181,10 @@ class Tracker:
             local = local_part(model_tensor)
             if is_sharded(model_tensor) and not self.sharded:
                 raise RuntimeError(
-                    f"The model's tensor {name} is now sharded (a DTensor): the model was sharded (FSDP2 "
-                    "fully_shard) after this ModelEMA was built, so it would average tensors the model no longer "
-                    "trains. Build the ModelEMA after fully_shard(model)."
+                    f"The model's tensor {name} is now sharded (a DTensor or a ZeRO-3 partition): the model was "
+                    "sharded (FSDP2 fully_shard, DeepSpeed ZeRO-3) after this ModelEMA was built, so it would "
+                    "average tensors the model no longer trains. Build the ModelEMA after fully_shard(model) or "
+                    "deepspeed.initialize(...)."
                 )
             if ema_tensor is None or ema_tensor.shape != local.shape:
                 raise RuntimeError(
@@ -265,8 +277,13 @@ class Tracker:
         # What `torch.no_grad()` does, without its Python context-manager cost (a few microseconds).
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
+        first = self.sentinel if isinstance(self.sentinel, PartitionWatch) and self.sentinel.pending else None
         try:
+            if first is not None:  # ZeRO-3: the first update of a binding is read back (zero.PartitionWatch)
+                first.before_first()
             self.plan.step(weight)
+            if first is not None:
+                first.after_first(weight)
         except Exception as error:
             self.fail(error)
         finally:

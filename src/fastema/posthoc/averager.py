@@ -118,7 +118,7 @@ class PostHocEMA:
         self.model = unwrap_model(model)
         tracked = tracked_tensors(self.model, self.all_parameters, self.all_buffers)
         if any(is_sharded(tensor) for tensor in tracked.values()):
-            raise ValueError("Invalid model: sharded (FSDP2) models are not supported by PostHocEMA yet")
+            raise ValueError("Invalid model: sharded (FSDP2, ZeRO-3) models are not supported by PostHocEMA yet")
         self.tensor_names = list(tracked)
         self.num_steps = 0  # calls of update() (optimizer steps)
         self.num_updates = 0
