@@ -53,6 +53,33 @@ def test_bema_matches_the_paper_s_formulas(settings, foreach):
     assert_state_matches(bema.state_dict()["bema"]["tensors"], reference.state, rtol=1e-12, atol=1e-14)
 
 
+def test_a_bema_module_kept_across_updates_holds_the_bema_weights_after_each():
+    torch.manual_seed(0)
+    model = ToyNet().double()
+    bema = BEMA(model, update_after=2, update_every=2)
+    reference = ReferenceBEMA(expected_tracked(model), update_after=2, update_every=2)
+    held = bema.module  # kept, as `ema_model = ema.module` is with a ModelEMA, and never read again through bema
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(7):
+        model(torch.randn(8, 8, generator=generator, dtype=torch.float64)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        bema.update()
+        reference.step(expected_tracked(model))
+        assert_state_matches(all_tensors(held), reference.state, rtol=1e-12, atol=1e-14)
+
+
+def test_a_switch_right_after_an_update_puts_the_bema_weights_into_the_model():
+    torch.manual_seed(0)
+    model = ToyNet().double()
+    bema = BEMA(model)
+    reference = ReferenceBEMA(expected_tracked(model))
+    train(model, bema, reference, 3, read_every_step=False)
+    bema.switch()  # no read of the BEMA since the last update
+    assert_state_matches(expected_tracked(model), reference.state, rtol=1e-12, atol=1e-14)
+
+
 def test_bema_flattened_matches_the_reference_and_reads_when_it_likes():
     torch.manual_seed(0)
     model = ToyNet().double()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastema import ModelEMA, SwitchEMA
+from fastema.core.schedules import check_switch
 from helpers import ToyNet
 
 
@@ -41,6 +42,10 @@ def test_switch_ema_is_due_at_the_multiples_of_every_between_start_and_end():
     assert not every_epoch.due(3, "step")
     bounded = SwitchEMA(every=4, unit="step", start=6, end=17)
     assert [count for count in range(30) if bounded.due(count, "step")] == [8, 12, 16]
+    inclusive = SwitchEMA(every=2, unit="step", start=4, end=8)  # both bounds are multiples: both switch
+    assert [count for count in range(12) if inclusive.due(count, "step")] == [4, 6, 8]
+    with pytest.raises(ValueError, match="Invalid switch_every: 0"):
+        check_switch(0)
     for bad, error in [
         (dict(every=0), ValueError),
         (dict(unit="batch"), ValueError),
@@ -50,6 +55,31 @@ def test_switch_ema_is_due_at_the_multiples_of_every_between_start_and_end():
     ]:
         with pytest.raises(error):
             SwitchEMA(**bad)
+
+
+def test_a_step_switch_waits_for_the_first_real_update():
+    import copy
+
+    from fastema._trainer import ModelEMAFactory, StepDrivenEMA
+
+    torch.manual_seed(0)
+    model = ToyNet()
+    twin = copy.deepcopy(model)  # trained the same way, without an EMA
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.2) for m in (model, twin)]
+    driver = StepDrivenEMA(ModelEMAFactory(0.5, None, dict(update_every=4)), 0, switch=SwitchEMA(every=2, unit="step"))
+    driver.begin(model, optimizers[:1], 100)
+    try:
+        for _ in range(2):  # a switch is due at step 2, but the EMA (update_every=4) has not moved yet
+            x = torch.randn(4, 8)
+            for m, optimizer in zip((model, twin), optimizers):
+                m(x).square().mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        assert driver.engine.num_steps == 2 and driver.engine.num_updates == 0
+    finally:
+        driver.end()
+    for name, value in twin.state_dict().items():  # not thrown back to the weights the EMA started from
+        assert torch.equal(model.state_dict()[name], value), name
 
 
 # ---- through the integrations -----------------------------------------------------------------------------

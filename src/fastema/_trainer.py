@@ -185,7 +185,9 @@ class StepDrivenEMA:
         if self.started:
             if stepped:
                 self.engine.update()
-                if self.switch is not None and self.switch.due(self.engine.num_steps, "step"):
+                # Not before the first real update (update_every > 1): the EMA still holds its start weights.
+                due = self.switch is not None and self.switch.due(self.engine.num_steps, "step")
+                if due and self.engine.num_updates:
                     self.engine.switch()
         elif self.steps >= self._start_step:
             self.engine.reset()  # the EMA starts from the weights after `start` steps

@@ -95,7 +95,8 @@ class EMACallback(StepDrivenCallback, TrainerCallback):
         self._run_folder = _run_folder(trainer, args)
         batch_size = None
         if self.half_life is not None:  # samples per optimizer step, all ranks together
-            batch_size = float(args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
+            # train_batch_size: per device times the GPUs of one DataParallel process
+            batch_size = float(args.train_batch_size * args.gradient_accumulation_steps * args.world_size)
         # With DeepSpeed the engine steps the weights (its optimizer is not a torch one): it is hooked itself.
         engine = getattr(trainer, "deepspeed", None)
         self.ema.begin(model, [optimizer if engine is None else engine], state.max_steps, state.global_step, batch_size)

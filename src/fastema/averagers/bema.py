@@ -10,9 +10,9 @@ weights theta; after that, with `t = s - update_after` and `x = lag + multiplier
 Three `ModelEMA`s of the model hold the tensors, so each inherits the engine's placement (`ema_dtype`, `device`
 offload, FSDP2 shards), following the model, fused steps and checkpoint format: the EMA (driven with
 `update(decay=1 - beta)`), theta_0 (set by `reset()`) and the BEMA weights. An update copies theta into the last
-(a `lerp_` of weight 1, which gives theta exactly), and the first read after it (`module`, `use_ema_weights()`,
-`copy_to()`, saving) turns that copy into the BEMA weights in place, `(theta - theta_0) * alpha + EMA`: three
-fused kernels, paid per read rather than per step.
+(a `lerp_` of weight 1, which gives theta exactly) and turns that copy into the BEMA weights in place,
+`(theta - theta_0) * alpha + EMA`: three more fused kernels per update, so that a `module` kept from before
+(`ema_model = bema.module`) holds the BEMA weights after every update, never theta.
 """
 
 from __future__ import annotations
@@ -98,7 +98,9 @@ class BEMA:
                 "EMA weight (lag + multiplier) ** -ema_power is at most 1"
             )
         self.min_ema_multiplier = check_decay(min_ema_multiplier, "min_ema_multiplier")
-        if isinstance(update_after, bool) or not isinstance(update_after, int) or update_after < 0:
+        if isinstance(update_after, bool) or not isinstance(update_after, int):
+            raise TypeError(f"Invalid update_after: {update_after!r}; expected an int >= 0")
+        if update_after < 0:
             raise ValueError(f"Invalid update_after: {update_after!r}; expected an int >= 0")
         self.update_after = update_after
         self.update_every = check_update_every(update_every)
@@ -158,9 +160,11 @@ class BEMA:
             elif t % self.update_every == 0:
                 beta, alpha = self.beta(t), self.alpha(t)
                 self.ema.update(1.0 - beta)
-                self._bema.update(0.0)  # theta, exactly; turned into the BEMA weights when they are read
+                self._bema.update(0.0)  # theta, exactly; turned into the BEMA weights right away
                 self._materialised = False
                 self.last_alpha, self.last_beta = alpha, beta
+                # Now, not on the next read: a `module` kept from before must never hold theta.
+                self._materialise()
                 self.num_updates += 1
         except Exception as error:  # some of the three moved, others not
             self._latch.fail(error)

@@ -201,5 +201,9 @@ def check_switch(value: object) -> SwitchEMA | None:
     if value is None or isinstance(value, SwitchEMA):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(
+                f"Invalid switch_every: {value}; expected None, an int number of epochs >= 1 or a SwitchEMA"
+            )
         return SwitchEMA(every=value)
     raise TypeError(f"Invalid switch_every: {value!r}; expected None, an int number of epochs or a SwitchEMA(...)")
