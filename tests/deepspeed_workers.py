@@ -99,7 +99,16 @@ def zero3_case(rank, out_dir):
     xs = batches(rank)
     train(engine, xs[: 3 * ACCUMULATION], reference)
     checkpoint = os.path.join(out_dir, "ckpt")
+    engine_save, ema_file = engine.save_checkpoint, f"fastema_ema_rank{rank}.pt"
+    ema_before_engine = []  # whether this rank's EMA file was in the tag folder when the engine saved
+
+    def recording_save(save_dir, tag, **kwargs):
+        ema_before_engine.append(os.path.isfile(os.path.join(save_dir, tag, ema_file)))
+        return engine_save(save_dir, tag, **kwargs)
+
+    engine.save_checkpoint = recording_save
     saved_folder = save_checkpoint(engine, ema, checkpoint)  # after 3 steps
+    del engine.save_checkpoint
     at_save = {name: tensor.clone() for name, tensor in ema.state_dict()["tensors"].items()}
     train(engine, xs[3 * ACCUMULATION :], reference)
     recorder = collective_recorder()
@@ -204,6 +213,8 @@ def zero3_case(rank, out_dir):
         refusals["unpartitioned"] = str(error)
     result["refusals"] = refusals
     result["unchanged"] = all(torch.equal(a, b) for a, b in zip(unchanged, resumed._tracker.binding.ema_tensors))
+    result["ema_before_engine"] = ema_before_engine
+    result.update(checkpoint_failures(rank, out_dir, resumed_engine, resumed, saved_folder))
 
     # An EMA built before deepspeed.initialize: its next update refuses (and does not count).
     import deepspeed
@@ -219,6 +230,48 @@ def zero3_case(rank, out_dir):
     except RuntimeError as error:
         result["early"] = str(error)
     result["early_counts"] = (early.num_updates, early.num_steps)
+    return result
+
+
+def checkpoint_failures(rank, out_dir, engine, ema, saved_folder):
+    """Checkpoints that fail on some rank, or in the engine: raised on every rank, the EMA unchanged on each."""
+    import shutil
+
+    from fastema.deepspeed import load_checkpoint, load_ema, save_ema
+
+    result = {}
+    unchanged = [t.clone() for t in ema._tracker.binding.ema_tensors]
+    tag = os.path.basename(saved_folder)
+    if rank == 0:
+        # Only rank 1's file is bad, with an error of another type than ValueError (a malformed last_decay).
+        one_bad = os.path.join(out_dir, "one_bad")
+        shutil.copytree(saved_folder, one_bad, ignore=shutil.ignore_patterns("*_states.pt"))
+        state = torch.load(os.path.join(one_bad, "fastema_ema_rank1.pt"), weights_only=True)
+        state["ema"]["last_decay"] = "0.5"
+        torch.save(state, os.path.join(one_bad, "fastema_ema_rank1.pt"))
+        # The EMA files of a checkpoint whose engine states are gone: the engine cannot load it.
+        shutil.copytree(
+            saved_folder, os.path.join(out_dir, "no_engine", tag), ignore=shutil.ignore_patterns("*_states.pt")
+        )
+        # Rank 1 cannot write its EMA file (a folder in its place): the save fails there only.
+        os.makedirs(os.path.join(out_dir, "unwritable", "fastema_ema_rank1.pt"))
+    dist.barrier()
+    try:
+        load_ema(ema, os.path.join(out_dir, "one_bad"))
+        result["one_bad"] = None
+    except ValueError as error:
+        result["one_bad"] = str(error)
+    try:
+        load_checkpoint(engine, ema, os.path.join(out_dir, "no_engine"), tag=tag)
+        result["no_engine"] = None
+    except Exception as error:  # what the engine raised, or fastema's error for its (None, None)
+        result["no_engine"] = f"{type(error).__name__}: {error}"
+    result["failures_unchanged"] = all(torch.equal(a, b) for a, b in zip(unchanged, ema._tracker.binding.ema_tensors))
+    try:
+        save_ema(ema, os.path.join(out_dir, "unwritable"))
+        result["save_failure"] = None
+    except RuntimeError as error:
+        result["save_failure"] = str(error)
     return result
 
 
@@ -269,6 +322,7 @@ def moved_partitions_case(rank):
         result["read_back"] = None
     except RuntimeError as error:
         result["read_back"] = str(error)
+
     return result
 
 

@@ -95,6 +95,20 @@ def test_zero3_checkpoints_that_do_not_fit_are_refused_on_every_rank_naming_the_
         assert result["unchanged"]
 
 
+def test_checkpoints_failing_on_one_rank_or_in_the_engine_raise_on_every_rank_and_change_no_ema(ranks):
+    results, _ = ranks
+    for result in (r["zero3"] for r in results):
+        # The EMA files are written before the engine's checkpoint (and its `latest`).
+        assert result["ema_before_engine"] == [True]
+        # Rank 1's file is malformed (a TypeError there): every rank refuses, rank 0 included, none waits.
+        assert "rank 1: TypeError: Invalid last_decay" in result["one_bad"] and "rank 0" not in result["one_bad"]
+        # The engine's states are gone: it loads nothing, and the EMA is not written either.
+        assert result["no_engine"] is not None
+        assert result["failures_unchanged"]
+        # Rank 1 cannot write its EMA file: every rank raises (none waits in a barrier for it).
+        assert "rank 1:" in result["save_failure"] and "rank 0:" not in result["save_failure"]
+
+
 def test_an_ema_built_before_deepspeed_initialize_refuses_its_next_update(ranks):
     results, _ = ranks
     for result in (r["zero3"] for r in results):
@@ -155,3 +169,40 @@ def test_accelerate_with_a_deepspeed_plugin_attaches_to_the_prepared_engine(rank
         assert "attach the DeepSpeed engine instead" in result["wrong_attach"]
         assert result["sharded"] and result["num_updates"] == ds.STEPS
         assert_state_matches(result["ema"], result["reference"], rtol=RTOL, atol=ATOL)
+
+
+def fake_engine(model, loaded):
+    """A stand-in for a DeepSpeed engine (no launch): `load_checkpoint` returns `loaded`, `save_checkpoint` records."""
+    engine_class = type("DeepSpeedEngine", (torch.nn.Module,), {"__module__": "deepspeed.runtime.engine"})
+    engine = engine_class()
+    engine.module, engine.global_steps, engine.saves = model, 3, []
+
+    def save_checkpoint(save_dir, tag, **kwargs):
+        engine.saves.append(sorted(os.listdir(os.path.join(save_dir, tag))))
+        with open(os.path.join(save_dir, "latest"), "w") as latest:
+            latest.write(tag)
+
+    engine.save_checkpoint = save_checkpoint
+    engine.load_checkpoint = lambda load_dir, tag, **kwargs: loaded
+    return engine
+
+
+def test_an_engine_that_loads_nothing_leaves_the_ema_unchanged_and_raises(tmp_path):
+    from fastema import ModelEMA
+    from fastema.deepspeed import load_checkpoint, save_checkpoint
+
+    model = workers.Mlp()
+    ema = ModelEMA(model, ds.DECAY)
+    engine = fake_engine(model, (None, None))  # DeepSpeed's answer, after a warning, when it finds no checkpoint
+    save_checkpoint(engine, ema, tmp_path)
+    assert engine.saves == [["fastema_ema.pt"]]  # the EMA was in the tag folder before the engine saved
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1)
+    ema.update()
+    before = {name: tensor.clone() for name, tensor in ema.state_dict()["tensors"].items()}
+    with pytest.raises(FileNotFoundError, match="DeepSpeed loaded no checkpoint"):
+        load_checkpoint(engine, ema, tmp_path)
+    assert ema.num_updates == 1
+    for name, tensor in ema.state_dict()["tensors"].items():
+        assert torch.equal(tensor, before[name]), name

@@ -4,7 +4,7 @@
     ema = ModelEMA(engine, ema_dtype=torch.float32)   # after initialize; ZeRO-3: this rank's partitions
     ema.attach(engine)                                # one update per optimizer step the engine applies
     ...
-    save_checkpoint(engine, ema, "ckpt")              # engine.save_checkpoint, then the EMA into the same tag folder
+    save_checkpoint(engine, ema, "ckpt")              # the EMA into the tag folder, then engine.save_checkpoint
     load_checkpoint(engine, ema, "ckpt")              # every rank: the EMA checked, the engine loaded, the EMA written
     consolidate_ema("ckpt/global_step100", "ema.pt")  # offline: one model.state_dict()-style file
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,12 @@ from .core.partitions import (
     CONSOLIDATE_HINT,
     PARTITION_FORMAT,
     agree,
-    load_partition_state,
     partition_state,
+    prepare_partition_load,
+    problem_text,
     zero_layouts,
 )
-from .core.state import make_state_dict
+from .core.state import make_state_dict, prepare_load
 
 __all__ = ["EMA_FILE", "consolidate_ema", "load_checkpoint", "load_ema", "save_checkpoint", "save_ema"]
 
@@ -49,23 +51,25 @@ def _partition_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("fastema_ema_rank*.pt"), key=lambda path: int(path.stem.rsplit("rank", 1)[1]))
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def save_ema(ema: ModelEMA, folder: str | os.PathLike) -> Path:
     """Write the EMA into `folder` (a DeepSpeed checkpoint's tag folder); every rank calls it.
 
-    ZeRO-3: each rank writes its own partitions (no communication but a final barrier); otherwise rank 0
-    writes the whole EMA. Each file is written atomically.
+    ZeRO-3: each rank writes its own partitions (no communication but a final agreement); otherwise rank 0
+    writes the whole EMA. Each file is written atomically. A failed write on any rank raises on every rank
+    (the failures are shared, as a barrier: none waits for a rank that failed).
     """
     folder = Path(folder)
-    if zero_layouts(ema):
-        atomic_save(partition_state(ema), folder / _PARTITION_FILE.format(rank=rank()))
-    else:
-        ema.save(folder / EMA_FILE)
-    _barrier()
+    error = None
+    try:
+        if zero_layouts(ema):
+            atomic_save(partition_state(ema), folder / _PARTITION_FILE.format(rank=rank()))
+        else:
+            ema.save(folder / EMA_FILE)
+    except Exception as problem:  # every rank must reach agree()
+        error = problem_text(problem)
+    failure = agree(error)
+    if failure is not None:
+        raise RuntimeError(f"The EMA could not be saved into {folder}: {failure}")
     return folder
 
 
@@ -76,36 +80,60 @@ def _read_partition(ema: ModelEMA, folder: Path) -> tuple[object, Path]:
     state: object = None
     try:
         state = read_checkpoint(path)
-    except (FileNotFoundError, RuntimeError) as problem:
+    except Exception as problem:  # every rank must reach agree()
         found = len(_partition_files(folder))
-        error = f"{problem} ({found} partition files in {folder}; {CONSOLIDATE_HINT})"
+        error = f"{problem_text(problem)} ({found} partition files in {folder}; {CONSOLIDATE_HINT})"
     failure = agree(error)
     if failure is not None:
         raise ValueError(f"Invalid EMA checkpoint {folder} (nothing was loaded): {failure}")
     return state, path
 
 
+def _prepare_whole(ema: ModelEMA, folder: Path) -> Callable[[], None]:
+    """Check the whole EMA of `folder` (every rank, the verdict shared); return the call that writes it."""
+    whole = folder / EMA_FILE
+    write: Callable[[], None] | None = None
+    error = missing = None
+    try:
+        if whole.is_file():
+            state = read_checkpoint(whole)
+            if not isinstance(state, dict):
+                raise ValueError(f"{whole}: not a fastema.ModelEMA state")
+            write = prepare_load(ema, state)
+        elif _partition_files(folder):
+            error = (
+                f"it holds ZeRO-3 partitions, and this EMA is not partitioned (another ZeRO stage, or no "
+                f"DeepSpeed): {CONSOLIDATE_HINT}"
+            )
+        else:
+            missing = error = f"No fastema EMA in {folder} (neither {EMA_FILE} nor fastema_ema_rank*.pt)"
+    except Exception as problem:  # every rank must reach agree()
+        error = problem_text(problem)
+    failure = agree(error)
+    if missing is not None:
+        raise FileNotFoundError(missing)
+    if failure is not None or write is None:
+        raise ValueError(f"Invalid EMA checkpoint {folder} (nothing was loaded): {failure}")
+    return write
+
+
+def _prepare_ema(ema: ModelEMA, folder: Path) -> Callable[[], None]:
+    """Check the EMA saved in `folder` on every rank (nothing is written); return the call that writes it."""
+    if zero_layouts(ema) and not (folder / EMA_FILE).is_file():
+        state, path = _read_partition(ema, folder)
+        return prepare_partition_load(ema, state, path)
+    return _prepare_whole(ema, folder)
+
+
 def load_ema(ema: ModelEMA, folder: str | os.PathLike) -> None:
     """Load what `save_ema` wrote into `folder`; every rank calls it.
 
-    A ZeRO-3 EMA loads its own rank's partitions (checked on every rank first: all load or none does), or a
-    whole EMA (`fastema_ema.pt`, of stages 0-2, or consolidated), keeping its own part. A whole EMA loads a
-    whole EMA; partition files are refused with the fix.
+    A ZeRO-3 EMA loads its own rank's partitions, or a whole EMA (`fastema_ema.pt`, of stages 0-2, or
+    consolidated), keeping its own part. A whole EMA loads a whole EMA; partition files are refused with
+    the fix. Checked on every rank first, the verdict shared: all ranks load or none does.
     """
-    folder = Path(folder)
-    whole = folder / EMA_FILE
-    if zero_layouts(ema) and not whole.is_file():
-        state, path = _read_partition(ema, folder)
-        load_partition_state(ema, state, path)
-    elif whole.is_file():
-        ema.load(whole)
-    elif _partition_files(folder):
-        raise ValueError(
-            f"Invalid EMA checkpoint {folder} (nothing was loaded): it holds ZeRO-3 partitions, and this EMA is not "
-            f"partitioned (another ZeRO stage, or no DeepSpeed): {CONSOLIDATE_HINT}"
-        )
-    else:
-        raise FileNotFoundError(f"No fastema EMA in {folder} (neither {EMA_FILE} nor fastema_ema_rank*.pt)")
+    ema._swap.check_outside("load_ema()")
+    _prepare_ema(ema, Path(folder))()
 
 
 def _check_pair(engine: Any, ema: ModelEMA) -> None:
@@ -124,25 +152,30 @@ def save_checkpoint(
     client_state: dict | None = None,
     **kwargs: Any,
 ) -> Path:
-    """`engine.save_checkpoint(save_dir, tag, client_state)`, then the EMA into the same tag folder (every rank).
+    """The EMA into the tag folder, then `engine.save_checkpoint(save_dir, tag, client_state)` (every rank).
 
-    `tag` defaults to DeepSpeed's own (`global_step<N>`). Returns the tag folder.
+    The EMA first: DeepSpeed writes `latest` at the end of its save, so `latest` never names a folder
+    without the EMA (a failed EMA write raises on every rank before the engine saves anything). `tag`
+    defaults to DeepSpeed's own (`global_step<N>`). Returns the tag folder.
     """
     _check_pair(engine, ema)
     ema._swap.check_outside("save_checkpoint()")
     tag = f"global_step{engine.global_steps}" if tag is None else str(tag)
+    folder = save_ema(ema, Path(save_dir) / tag)
     engine.save_checkpoint(str(save_dir), tag, client_state=client_state or {}, **kwargs)
-    return save_ema(ema, Path(save_dir) / tag)
+    return folder
 
 
 def load_checkpoint(
     engine: Any, ema: ModelEMA, load_dir: str | os.PathLike, tag: str | None = None, **kwargs: Any
 ) -> tuple[Any, Any]:
-    """The EMA saved with a checkpoint, then `engine.load_checkpoint(load_dir, tag, ...)` (every rank).
+    """`engine.load_checkpoint(load_dir, tag, ...)` and the EMA saved with it (every rank).
 
-    The EMA comes first: checked on every rank before any is written, so a checkpoint whose EMA does not
-    fit (another world size or ZeRO stage, another model) raises and loads nothing, the engine included.
-    `tag` defaults to DeepSpeed's `latest`. Returns what `engine.load_checkpoint` returns.
+    The EMA is checked first, on every rank, and nothing is written: a checkpoint whose EMA does not fit
+    (another world size or ZeRO stage, another model) raises and loads nothing, the engine included. Then
+    the engine loads; only if it loaded (it may raise, or return `(None, None)` after a warning: then a
+    FileNotFoundError, the EMA untouched) is the EMA written, on every rank. `tag` defaults to DeepSpeed's
+    `latest`. Returns what `engine.load_checkpoint` returns.
     """
     _check_pair(engine, ema)
     ema._swap.check_outside("load_checkpoint()")
@@ -151,8 +184,15 @@ def load_checkpoint(
         if not latest.is_file():
             raise FileNotFoundError(f"No checkpoint to load in {load_dir}: no 'latest' file (pass tag=...)")
         tag = latest.read_text().strip()
-    load_ema(ema, Path(load_dir) / tag)
-    return engine.load_checkpoint(str(load_dir), tag, **kwargs)
+    write = _prepare_ema(ema, Path(load_dir) / tag)
+    loaded = engine.load_checkpoint(str(load_dir), tag, **kwargs)
+    if not isinstance(loaded, tuple) or loaded[0] is None:
+        raise FileNotFoundError(
+            f"DeepSpeed loaded no checkpoint from {Path(load_dir) / tag} (engine.load_checkpoint returned "
+            f"{loaded!r}; its warning says why): the EMA was not loaded either"
+        )
+    write()
+    return loaded
 
 
 def consolidate_ema(folder: str | os.PathLike, path: str | os.PathLike, ema_state: bool = False) -> Path:

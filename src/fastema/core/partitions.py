@@ -8,6 +8,7 @@ the ranks load together or not at all. The files around it are in `fastema.deeps
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -104,17 +105,31 @@ def agree(error: str | None) -> str | None:
     return "; ".join(failed) or None
 
 
-def load_partition_state(ema: ModelEMA, state: object, source: object) -> None:
-    """Check `state` (this rank's, from `partition_state`) on every rank, then write it on all of them, or on none."""
+def problem_text(problem: Exception) -> str:
+    """A check's failure as shared with the other ranks: the message, and the type unless a ValueError."""
+    return str(problem) if isinstance(problem, ValueError) else f"{type(problem).__name__}: {problem}"
+
+
+def prepare_partition_load(ema: ModelEMA, state: object, source: object) -> Callable[[], None]:
+    """Check `state` (this rank's, from `partition_state`) on every rank; return the call that writes it.
+
+    Any rank's failure (a ValueError, or any other error of a malformed file) is shared with all ranks,
+    which raise together: none waits alone in the agreement, and none is written.
+    """
     ema._swap.check_outside("loading the EMA's partitions")
     checked = None
+    error = None
     try:
         checked = check_partition_state(ema, state)
-        error = None
-    except ValueError as problem:
-        error = str(problem)
+    except Exception as problem:  # every rank must reach agree(), whatever this rank's file holds
+        error = problem_text(problem)
     failure = agree(error)
     if failure is not None or checked is None:
         raise ValueError(f"Invalid EMA checkpoint {source} (nothing was loaded): {failure}")
     tensors, counts, last_decay = checked
-    write_checked_state(ema, {name: tensors[name] for name in ema.tensor_names}, counts, last_decay)
+    parts = {name: tensors[name] for name in ema.tensor_names}
+
+    def write() -> None:
+        write_checked_state(ema, parts, counts, last_decay)
+
+    return write
