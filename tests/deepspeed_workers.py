@@ -279,8 +279,9 @@ def moved_partitions_case(rank):
     """DeepSpeed moving the partitions after the EMA was built: followed, or refused; never a silent no-op.
 
     A model built under `deepspeed.zero.Init` is partitioned before `deepspeed.initialize`, which then moves
-    every partition into its flat buffers: an EMA built in between follows them (one address watched). One
-    partition moved by hand, not the watched one, is caught by the first update's read-back.
+    every partition into its flat buffers: an EMA built in between follows them (one address per storage
+    watched). One partition moved by hand, not the watched one of its buffer, is caught by the first update's
+    read-back; partitions in storages of their own are each watched. NVMe-offloaded parameters are refused.
     """
     import deepspeed
 
@@ -300,6 +301,16 @@ def moved_partitions_case(rank):
         "num_updates": early.num_updates,
     }
 
+    # One partition moved by hand, not the watched one of its flat buffer: the first update's read-back refuses it.
+    late = ModelEMA(engine, DECAY, ema_dtype=torch.float32)
+    moved = engine.module.layers[2].weight  # not the first partition, which is watched at every update
+    moved.ds_tensor.data = moved.ds_tensor.data.clone()  # as offloading does (DeepSpeed's next step puts it back)
+    try:
+        late.update()
+        result["read_back"] = None
+    except RuntimeError as error:
+        result["read_back"] = str(error)
+
     # Every partition moved after the first update (as loading weights by swapping storages would), with new
     # values: no counter moves, the watched address does, and the EMA reads the new partitions.
     watched = ModelEMA(engine, DECAY, ema_dtype=torch.float32)
@@ -314,15 +325,27 @@ def moved_partitions_case(rank):
         name: (new[name].double() - old[name]).mean().item() for name, _ in engine.module.named_parameters()
     }
 
-    late = ModelEMA(engine, DECAY, ema_dtype=torch.float32)
-    moved = engine.module.layers[2].weight  # not the first partition, which is watched at every update
-    moved.ds_tensor.data = moved.ds_tensor.data.clone()  # as offloading does (DeepSpeed's next step puts it back)
-    try:
-        late.update()
-        result["read_back"] = None
-    except RuntimeError as error:
-        result["read_back"] = str(error)
+    # Partitions in several storages (each has its own now): one partition of each storage is watched, so a move
+    # of layers.2.weight alone is followed, after the first update's read-back too.
+    several = ModelEMA(engine, DECAY, ema_dtype=torch.float32)
+    several.update()
+    old = gathered(engine)
+    with torch.no_grad():
+        moved.ds_tensor.data = moved.ds_tensor.data + 1
+    several.update()
+    new = several.state_dict()["tensors"]
+    result["moved_one"] = {name: (new[name].double() - old[name]).mean().item() for name in old}
 
+    # Parameters offloaded to NVMe (as DeepSpeed marks them): refused when the EMA is built, naming the fix.
+    nvme = engine.module.layers[0].weight.ds_tensor
+    nvme.final_location = "nvme"
+    try:
+        ModelEMA(engine, DECAY)
+        result["nvme"] = None
+    except ValueError as error:
+        result["nvme"] = str(error)
+    finally:
+        nvme.final_location = None
     return result
 
 

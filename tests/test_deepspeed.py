@@ -126,6 +126,16 @@ def test_partitions_deepspeed_moves_are_followed_or_refused_never_averaged_stale
         assert result["moved_all"] == pytest.approx(dict.fromkeys(result["moved_all"], 1 - ds.DECAY), abs=0.01)
         # A partition moved by hand, not the watched one: the first update's read-back refuses it.
         assert "did not follow its ZeRO-3 partition" in result["read_back"] and "layers.2.weight" in result["read_back"]
+        # A partition in a storage of its own, moved after the first update: watched too, so followed.
+        expected = {name: (1 - ds.DECAY if name == "layers.2.weight" else 0.0) for name in result["moved_one"]}
+        assert result["moved_one"] == pytest.approx(expected, abs=0.01)
+
+
+def test_parameters_offloaded_to_nvme_are_refused_naming_the_fix(ranks):
+    results, _ = ranks
+    for result in (r["moved"] for r in results):
+        assert "layers.0.weight" in result["nvme"] and "offloaded to NVMe" in result["nvme"]
+        assert 'Offload parameters to "cpu"' in result["nvme"]
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

@@ -9,9 +9,10 @@ only when asked for (`ZeroLayout`, through `parallel.gather_full`: a collective)
 full parameters, which the EMA treats as any model's (as under DDP).
 
 DeepSpeed moves the partitions into flat buffers of its own (`deepspeed.initialize`, offloading
-states): `PartitionWatch` compares one partition's address at every update, and after the first
-update of each binding proves, on a few elements of every partition, that the EMA read the live
-partition and moved toward it (never a silent no-op).
+states): `PartitionWatch` compares the address of one partition per distinct storage (flat buffer)
+at every update, and after the first update of each binding proves, on a few elements of every
+partition, that the EMA read the live partition and moved toward it (never a silent no-op).
+Parameters offloaded to NVMe are refused: DeepSpeed swaps them through pooled buffers at every step.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 _CHECKED_ELEMENTS = 64  # per partition, in the first update's read-back
+_WATCHED_STORAGES = 64  # at most, one partition each, compared at every update
 
 
 def is_partitioned(tensor: object) -> bool:
@@ -105,12 +107,17 @@ class PartitionWatch:
         self, names: Sequence[str], params: Sequence[Any], read: Sequence[Tensor], ema_tensors: Sequence[Tensor]
     ) -> None:
         self.names, self.params, self.read, self.ema_tensors = list(names), list(params), list(read), list(ema_tensors)
+        _refuse_nvme(self.names, self.params)
+        storages: dict[int, Any] = {}  # one partition per flat buffer (a handful after deepspeed.initialize)
+        for param in self.params:
+            storages.setdefault(param.ds_tensor.untyped_storage().data_ptr(), param)
+        self.watched = list(storages.values())[:_WATCHED_STORAGES]
         self.address = self._watched_address()
         self.before: list[Tensor] | None = None
         self.pending = True
 
-    def _watched_address(self) -> int:
-        return self.params[0].ds_tensor.data_ptr()
+    def _watched_address(self) -> list[int]:
+        return [param.ds_tensor.data_ptr() for param in self.watched]
 
     def moved(self) -> bool:
         return self._watched_address() != self.address
@@ -135,6 +142,20 @@ class PartitionWatch:
                     "the partition after the EMA was built. Build the ModelEMA after deepspeed.initialize (from the "
                     "engine or engine.module); after moving partitions by hand, call ema.refresh() before update()."
                 )
+
+
+def _refuse_nvme(names: Sequence[str], params: Sequence[Any]) -> None:
+    """Refuse partitions offloaded to NVMe: each swap-in gives them another pooled buffer, which no EMA can follow."""
+    offloaded = [
+        name for name, param in zip(names, params) if getattr(param.ds_tensor, "final_location", None) == "nvme"
+    ]
+    if offloaded:
+        raise ValueError(
+            f"Unsupported ZeRO-3 parameters {offloaded[:3]}{' ...' if len(offloaded) > 3 else ''}: offloaded to NVMe "
+            '("offload_param": {"device": "nvme"}), which swaps each partition through pooled buffers at every step, '
+            'so an EMA of them would read stale memory. Offload parameters to "cpu" or not at all '
+            '("offload_optimizer" to NVMe is fine: the EMA reads the parameters, not the optimizer states).'
+        )
 
 
 def is_deepspeed_engine(obj: object) -> bool:
