@@ -216,3 +216,19 @@ def test_an_engine_that_loads_nothing_leaves_the_ema_unchanged_and_raises(tmp_pa
     assert ema.num_updates == 1
     for name, tensor in ema.state_dict()["tensors"].items():
         assert torch.equal(tensor, before[name]), name
+
+
+def test_pipeline_engines_and_modules_are_refused_naming_what_is_supported():
+    from fastema import ModelEMA
+
+    module_class = type("PipelineModule", (torch.nn.Module,), {"__module__": "deepspeed.runtime.pipe.module"})
+    pipe_module = module_class()
+    pipe_module.layer = torch.nn.Linear(2, 2)
+    engine = fake_engine(pipe_module, None)
+    engine.__class__ = type("PipelineEngine", (type(engine),), {"__module__": "deepspeed.runtime.pipe.engine"})
+    for model in (engine, pipe_module):
+        with pytest.raises(TypeError, match=r"pipeline parallelism.*Supported: the DeepSpeedEngine"):
+            ModelEMA(model)
+    ema = ModelEMA(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="DeepSpeed PipelineEngine"):  # train_batch() never calls engine.step()
+        ema.attach(engine)

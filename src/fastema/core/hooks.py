@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .zero import engine_step_hooks, is_deepspeed_engine
+from .zero import engine_step_hooks, is_deepspeed_engine, refuse_pipeline
 
 __all__ = ["Attachments", "RemovableHandle", "attach_once", "attach_to_optimizer", "torch_optimizer"]
 
@@ -33,6 +33,7 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     weights after its inner step, and its own step hooks run after that. A DeepSpeed engine is
     returned as it is (it is hooked itself).
     """
+    refuse_pipeline(optimizer)
     if is_deepspeed_engine(optimizer):
         return optimizer
     found = optimizer

@@ -17,7 +17,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from .zero import ZeroLayout, is_deepspeed_engine, is_partitioned, partition, release_gathered
+from .zero import ZeroLayout, is_deepspeed_engine, is_partitioned, partition, refuse_pipeline, release_gathered
 
 try:  # public since torch 2.4
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover - older torch or no distributed build
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Return the plain module inside DDP/DataParallel, DeepSpeed engine and `torch.compile` wrappers."""
     while True:
+        refuse_pipeline(model)
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or is_deepspeed_engine(model):
             model = cast(nn.Module, model.module)
         elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":

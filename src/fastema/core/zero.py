@@ -158,11 +158,25 @@ def _refuse_nvme(names: Sequence[str], params: Sequence[Any]) -> None:
         )
 
 
+def _is_deepspeed(obj: object, name: str) -> bool:
+    return any(cls.__name__ == name and cls.__module__.startswith("deepspeed.") for cls in type(obj).__mro__)
+
+
+def refuse_pipeline(obj: object) -> None:
+    """Refuse DeepSpeed pipeline parallelism: a `PipelineEngine`, or the `PipelineModule` inside one."""
+    found = next((name for name in ("PipelineEngine", "PipelineModule") if _is_deepspeed(obj, name)), None)
+    if found is not None:
+        raise TypeError(
+            f"Unsupported model: a DeepSpeed {found} (pipeline parallelism). Each pipeline stage holds other "
+            "layers, and train_batch() steps the optimizer without engine.step(), so neither ModelEMA nor attach() "
+            "can follow it. Supported: the DeepSpeedEngine of deepspeed.initialize on a plain nn.Module, ZeRO "
+            "stages 0-3 (data parallel)."
+        )
+
+
 def is_deepspeed_engine(obj: object) -> bool:
     """Whether `obj` is a DeepSpeed engine (a `DeepSpeedEngine` or a subclass), without importing DeepSpeed."""
-    return any(
-        cls.__name__ == "DeepSpeedEngine" and cls.__module__.startswith("deepspeed.") for cls in type(obj).__mro__
-    )
+    return _is_deepspeed(obj, "DeepSpeedEngine")
 
 
 def engine_step_hooks(engine: Any) -> OrderedDict[int, Callable[[], None]]:
