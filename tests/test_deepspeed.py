@@ -81,6 +81,19 @@ def test_zero3_checkpoint_per_rank_resumes_bit_exact_and_consolidates(ranks):
     assert not [name for name in os.listdir(out_dir) if "staging" in name or name.endswith(".tmp")]
 
 
+def test_consolidating_an_ema_state_keeps_its_length_in_samples(ranks, tmp_path):
+    from fastema.deepspeed import consolidate_ema
+
+    _, out_dir = ranks
+    for r in range(workers.WORLD):  # partitions of an EMA made with half_life and batch_size
+        state = torch.load(out_dir / "ckpt" / "global_step3" / f"fastema_ema_rank{r}.pt", weights_only=True)
+        state["ema"].update(half_life=1000.0, batch_size=8.0)
+        torch.save(state, tmp_path / f"fastema_ema_rank{r}.pt")
+    consolidated = torch.load(consolidate_ema(tmp_path, tmp_path / "ema.pt", ema_state=True), weights_only=True)
+    assert (consolidated["half_life"], consolidated["batch_size"]) == (1000.0, 8.0)
+    assert "half_life" not in torch.load(out_dir / "consolidated_ema.pt", weights_only=True)  # a plain decay: none
+
+
 def test_zero3_checkpoints_that_do_not_fit_are_refused_on_every_rank_naming_the_fix(ranks):
     results, _ = ranks
     for result in (r["zero3"] for r in results):

@@ -245,8 +245,9 @@ def consolidate_ema(folder: str | os.PathLike, path: str | os.PathLike, ema_stat
         saved = first["ema"]
         if ema_state:
             config = {key: saved[key] for key in ("update_every", "all_parameters", "all_buffers")}
+            length = {key: saved[key] for key in ("half_life", "batch_size") if key in saved}  # as state.length_of
             state = make_state_dict(
-                tensors, saved["num_updates"], saved["num_steps"], saved["decay"], saved["last_decay"], config
+                tensors, saved["num_updates"], saved["num_steps"], saved["decay"], saved["last_decay"], config, length
             )
             return atomic_save(state, path)
         return atomic_save(tensors, path)
