@@ -652,6 +652,7 @@ class PowerReference:
         learn.opt.step = counting_step
 
 
+@pytest.mark.filterwarnings("ignore:load_learner` uses Python's insecure pickle:UserWarning")
 def test_fastai_callback_tracks_the_power_emas_over_real_optimizer_steps_and_snapshots_each_epoch(tmp_path):
     from fastai.callback.training import GradientAccumulation
 
