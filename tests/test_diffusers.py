@@ -397,3 +397,29 @@ def test_deprecated_keyword_arguments_work_as_in_diffusers():
     ]
     assert (ema.decay, ema.min_decay) == (0.8, 0.1)
     assert all(tensor.device.type == "cpu" for tensor in ema.shadow_params)
+
+
+@pytest.mark.parametrize("kind", ["module", "parameters"])
+def test_the_ema_keeps_its_dtype_when_the_model_is_cast_and_the_engines_are_rebuilt(kind):
+    model = tiny_unet()
+    ema = EMAModel(model if kind == "module" else model.parameters(), decay=0.9)
+    model.to(torch.bfloat16)  # after the EMA was built: the EMA stays float32
+    ema.step(model.parameters())
+    averaged = [tensor.clone() for tensor in ema.shadow_params]
+    assert all(tensor.dtype == torch.float32 for tensor in averaged)
+    ema.to(device="cpu")  # rebuilds the engines from the EMA's values: none rounded
+    assert_shadows_equal(ema.shadow_params, averaged)
+    model.conv_in.weight.requires_grad_(False)  # a new split rebuilds them too
+    ema.step(model.parameters())
+    assert all(tensor.dtype == torch.float32 for tensor in ema.shadow_params)
+
+
+def test_a_rebuild_never_rounds_a_module_ema_of_mixed_dtypes():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4).to(torch.bfloat16))
+    ema = EMAModel(model, decay=0.9)
+    model.to(torch.float16)
+    ema.step(model.parameters())  # the EMA keeps float32 and bfloat16 tensors
+    before = [tensor.clone() for tensor in ema.shadow_params]
+    ema.to(device="cpu")  # one engine, one dtype: the widest, float32
+    assert [tensor.dtype for tensor in ema.shadow_params] == [torch.float32] * 4
+    assert_shadows_equal([tensor.double() for tensor in ema.shadow_params], [tensor.double() for tensor in before])

@@ -12,6 +12,7 @@ after `ema.to("cpu")` (updated in a background thread) that `copy_to`, `store`/`
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
@@ -407,6 +408,8 @@ class _Part:
         self.names = names
         self.container: _Tensors | None = None
         if module is not None:
+            if values is not None and options["ema_dtype"] is None:
+                options = dict(options, ema_dtype=_kept_dtype(module, names, values))
             self.engine = ModelEMA(module, tensor_names=names, **options)
             if values is not None:
                 self.engine.copy_from(_Tensors({name: values[name] for name in names}))
@@ -460,6 +463,16 @@ class _Tensors(nn.Module):
             if not isinstance(tensor, nn.Parameter):
                 tensor = nn.Parameter(tensor.detach(), requires_grad=False)
             owner.register_parameter(key, tensor)
+
+
+def _kept_dtype(module: nn.Module, names: list[str], values: Mapping[str, Tensor]) -> torch.dtype | None:
+    """The `ema_dtype` under which an engine built on `module` keeps the EMA's `values` unrounded: None where
+    each is in its parameter's dtype, else the widest of their floating dtypes (the model was cast since)."""
+    parameters = dict(module.named_parameters())
+    if all(values[name].dtype == parameters[name].dtype for name in names):
+        return None
+    floating = [values[name].dtype for name in names if values[name].is_floating_point()]
+    return functools.reduce(torch.promote_types, floating) if floating else None
 
 
 def _tensor_list(parameters: object, argument: str, checked: bool = True) -> list[Tensor]:
