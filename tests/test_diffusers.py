@@ -366,6 +366,8 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path):
         ema.load_state_dict({**ema.state_dict(), "decay": 0.5, "min_decay": "0.1"})
     with pytest.raises(TypeError, match="state_dict"):
         ema.load_state_dict([1, 2])
+    with pytest.raises(ValueError, match="int16"):  # it would truncate the EMA
+        ema.load_state_dict({"shadow_params": [tensor.to(torch.int16) for tensor in before]})
     assert ema.optimization_step == 1 and ema.decay == 0.9  # nothing half-loaded
     assert_shadows_equal(ema.shadow_params, before)
     model.save_pretrained(tmp_path / "plain")  # a model folder, no EMA settings
@@ -423,3 +425,20 @@ def test_a_rebuild_never_rounds_a_module_ema_of_mixed_dtypes():
     ema.to(device="cpu")  # one engine, one dtype: the widest, float32
     assert [tensor.dtype for tensor in ema.shadow_params] == [torch.float32] * 4
     assert_shadows_equal([tensor.double() for tensor in ema.shadow_params], [tensor.double() for tensor in before])
+
+
+def test_a_state_that_fails_to_load_loads_nothing_in_any_part():
+    model = tiny_unet()
+    model.conv_out.requires_grad_(False)  # a second engine copies the frozen parameters
+    ema = EMAModel(model.parameters(), decay=0.9)
+    ema.step(model.parameters())
+    assert len(ema._engines.parts) == 2
+    before = [tensor.clone() for tensor in ema.shadow_params]
+    frozen = [name for name, _ in model.named_parameters()].index("conv_out.weight")
+    for bad in (torch.empty(before[frozen].shape, device="meta"), torch.ones(before[frozen].shape, dtype=torch.int64)):
+        shadow = [torch.zeros_like(tensor) for tensor in before]
+        shadow[frozen] = bad  # every other tensor is fine, and the part that averages comes first
+        with pytest.raises(ValueError, match=f"#{frozen}"):
+            ema.load_state_dict({"optimization_step": 7, "shadow_params": shadow})
+        assert ema.optimization_step == 1
+        assert_shadows_equal(ema.shadow_params, before)

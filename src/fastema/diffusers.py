@@ -239,7 +239,8 @@ class EMAModel:
         """Restore from a `state_dict()` of this class or of diffusers' `EMAModel`; checked before anything is set.
 
         Missing settings keep their values (as in diffusers); `shadow_params`, if present, must
-        match the parameters in number and shapes.
+        match the parameters in number and shapes, be floating where the EMA is (converted to its
+        dtypes) and hold data (not on the meta device).
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"Invalid state_dict: {type(state_dict).__name__}; expected a dict from state_dict()")
@@ -257,6 +258,17 @@ class EMAModel:
                 "state_dict['shadow_params']",
                 "this EMA's (another architecture's?)",
             )
+            ema_tensors = self._engines.ema_tensors()
+            unloadable = [
+                f"#{index}: {tensor.dtype} on {tensor.device}"
+                for index, (name, tensor) in enumerate(zip(names, shadow))
+                if not _loadable(tensor, ema_tensors[name])
+            ]
+            if unloadable:  # checked for every part before any is written
+                raise ValueError(
+                    f"Invalid state_dict['shadow_params']: expected dense tensors with data, floating where the EMA's "
+                    f"are (it keeps its dtypes); got {unloadable[:5]}"
+                )
             for part in self._engines.parts:
                 part.load(dict(zip(names, shadow)))
         for key, value in settings.items():
@@ -488,6 +500,13 @@ def _tensor_list(parameters: object, argument: str, checked: bool = True) -> lis
     if len({id(tensor) for tensor in tensors}) != len(tensors):
         raise ValueError(f"Invalid {argument}: a tensor appears twice")
     return tensors
+
+
+def _loadable(saved: Tensor, ema_tensor: Tensor) -> bool:
+    """Whether `saved` can be copied into `ema_tensor`: data to copy, floating into a floating one (never truncated)."""
+    if saved.device.type == "meta" or saved.layout != torch.strided:
+        return False
+    return saved.is_floating_point() if ema_tensor.is_floating_point() else saved.dtype == ema_tensor.dtype
 
 
 def _check_shapes(tensors: list[Tensor], shapes: list[tuple[int, ...]], argument: str, expected: str) -> None:
