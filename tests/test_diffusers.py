@@ -442,3 +442,19 @@ def test_a_state_that_fails_to_load_loads_nothing_in_any_part():
             ema.load_state_dict({"optimization_step": 7, "shadow_params": shadow})
         assert ema.optimization_step == 1
         assert_shadows_equal(ema.shadow_params, before)
+
+
+def test_frozen_parameters_and_steps_of_decay_0_are_exact_copies_even_of_values_that_are_not_finite():
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    theirs = DiffusersEMAModel(model.parameters(), update_after_step=1)
+    ours = EMAModel(model.parameters(), update_after_step=1)  # steps 1 and 2 have decay 0: copies
+    for value in (float("-inf"), 1.0):  # the second step copies finite values again
+        with torch.no_grad():
+            model.bias.fill_(value)
+            model.weight[0, 0] = -value
+        theirs.step(model.parameters())
+        ours.step(model.parameters())
+        assert ours.cur_decay_value == theirs.cur_decay_value == 0.0
+        assert_shadows_equal(ours.shadow_params[1:], theirs.shadow_params[1:])  # frozen: copied alike
+        assert_shadows_equal(ours.shadow_params, list(model.parameters()))

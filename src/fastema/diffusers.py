@@ -65,7 +65,8 @@ class EMAModel:
     where it puts it, in that dtype, for good (the engine is rebuilt, one copy of the EMA). The
     update is `lerp_`, which rounds a little differently from diffusers' `sub_`: they agree to
     about a float32 ulp per step, and a decay of 0 (the steps up to `update_after_step`) copies
-    exactly here. `ema.engine` is the `ModelEMA` of the parameters that require grad.
+    exactly here (`copy_`, also inf and nan). `ema.engine` is the `ModelEMA` of the parameters
+    that require grad; a copy is its `reset()`, which restarts its counts.
     """
 
     def __init__(
@@ -390,10 +391,15 @@ class _Engines:
         if flags != self.flags:
             self._rebuild(flags)
         averaged, *copied = self.parts
-        # While nothing requires grad everything is copied, as in diffusers: a decay of 0 copies exactly.
-        averaged.engine.update(decay=decay if any(flags) else 0.0)
+        # A copy is `reset()` (`copy_`), not an update with decay 0: `lerp_` with weight 1 computes
+        # `model - (model - ema) * 0`, which is nan where either is infinite, and the EMA would stay nan.
+        # While nothing requires grad everything is copied, as in diffusers.
+        if decay == 0.0 or not any(flags):
+            averaged.engine.reset()
+        else:
+            averaged.engine.update(decay=decay)
         for part in copied:
-            part.engine.update(decay=0.0)
+            part.engine.reset()
 
     def copy_to(self, tensors: list[Tensor] | None) -> None:
         """The EMA into `tensors`, by position (None: the tensors the engines read)."""
