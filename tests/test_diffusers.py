@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
+import io
 import os
+import weakref
 
 import pytest
 import torch
@@ -176,8 +179,6 @@ def test_state_dicts_load_both_ways_and_continue_alike():
 
 
 def _saved_and_loaded(state):
-    import io
-
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
@@ -458,3 +459,32 @@ def test_frozen_parameters_and_steps_of_decay_0_are_exact_copies_even_of_values_
         assert ours.cur_decay_value == theirs.cur_decay_value == 0.0
         assert_shadows_equal(ours.shadow_params[1:], theirs.shadow_params[1:])  # frozen: copied alike
         assert_shadows_equal(ours.shadow_params, list(model.parameters()))
+
+
+def test_the_ema_holds_neither_the_copy_it_was_built_from_nor_the_model_in_its_copies_and_pickles():
+    model = tiny_unet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    copy_for_ema = copy.deepcopy(model)
+    built_from = weakref.ref(next(copy_for_ema.parameters()))
+    ema = EMAModel(copy_for_ema.parameters(), **NO_WARMUP)
+    theirs = DiffusersEMAModel(copy_for_ema.parameters(), **NO_WARMUP)
+    del copy_for_ema
+    gc.collect()
+    assert built_from() is None  # freed at once, as diffusers' clones let it go
+    for step in range(1, 3):
+        train_step(model, optimizer, step)
+        ema.step(model.parameters())
+        theirs.step(model.parameters())
+    sizes = []
+    for whole in (ema, theirs):  # both hold the EMA's values and the settings, not the model's tensors
+        buffer = io.BytesIO()
+        torch.save(whole, buffer)
+        sizes.append(buffer.tell())
+    assert sizes[0] < 1.1 * sizes[1]
+    copied = copy.deepcopy(ema)
+    train_step(model, optimizer, 3)
+    for each in (copied, ema, theirs):
+        each.step(model.parameters())
+    assert_shadows_equal(copied.shadow_params, ema.shadow_params)
+    assert_shadows_close(ema.shadow_params, theirs.shadow_params)
+    assert copied.shadow_params[0].data_ptr() != ema.shadow_params[0].data_ptr()

@@ -324,6 +324,12 @@ class _Engines:
         self.dtype: torch.dtype | None = None
         self.options: dict[str, Any] = dict(decay=decay, foreach=True if foreach else None)
         self.parts = self._split(self.flags, None)
+        if module is None:  # the user's module is kept by its engine anyway
+            # Diffusers' scripts build the EMA from a copy of the model and let the copy go: the engines hold
+            # stand-ins until `step()` gives them the tensors to read, so that the copy is freed now.
+            self._hold(_stand_ins(self.held))
+            for part in self.parts:
+                part.engine.refresh()  # the engine's pairs referred to the copy
 
     def _split(self, flags: tuple[bool, ...], values: Mapping[str, Tensor] | None) -> list[_Part]:
         """The averaged parameters (those requiring grad, or all if none does) and the copied ones, each
@@ -381,6 +387,9 @@ class _Engines:
                 "Invalid parameters: this EMAModel was built on a module and averages that module's "
                 "parameters, not these; build it with EMAModel(model.parameters()) to step with another model's"
             )
+        self._hold(tensors)
+
+    def _hold(self, tensors: list[Tensor]) -> None:
         for part in self.parts:
             part.hold(dict(zip(self.names, tensors)))
         self.held = list(tensors)
@@ -406,6 +415,20 @@ class _Engines:
         named = None if tensors is None else dict(zip(self.names, tensors))
         for part in self.parts:
             part.copy_to(named)
+
+    # A copy or a pickle holds the EMA's values and rebuilds the engines from them, as a `to()` does: not the
+    # model's tensors that the engines read (the next `step()` gives them), nor an offloaded engine's thread.
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__, values=self.ema_tensors())
+        del state["parts"], state["held"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        values = state.pop("values")
+        self.__dict__.update(state)
+        self.held = _stand_ins([values[name] for name in self.names])
+        self.parts = self._split(self.flags, values)
 
 
 class _Part:
@@ -481,6 +504,17 @@ class _Tensors(nn.Module):
             if not isinstance(tensor, nn.Parameter):
                 tensor = nn.Parameter(tensor.detach(), requires_grad=False)
             owner.register_parameter(key, tensor)
+
+
+def _stand_ins(tensors: list[Tensor]) -> list[Tensor]:
+    """Tensors of these shapes, dtypes and devices on one element of memory each: what the engines hold (and
+    never read) while they have no model tensors to read."""
+    return [
+        torch.zeros_like(tensor)
+        if tensor.numel() <= 1
+        else torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
+        for tensor in tensors
+    ]
 
 
 def _kept_dtype(module: nn.Module, names: list[str], values: Mapping[str, Tensor]) -> torch.dtype | None:
