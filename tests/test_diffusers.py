@@ -488,3 +488,22 @@ def test_the_ema_holds_neither_the_copy_it_was_built_from_nor_the_model_in_its_c
     assert_shadows_equal(copied.shadow_params, ema.shadow_params)
     assert_shadows_close(ema.shadow_params, theirs.shadow_params)
     assert copied.shadow_params[0].data_ptr() != ema.shadow_params[0].data_ptr()
+
+
+def test_the_parameters_read_last_are_not_paired_again_and_others_are_followed(monkeypatch):
+    from fastema.core.tracker import Tracker
+
+    model, other = tiny_unet(), tiny_unet(seed=3)
+    theirs = DiffusersEMAModel(model.parameters(), **NO_WARMUP)
+    ours = EMAModel(model.parameters(), **NO_WARMUP)
+    ours.step(model.parameters())  # pairs the engine with these parameters
+    theirs.step(model.parameters())
+    follow = Tracker.follow  # checks the pairs (a pass over the model), and pairs anew where they changed
+    pairings = []
+    monkeypatch.setattr(Tracker, "follow", lambda tracker, *args: (pairings.append(tracker), follow(tracker, *args))[1])
+    for parameters, paired in ((model, False), (model, False), (other, True), (other, False)):
+        pairings.clear()
+        ours.step(parameters.parameters())
+        theirs.step(parameters.parameters())
+        assert bool(pairings) == paired
+    assert_shadows_close(ours.shadow_params, theirs.shadow_params)

@@ -317,26 +317,23 @@ class _Engines:
     ) -> None:
         self.names = list(named)
         self.module = module
-        self.held = list(named.values())  # the tensors `step()` got last (the engines read them), by position
-        self.shapes = [tuple(tensor.shape) for tensor in self.held]
-        self.flags = tuple(tensor.requires_grad for tensor in self.held)
+        # The tensors `step()` got last (the engines read them), by position; None until then where they are not
+        # the module's: diffusers' scripts build the EMA from a copy of the model and let the copy go, so the
+        # engines copy these tensors (as values) and keep no reference to them.
+        self.held: list[Tensor] | None = None if module is None else list(named.values())
+        self.shapes = [tuple(tensor.shape) for tensor in named.values()]
+        self.flags = tuple(tensor.requires_grad for tensor in named.values())
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
         self.options: dict[str, Any] = dict(decay=decay, foreach=True if foreach else None)
-        self.parts = self._split(self.flags, None)
-        if module is None:  # the user's module is kept by its engine anyway
-            # Diffusers' scripts build the EMA from a copy of the model and let the copy go: the engines hold
-            # stand-ins until `step()` gives them the tensors to read, so that the copy is freed now.
-            self._hold(_stand_ins(self.held))
-            for part in self.parts:
-                part.engine.refresh()  # the engine's pairs referred to the copy
+        self.parts = self._split(self.flags, None if module is not None else named)
 
     def _split(self, flags: tuple[bool, ...], values: Mapping[str, Tensor] | None) -> list[_Part]:
         """The averaged parameters (those requiring grad, or all if none does) and the copied ones, each
         with its engine, starting from `values` (None: the model's)."""
         averaged = [name for name, flag in zip(self.names, flags) if flag] or list(self.names)
         copied = [name for name in self.names if name not in set(averaged)]
-        held = dict(zip(self.names, self.held))
+        held = None if self.held is None else dict(zip(self.names, self.held))
         options = dict(self.options, device=self.device, ema_dtype=self.dtype)
         parts = [_Part(averaged, held, self.module, values, options)]
         if copied:  # frozen parameters are copied at every step, so an unfrozen one restarts from its last copy
@@ -374,7 +371,7 @@ class _Engines:
         if isinstance(parameters, nn.Module):
             parameters = parameters.parameters()
         tensors = _tensor_list(parameters, argument, checked=False)
-        if len(tensors) == len(self.held) and all(map(operator.is_, tensors, self.held)):
+        if self.held is not None and len(tensors) == len(self.held) and all(map(operator.is_, tensors, self.held)):
             return tensors, True
         tensors = _tensor_list(tensors, argument)
         _check_shapes(tensors, self.shapes, argument, "the parameters this EMA averages (another model's?)")
@@ -387,9 +384,6 @@ class _Engines:
                 "Invalid parameters: this EMAModel was built on a module and averages that module's "
                 "parameters, not these; build it with EMAModel(model.parameters()) to step with another model's"
             )
-        self._hold(tensors)
-
-    def _hold(self, tensors: list[Tensor]) -> None:
         for part in self.parts:
             part.hold(dict(zip(self.names, tensors)))
         self.held = list(tensors)
@@ -421,13 +415,13 @@ class _Engines:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__, values=self.ema_tensors())
-        del state["parts"], state["held"]
+        del state["parts"]
+        state["held"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         values = state.pop("values")
         self.__dict__.update(state)
-        self.held = _stand_ins([values[name] for name in self.names])
         self.parts = self._split(self.flags, values)
 
 
@@ -441,7 +435,7 @@ class _Part:
     def __init__(
         self,
         names: list[str],
-        model_tensors: Mapping[str, Tensor],
+        model_tensors: Mapping[str, Tensor] | None,  # the tensors to read (None: none until `hold`)
         module: nn.Module | None,
         values: Mapping[str, Tensor] | None,  # the EMA's values to start from (None: the model's)
         options: dict[str, Any],
@@ -455,11 +449,18 @@ class _Part:
             if values is not None:
                 self.engine.copy_from(_Tensors({name: values[name] for name in names}))
             return
-        # Built from the EMA's values, so that the one copy made is the EMA's, straight to where it goes; then
-        # pointed at the model's parameters (the engine follows them at its next use).
-        self.container = _Tensors({name: (model_tensors if values is None else values)[name] for name in names})
+        if values is None:
+            assert model_tensors is not None  # the values are the model's
+            self.container = _Tensors({name: model_tensors[name] for name in names})
+            self.engine = ModelEMA(self.container, tensor_names=names, **options)
+            return
+        # Built on stand-ins where the EMA goes, so that the one copy made is the EMA's, and no reference to the
+        # values is kept; filled from them, then pointed at the model's tensors (followed at the engine's next use).
+        stand_ins = [_stand_in(values[name], options["device"], options["ema_dtype"]) for name in names]
+        self.container = _Tensors(dict(zip(names, stand_ins)))
         self.engine = ModelEMA(self.container, tensor_names=names, **options)
-        if values is not None:
+        self.load(values)
+        if model_tensors is not None:
             self.hold(model_tensors)
 
     def hold(self, model_tensors: Mapping[str, Tensor]) -> None:
@@ -506,15 +507,11 @@ class _Tensors(nn.Module):
             owner.register_parameter(key, tensor)
 
 
-def _stand_ins(tensors: list[Tensor]) -> list[Tensor]:
-    """Tensors of these shapes, dtypes and devices on one element of memory each: what the engines hold (and
-    never read) while they have no model tensors to read."""
-    return [
-        torch.zeros_like(tensor)
-        if tensor.numel() <= 1
-        else torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
-        for tensor in tensors
-    ]
+def _stand_in(value: Tensor, device: torch.device | None, ema_dtype: torch.dtype | None) -> Tensor:
+    """A tensor of `value`'s shape on one element of memory, where the EMA keeps it (None: where `value` is),
+    for an engine to be built on: what it copies is the EMA, then filled from `value`."""
+    dtype = ema_dtype if ema_dtype is not None and value.is_floating_point() else value.dtype
+    return torch.zeros((), dtype=dtype, device=device or value.device).expand(value.shape)
 
 
 def _kept_dtype(module: nn.Module, names: list[str], values: Mapping[str, Tensor]) -> torch.dtype | None:
