@@ -490,6 +490,20 @@ def test_the_ema_holds_neither_the_copy_it_was_built_from_nor_the_model_in_its_c
     assert copied.shadow_params[0].data_ptr() != ema.shadow_params[0].data_ptr()
 
 
+def test_plain_tensors_whose_data_is_replaced_are_followed():
+    torch.manual_seed(0)
+    tensors = [torch.randn(3, 4, requires_grad=True), torch.randn(4, requires_grad=True)]  # not nn.Parameters
+    theirs = DiffusersEMAModel(tensors, **NO_WARMUP)
+    ours = EMAModel(tensors, **NO_WARMUP)
+    for step in range(1, 4):
+        for tensor in tensors:
+            tensor.data = tensor.data + step  # new storage, same tensor objects
+        theirs.step(tensors)
+        ours.step(tensors)
+        assert ours.cur_decay_value == theirs.cur_decay_value
+        assert_shadows_close(ours.shadow_params, theirs.shadow_params)
+
+
 def test_the_parameters_read_last_are_not_paired_again_and_others_are_followed(monkeypatch):
     from fastema.core.tracker import Tracker
 

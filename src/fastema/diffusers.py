@@ -321,6 +321,7 @@ class _Engines:
         # the module's: diffusers' scripts build the EMA from a copy of the model and let the copy go, so the
         # engines copy these tensors (as values) and keep no reference to them.
         self.held: list[Tensor] | None = None if module is None else list(named.values())
+        self.plain: list[tuple[int, tuple]] = []  # (position, `_data_key`) of those that are not nn.Parameters
         self.shapes = [tuple(tensor.shape) for tensor in named.values()]
         self.flags = tuple(tensor.requires_grad for tensor in named.values())
         self.device: torch.device | None = None
@@ -371,7 +372,12 @@ class _Engines:
         if isinstance(parameters, nn.Module):
             parameters = parameters.parameters()
         tensors = _tensor_list(parameters, argument, checked=False)
-        if self.held is not None and len(tensors) == len(self.held) and all(map(operator.is_, tensors, self.held)):
+        if (
+            self.held is not None
+            and len(tensors) == len(self.held)
+            and all(map(operator.is_, tensors, self.held))
+            and all(_data_key(tensors[index]) == key for index, key in self.plain)
+        ):
             return tensors, True
         tensors = _tensor_list(tensors, argument)
         _check_shapes(tensors, self.shapes, argument, "the parameters this EMA averages (another model's?)")
@@ -387,6 +393,11 @@ class _Engines:
         for part in self.parts:
             part.hold(dict(zip(self.names, tensors)))
         self.held = list(tensors)
+        # The engines read a plain tensor through a parameter that shares its storage: a `tensor.data = ...`
+        # since then is seen by comparing where its data is.
+        self.plain = [
+            (index, _data_key(tensor)) for index, tensor in enumerate(tensors) if not isinstance(tensor, nn.Parameter)
+        ]
 
     def update(self, tensors: list[Tensor], decay: float) -> None:
         """Average the parameters that require grad with `decay` (all with 0 while none does); copy the rest."""
@@ -505,6 +516,11 @@ class _Tensors(nn.Module):
             if not isinstance(tensor, nn.Parameter):
                 tensor = nn.Parameter(tensor.detach(), requires_grad=False)
             owner.register_parameter(key, tensor)
+
+
+def _data_key(tensor: Tensor) -> tuple:
+    """Where and how a tensor's data lies: it changes when `tensor.data = ...` gives it other data."""
+    return tensor.data_ptr(), tensor.dtype, tensor.device, tensor.shape, tensor.stride()
 
 
 def _stand_in(value: Tensor, device: torch.device | None, ema_dtype: torch.dtype | None) -> Tensor:
