@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import json
 import os
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ pytest.importorskip("diffusers")
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel as DiffusersEMAModel
 
+from fastema import ModelEMA
 from fastema.diffusers import EMAModel
 
 # diffusers' own `EMAModel.from_pretrained` passes a folder to `from_config`, which diffusers deprecates.
@@ -521,3 +524,46 @@ def test_the_parameters_read_last_are_not_paired_again_and_others_are_followed(m
         theirs.step(parameters.parameters())
         assert bool(pairings) == paired
     assert_shadows_close(ours.shadow_params, theirs.shadow_params)
+
+
+@pytest.mark.filterwarnings(DIFFUSERS_FROM_PRETRAINED)
+def test_from_pretrained_takes_defaults_for_missing_settings_as_diffusers_does_and_passes_foreach(tmp_path):
+    model = tiny_unet()
+    EMAModel(model.parameters(), **WARMUP, model_cls=UNet2DModel, model_config=model.config).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["min_decay"], config["power"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = DiffusersEMAModel.from_pretrained(str(tmp_path), UNet2DModel)
+    ours = EMAModel.from_pretrained(tmp_path, UNet2DModel, foreach=True)
+    assert {k: v for k, v in ours.state_dict().items() if k != "shadow_params"} == {
+        k: v for k, v in theirs.state_dict().items() if k != "shadow_params"
+    }
+    assert (ours.min_decay, ours.power, ours.decay) == (0.0, 2 / 3, 0.9)
+    assert ours.foreach is True
+
+
+def test_load_state_dict_keeps_what_a_state_lacks_and_refuses_a_state_of_something_else():
+    model = tiny_unet()
+    ema = EMAModel(model.parameters(), **WARMUP)
+    ema.step(model.parameters())
+    shadow = [tensor.clone() for tensor in ema.shadow_params]
+    ema.load_state_dict({"optimization_step": 5})  # the settings and the EMA it lacks keep their values
+    assert ema.optimization_step == 5 and ema.decay == WARMUP["decay"]
+    assert_shadows_equal(ema.shadow_params, shadow)
+    ema.load_state_dict({"shadow_params": [tensor + 1 for tensor in shadow]})
+    assert ema.optimization_step == 5
+    assert_shadows_equal(ema.shadow_params, [tensor + 1 for tensor in shadow])
+    for other in ({}, ModelEMA(model).state_dict()):  # silently nothing in diffusers
+        with pytest.raises(ValueError, match="not an EMAModel state"):
+            ema.load_state_dict(other)
+
+
+def test_integer_settings_may_be_any_integral_number_as_in_diffusers():
+    model = tiny_unet()
+    ema = EMAModel(model.parameters(), update_after_step=np.int64(3))
+    assert ema.update_after_step == 3 and type(ema.update_after_step) is int
+    assert ema.get_decay(5) == DiffusersEMAModel(model.parameters(), update_after_step=np.int64(3)).get_decay(5)
+    ema.load_state_dict({"optimization_step": np.int32(4)})
+    assert ema.optimization_step == 4 and type(ema.optimization_step) is int
+    with pytest.raises(ValueError, match="update_after_step"):
+        EMAModel(model.parameters(), update_after_step=True)

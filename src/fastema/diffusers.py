@@ -18,7 +18,7 @@ import operator
 import os
 import warnings
 from collections.abc import Iterable, Mapping
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from .core.model_ema import ModelEMA
 # Not in `fastema.__all__`: the engine's own rule for the module inside DDP and torch.compile wrappers, whose
 # parameter names are the ones the engine tracks.
 from .core.parallel import unwrap_model
+from .core.state import STATE_FORMAT
 
 __all__ = ["EMAModel"]
 
@@ -239,12 +240,21 @@ class EMAModel:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore from a `state_dict()` of this class or of diffusers' `EMAModel`; checked before anything is set.
 
-        Missing settings keep their values (as in diffusers); `shadow_params`, if present, must
+        Missing settings keep their values (as in diffusers), but a state with none of the keys is
+        refused; `shadow_params`, if present, must
         match the parameters in number and shapes, be floating where the EMA is (converted to its
         dtypes) and hold data (not on the meta device).
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"Invalid state_dict: {type(state_dict).__name__}; expected a dict from state_dict()")
+        # diffusers loads nothing from such a state, silently (a ModelEMA's shares only its "decay")
+        if state_dict.get("format") == STATE_FORMAT or not any(
+            key in state_dict for key in (*SETTINGS, "shadow_params")
+        ):
+            raise ValueError(
+                f"Invalid state_dict: not an EMAModel state (expected some of {[*SETTINGS, 'shadow_params']}, got "
+                f"{sorted(map(str, state_dict))[:8]}); a fastema.ModelEMA state loads with ema.engine.load_state_dict"
+            )
         settings = _checked_settings(
             {key: state_dict.get(key, getattr(self, key)) for key in SETTINGS}, "state_dict[{!r}]"
         )
@@ -290,15 +300,18 @@ class EMAModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, model_cls: Any, foreach: bool | None = False) -> EMAModel:
-        """The EMA that `save_pretrained` (ours or diffusers') wrote to `path`; `model_cls` is its model class."""
+        """The EMA that `save_pretrained` (ours or diffusers') wrote to `path`; `model_cls` is its model class.
+
+        Settings missing from its config.json keep their defaults, as in diffusers; a folder with none
+        of them (a model's, not an EMA's) is refused.
+        """
         config = model_cls.load_config(path)
-        missing = [key for key in SETTINGS if key not in config]
-        if missing:
+        settings = {key: config[key] for key in SETTINGS if key in config}  # the others keep their defaults
+        if not settings:  # diffusers would start from step 0 with the default settings
             raise ValueError(
-                f"Invalid path: {os.fspath(path)!r} has no EMA settings {missing} in its config.json; expected a "
-                "folder written by EMAModel.save_pretrained"
+                f"Invalid path: {os.fspath(path)!r} has no EMA settings {list(SETTINGS)} in its config.json; "
+                "expected a folder written by EMAModel.save_pretrained"
             )
-        settings = _checked_settings({key: config[key] for key in SETTINGS}, f"{os.fspath(path)!r} config[{{!r}}]")
         model = model_cls.from_pretrained(path)
         ema_model = cls(model.parameters(), model_cls=model_cls, model_config=model.config, foreach=foreach)
         ema_model.load_state_dict(settings)
@@ -586,8 +599,9 @@ def _checked_settings(settings: dict[str, Any], where: str) -> dict[str, Any]:
             raise ValueError(f"Invalid {where.format(key)}: {value!r}; expected a float in [0, 1]")
     for key in ("optimization_step", "update_after_step"):
         value = settings[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
             raise ValueError(f"Invalid {where.format(key)}: {value!r}; expected an int >= 0")
+        settings[key] = int(value)  # e.g. a numpy integer, which a config.json or a weights-only load refuses
     if not isinstance(settings["use_ema_warmup"], bool):
         raise ValueError(f"Invalid {where.format('use_ema_warmup')}: {settings['use_ema_warmup']!r}; expected a bool")
     for key in ("inv_gamma", "power"):
