@@ -567,3 +567,21 @@ def test_integer_settings_may_be_any_integral_number_as_in_diffusers():
     assert ema.optimization_step == 4 and type(ema.optimization_step) is int
     with pytest.raises(ValueError, match="update_after_step"):
         EMAModel(model.parameters(), update_after_step=True)
+
+
+def test_shadow_params_are_the_live_ema_tensors_as_in_diffusers_and_pin_memory_keeps_them_in_host_memory():
+    model = tiny_unet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = EMAModel(model.parameters(), **NO_WARMUP)
+    shadow = ema.shadow_params
+    for step in range(1, 3):
+        train_step(model, optimizer, step)
+        ema.step(model.parameters())
+    assert_shadows_equal(shadow, ema.shadow_params)  # updated in place
+    with torch.no_grad():
+        shadow[0].fill_(7.0)  # a write through them is a write to the EMA
+    ema.copy_to(model.parameters())
+    assert bool((next(model.parameters()) == 7.0).all())
+    ema.pin_memory()
+    assert ema.engine.device == torch.device("cpu")  # placed in host memory for good, as to("cpu")
+    assert_shadows_equal(ema.shadow_params, shadow)

@@ -540,6 +540,8 @@ def _stand_in(value: Tensor, device: torch.device | None, ema_dtype: torch.dtype
     """A tensor of `value`'s shape on one element of memory, where the EMA keeps it (None: where `value` is),
     for an engine to be built on: what it copies is the EMA, then filled from `value`."""
     dtype = ema_dtype if ema_dtype is not None and value.is_floating_point() else value.dtype
+    if value.numel() <= 1:  # expanded, it would count as dense with strides 0, and the EMA would copy those
+        return torch.zeros(value.shape, dtype=dtype, device=device or value.device)
     return torch.zeros((), dtype=dtype, device=device or value.device).expand(value.shape)
 
 
