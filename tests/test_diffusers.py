@@ -309,6 +309,8 @@ def test_an_ema_offloaded_to_the_host_steps_evaluates_and_restores_a_cuda_model(
     assert_shadows_equal([p.cpu() for p in model.parameters()], ours.shadow_params)
     ours.restore(model.parameters())
     assert_shadows_equal(list(model.parameters()), trained)
+    ours.store(model.parameters())
+    assert all(saved.device.type == "cpu" for saved in ours.temp_stored_params)  # host copies, as documented
 
 
 def test_to_float32_keeps_a_float32_ema_of_a_bfloat16_model():
@@ -402,7 +404,7 @@ def test_deprecated_keyword_arguments_work_as_in_diffusers():
         "EMAModel(device",
     ]
     assert (ema.decay, ema.min_decay) == (0.8, 0.1)
-    assert all(tensor.device.type == "cpu" for tensor in ema.shadow_params)
+    assert ema.engine.device == torch.device("cpu")  # placed by to(device=...): kept there for good
 
 
 @pytest.mark.parametrize("kind", ["module", "parameters"])
@@ -585,3 +587,12 @@ def test_shadow_params_are_the_live_ema_tensors_as_in_diffusers_and_pin_memory_k
     ema.pin_memory()
     assert ema.engine.device == torch.device("cpu")  # placed in host memory for good, as to("cpu")
     assert_shadows_equal(ema.shadow_params, shadow)
+
+
+def test_a_tensor_given_twice_is_refused():
+    parameters = list(tiny_unet().parameters())
+    with pytest.raises(ValueError, match="twice"):
+        EMAModel([parameters[0], parameters[0]])
+    ema = EMAModel(parameters[:2])
+    with pytest.raises(ValueError, match="twice"):
+        ema.step([parameters[0], parameters[0]])
