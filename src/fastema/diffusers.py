@@ -241,9 +241,8 @@ class EMAModel:
         """Restore from a `state_dict()` of this class or of diffusers' `EMAModel`; checked before anything is set.
 
         Missing settings keep their values (as in diffusers), but a state with none of the keys is
-        refused; `shadow_params`, if present, must
-        match the parameters in number and shapes, be floating where the EMA is (converted to its
-        dtypes) and hold data (not on the meta device).
+        refused; `shadow_params`, if present, must match the parameters in number and shapes, be
+        floating where the EMA is (converted to its dtypes) and hold data (not on the meta device).
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"Invalid state_dict: {type(state_dict).__name__}; expected a dict from state_dict()")
@@ -381,7 +380,7 @@ class _Engines:
 
     def read(self, parameters: Iterable[Tensor] | nn.Module, argument: str) -> tuple[list[Tensor], bool]:
         """`parameters` as a list, checked against the EMA (as many tensors, of the same shapes), and
-        whether they are the very tensors the engines read (checked when they came)."""
+        whether they are the very tensors the engines read (checked when they came), with their data where it was."""
         if isinstance(parameters, nn.Module):
             parameters = parameters.parameters()
         tensors = _tensor_list(parameters, argument, checked=False)
