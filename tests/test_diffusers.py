@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import copy
+import gc
+import io
+import json
 import os
+import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +18,7 @@ pytest.importorskip("diffusers")
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel as DiffusersEMAModel
 
+from fastema import ModelEMA
 from fastema.diffusers import EMAModel
 
 # diffusers' own `EMAModel.from_pretrained` passes a folder to `from_config`, which diffusers deprecates.
@@ -176,8 +182,6 @@ def test_state_dicts_load_both_ways_and_continue_alike():
 
 
 def _saved_and_loaded(state):
-    import io
-
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
@@ -305,6 +309,8 @@ def test_an_ema_offloaded_to_the_host_steps_evaluates_and_restores_a_cuda_model(
     assert_shadows_equal([p.cpu() for p in model.parameters()], ours.shadow_params)
     ours.restore(model.parameters())
     assert_shadows_equal(list(model.parameters()), trained)
+    ours.store(model.parameters())
+    assert all(saved.device.type == "cpu" for saved in ours.temp_stored_params)  # host copies, as documented
 
 
 def test_to_float32_keeps_a_float32_ema_of_a_bfloat16_model():
@@ -366,6 +372,8 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path):
         ema.load_state_dict({**ema.state_dict(), "decay": 0.5, "min_decay": "0.1"})
     with pytest.raises(TypeError, match="state_dict"):
         ema.load_state_dict([1, 2])
+    with pytest.raises(ValueError, match="int16"):  # it would truncate the EMA
+        ema.load_state_dict({"shadow_params": [tensor.to(torch.int16) for tensor in before]})
     assert ema.optimization_step == 1 and ema.decay == 0.9  # nothing half-loaded
     assert_shadows_equal(ema.shadow_params, before)
     model.save_pretrained(tmp_path / "plain")  # a model folder, no EMA settings
@@ -396,4 +404,195 @@ def test_deprecated_keyword_arguments_work_as_in_diffusers():
         "EMAModel(device",
     ]
     assert (ema.decay, ema.min_decay) == (0.8, 0.1)
-    assert all(tensor.device.type == "cpu" for tensor in ema.shadow_params)
+    assert ema.engine.device == torch.device("cpu")  # placed by to(device=...): kept there for good
+
+
+@pytest.mark.parametrize("kind", ["module", "parameters"])
+def test_the_ema_keeps_its_dtype_when_the_model_is_cast_and_the_engines_are_rebuilt(kind):
+    model = tiny_unet()
+    ema = EMAModel(model if kind == "module" else model.parameters(), decay=0.9)
+    model.to(torch.bfloat16)  # after the EMA was built: the EMA stays float32
+    ema.step(model.parameters())
+    averaged = [tensor.clone() for tensor in ema.shadow_params]
+    assert all(tensor.dtype == torch.float32 for tensor in averaged)
+    ema.to(device="cpu")  # rebuilds the engines from the EMA's values: none rounded
+    assert_shadows_equal(ema.shadow_params, averaged)
+    model.conv_in.weight.requires_grad_(False)  # a new split rebuilds them too
+    ema.step(model.parameters())
+    assert all(tensor.dtype == torch.float32 for tensor in ema.shadow_params)
+
+
+def test_a_rebuild_never_rounds_a_module_ema_of_mixed_dtypes():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4).to(torch.bfloat16))
+    ema = EMAModel(model, decay=0.9)
+    model.to(torch.float16)
+    ema.step(model.parameters())  # the EMA keeps float32 and bfloat16 tensors
+    before = [tensor.clone() for tensor in ema.shadow_params]
+    ema.to(device="cpu")  # one engine, one dtype: the widest, float32
+    assert [tensor.dtype for tensor in ema.shadow_params] == [torch.float32] * 4
+    assert_shadows_equal([tensor.double() for tensor in ema.shadow_params], [tensor.double() for tensor in before])
+
+
+def test_a_state_that_fails_to_load_loads_nothing_in_any_part():
+    model = tiny_unet()
+    model.conv_out.requires_grad_(False)  # a second engine copies the frozen parameters
+    ema = EMAModel(model.parameters(), decay=0.9)
+    ema.step(model.parameters())
+    assert len(ema._engines.parts) == 2
+    before = [tensor.clone() for tensor in ema.shadow_params]
+    frozen = [name for name, _ in model.named_parameters()].index("conv_out.weight")
+    for bad in (torch.empty(before[frozen].shape, device="meta"), torch.ones(before[frozen].shape, dtype=torch.int64)):
+        shadow = [torch.zeros_like(tensor) for tensor in before]
+        shadow[frozen] = bad  # every other tensor is fine, and the part that averages comes first
+        with pytest.raises(ValueError, match=f"#{frozen}"):
+            ema.load_state_dict({"optimization_step": 7, "shadow_params": shadow})
+        assert ema.optimization_step == 1
+        assert_shadows_equal(ema.shadow_params, before)
+
+
+def test_frozen_parameters_and_steps_of_decay_0_are_exact_copies_even_of_values_that_are_not_finite():
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    theirs = DiffusersEMAModel(model.parameters(), update_after_step=1)
+    ours = EMAModel(model.parameters(), update_after_step=1)  # steps 1 and 2 have decay 0: copies
+    for value in (float("-inf"), 1.0):  # the second step copies finite values again
+        with torch.no_grad():
+            model.bias.fill_(value)
+            model.weight[0, 0] = -value
+        theirs.step(model.parameters())
+        ours.step(model.parameters())
+        assert ours.cur_decay_value == theirs.cur_decay_value == 0.0
+        assert_shadows_equal(ours.shadow_params[1:], theirs.shadow_params[1:])  # frozen: copied alike
+        assert_shadows_equal(ours.shadow_params, list(model.parameters()))
+
+
+def test_the_ema_holds_neither_the_copy_it_was_built_from_nor_the_model_in_its_copies_and_pickles():
+    model = tiny_unet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    copy_for_ema = copy.deepcopy(model)
+    built_from = weakref.ref(next(copy_for_ema.parameters()))
+    ema = EMAModel(copy_for_ema.parameters(), **NO_WARMUP)
+    theirs = DiffusersEMAModel(copy_for_ema.parameters(), **NO_WARMUP)
+    del copy_for_ema
+    gc.collect()
+    assert built_from() is None  # freed at once, as diffusers' clones let it go
+    for step in range(1, 3):
+        train_step(model, optimizer, step)
+        ema.step(model.parameters())
+        theirs.step(model.parameters())
+    sizes = []
+    for whole in (ema, theirs):  # both hold the EMA's values and the settings, not the model's tensors
+        buffer = io.BytesIO()
+        torch.save(whole, buffer)
+        sizes.append(buffer.tell())
+    assert sizes[0] < 1.1 * sizes[1]
+    copied = copy.deepcopy(ema)
+    train_step(model, optimizer, 3)
+    for each in (copied, ema, theirs):
+        each.step(model.parameters())
+    assert_shadows_equal(copied.shadow_params, ema.shadow_params)
+    assert_shadows_close(ema.shadow_params, theirs.shadow_params)
+    assert copied.shadow_params[0].data_ptr() != ema.shadow_params[0].data_ptr()
+
+
+def test_plain_tensors_whose_data_is_replaced_are_followed():
+    torch.manual_seed(0)
+    tensors = [torch.randn(3, 4, requires_grad=True), torch.randn(4, requires_grad=True)]  # not nn.Parameters
+    theirs = DiffusersEMAModel(tensors, **NO_WARMUP)
+    ours = EMAModel(tensors, **NO_WARMUP)
+    for step in range(1, 4):
+        for tensor in tensors:
+            tensor.data = tensor.data + step  # new storage, same tensor objects
+        theirs.step(tensors)
+        ours.step(tensors)
+        assert ours.cur_decay_value == theirs.cur_decay_value
+        assert_shadows_close(ours.shadow_params, theirs.shadow_params)
+
+
+def test_the_parameters_read_last_are_not_paired_again_and_others_are_followed(monkeypatch):
+    from fastema.core.tracker import Tracker
+
+    model, other = tiny_unet(), tiny_unet(seed=3)
+    theirs = DiffusersEMAModel(model.parameters(), **NO_WARMUP)
+    ours = EMAModel(model.parameters(), **NO_WARMUP)
+    ours.step(model.parameters())  # pairs the engine with these parameters
+    theirs.step(model.parameters())
+    follow = Tracker.follow  # checks the pairs (a pass over the model), and pairs anew where they changed
+    pairings = []
+    monkeypatch.setattr(Tracker, "follow", lambda tracker, *args: (pairings.append(tracker), follow(tracker, *args))[1])
+    for parameters, paired in ((model, False), (model, False), (other, True), (other, False)):
+        pairings.clear()
+        ours.step(parameters.parameters())
+        theirs.step(parameters.parameters())
+        assert bool(pairings) == paired
+    assert_shadows_close(ours.shadow_params, theirs.shadow_params)
+
+
+@pytest.mark.filterwarnings(DIFFUSERS_FROM_PRETRAINED)
+def test_from_pretrained_takes_defaults_for_missing_settings_as_diffusers_does_and_passes_foreach(tmp_path):
+    model = tiny_unet()
+    EMAModel(model.parameters(), **WARMUP, model_cls=UNet2DModel, model_config=model.config).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["min_decay"], config["power"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = DiffusersEMAModel.from_pretrained(str(tmp_path), UNet2DModel)
+    ours = EMAModel.from_pretrained(tmp_path, UNet2DModel, foreach=True)
+    assert {k: v for k, v in ours.state_dict().items() if k != "shadow_params"} == {
+        k: v for k, v in theirs.state_dict().items() if k != "shadow_params"
+    }
+    assert (ours.min_decay, ours.power, ours.decay) == (0.0, 2 / 3, 0.9)
+    assert ours.foreach is True
+
+
+def test_load_state_dict_keeps_what_a_state_lacks_and_refuses_a_state_of_something_else():
+    model = tiny_unet()
+    ema = EMAModel(model.parameters(), **WARMUP)
+    ema.step(model.parameters())
+    shadow = [tensor.clone() for tensor in ema.shadow_params]
+    ema.load_state_dict({"optimization_step": 5})  # the settings and the EMA it lacks keep their values
+    assert ema.optimization_step == 5 and ema.decay == WARMUP["decay"]
+    assert_shadows_equal(ema.shadow_params, shadow)
+    ema.load_state_dict({"shadow_params": [tensor + 1 for tensor in shadow]})
+    assert ema.optimization_step == 5
+    assert_shadows_equal(ema.shadow_params, [tensor + 1 for tensor in shadow])
+    for other in ({}, ModelEMA(model).state_dict()):  # silently nothing in diffusers
+        with pytest.raises(ValueError, match="not an EMAModel state"):
+            ema.load_state_dict(other)
+
+
+def test_integer_settings_may_be_any_integral_number_as_in_diffusers():
+    model = tiny_unet()
+    ema = EMAModel(model.parameters(), update_after_step=np.int64(3))
+    assert ema.update_after_step == 3 and type(ema.update_after_step) is int
+    assert ema.get_decay(5) == DiffusersEMAModel(model.parameters(), update_after_step=np.int64(3)).get_decay(5)
+    ema.load_state_dict({"optimization_step": np.int32(4)})
+    assert ema.optimization_step == 4 and type(ema.optimization_step) is int
+    with pytest.raises(ValueError, match="update_after_step"):
+        EMAModel(model.parameters(), update_after_step=True)
+
+
+def test_shadow_params_are_the_live_ema_tensors_as_in_diffusers_and_pin_memory_keeps_them_in_host_memory():
+    model = tiny_unet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = EMAModel(model.parameters(), **NO_WARMUP)
+    shadow = ema.shadow_params
+    for step in range(1, 3):
+        train_step(model, optimizer, step)
+        ema.step(model.parameters())
+    assert_shadows_equal(shadow, ema.shadow_params)  # updated in place
+    with torch.no_grad():
+        shadow[0].fill_(7.0)  # a write through them is a write to the EMA
+    ema.copy_to(model.parameters())
+    assert bool((next(model.parameters()) == 7.0).all())
+    ema.pin_memory()
+    assert ema.engine.device == torch.device("cpu")  # placed in host memory for good, as to("cpu")
+    assert_shadows_equal(ema.shadow_params, shadow)
+
+
+def test_a_tensor_given_twice_is_refused():
+    parameters = list(tiny_unet().parameters())
+    with pytest.raises(ValueError, match="twice"):
+        EMAModel([parameters[0], parameters[0]])
+    ema = EMAModel(parameters[:2])
+    with pytest.raises(ValueError, match="twice"):
+        ema.step([parameters[0], parameters[0]])

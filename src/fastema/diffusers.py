@@ -12,12 +12,13 @@ after `ema.to("cpu")` (updated in a background thread) that `copy_to`, `store`/`
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
 import warnings
 from collections.abc import Iterable, Mapping
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from .core.model_ema import ModelEMA
 # Not in `fastema.__all__`: the engine's own rule for the module inside DDP and torch.compile wrappers, whose
 # parameter names are the ones the engine tracks.
 from .core.parallel import unwrap_model
+from .core.state import STATE_FORMAT
 
 __all__ = ["EMAModel"]
 
@@ -64,7 +66,8 @@ class EMAModel:
     where it puts it, in that dtype, for good (the engine is rebuilt, one copy of the EMA). The
     update is `lerp_`, which rounds a little differently from diffusers' `sub_`: they agree to
     about a float32 ulp per step, and a decay of 0 (the steps up to `update_after_step`) copies
-    exactly here. `ema.engine` is the `ModelEMA` of the parameters that require grad.
+    exactly here (`copy_`, also inf and nan). `ema.engine` is the `ModelEMA` of the parameters
+    that require grad; a copy is its `reset()`, which restarts its counts.
     """
 
     def __init__(
@@ -237,11 +240,20 @@ class EMAModel:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore from a `state_dict()` of this class or of diffusers' `EMAModel`; checked before anything is set.
 
-        Missing settings keep their values (as in diffusers); `shadow_params`, if present, must
-        match the parameters in number and shapes.
+        Missing settings keep their values (as in diffusers), but a state with none of the keys is
+        refused; `shadow_params`, if present, must match the parameters in number and shapes, be
+        floating where the EMA is (converted to its dtypes) and hold data (not on the meta device).
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"Invalid state_dict: {type(state_dict).__name__}; expected a dict from state_dict()")
+        # diffusers loads nothing from such a state, silently (a ModelEMA's shares only its "decay")
+        if state_dict.get("format") == STATE_FORMAT or not any(
+            key in state_dict for key in (*SETTINGS, "shadow_params")
+        ):
+            raise ValueError(
+                f"Invalid state_dict: not an EMAModel state (expected some of {[*SETTINGS, 'shadow_params']}, got "
+                f"{sorted(map(str, state_dict))[:8]}); a fastema.ModelEMA state loads with ema.engine.load_state_dict"
+            )
         settings = _checked_settings(
             {key: state_dict.get(key, getattr(self, key)) for key in SETTINGS}, "state_dict[{!r}]"
         )
@@ -256,6 +268,17 @@ class EMAModel:
                 "state_dict['shadow_params']",
                 "this EMA's (another architecture's?)",
             )
+            ema_tensors = self._engines.ema_tensors()
+            unloadable = [
+                f"#{index}: {tensor.dtype} on {tensor.device}"
+                for index, (name, tensor) in enumerate(zip(names, shadow))
+                if not _loadable(tensor, ema_tensors[name])
+            ]
+            if unloadable:  # checked for every part before any is written
+                raise ValueError(
+                    f"Invalid state_dict['shadow_params']: expected dense tensors with data, floating where the EMA's "
+                    f"are (it keeps its dtypes); got {unloadable[:5]}"
+                )
             for part in self._engines.parts:
                 part.load(dict(zip(names, shadow)))
         for key, value in settings.items():
@@ -276,15 +299,18 @@ class EMAModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, model_cls: Any, foreach: bool | None = False) -> EMAModel:
-        """The EMA that `save_pretrained` (ours or diffusers') wrote to `path`; `model_cls` is its model class."""
+        """The EMA that `save_pretrained` (ours or diffusers') wrote to `path`; `model_cls` is its model class.
+
+        Settings missing from its config.json keep their defaults, as in diffusers; a folder with none
+        of them (a model's, not an EMA's) is refused.
+        """
         config = model_cls.load_config(path)
-        missing = [key for key in SETTINGS if key not in config]
-        if missing:
+        settings = {key: config[key] for key in SETTINGS if key in config}  # the others keep their defaults
+        if not settings:  # diffusers would start from step 0 with the default settings
             raise ValueError(
-                f"Invalid path: {os.fspath(path)!r} has no EMA settings {missing} in its config.json; expected a "
-                "folder written by EMAModel.save_pretrained"
+                f"Invalid path: {os.fspath(path)!r} has no EMA settings {list(SETTINGS)} in its config.json; "
+                "expected a folder written by EMAModel.save_pretrained"
             )
-        settings = _checked_settings({key: config[key] for key in SETTINGS}, f"{os.fspath(path)!r} config[{{!r}}]")
         model = model_cls.from_pretrained(path)
         ema_model = cls(model.parameters(), model_cls=model_cls, model_config=model.config, foreach=foreach)
         ema_model.load_state_dict(settings)
@@ -303,20 +329,24 @@ class _Engines:
     ) -> None:
         self.names = list(named)
         self.module = module
-        self.held = list(named.values())  # the tensors `step()` got last (the engines read them), by position
-        self.shapes = [tuple(tensor.shape) for tensor in self.held]
-        self.flags = tuple(tensor.requires_grad for tensor in self.held)
+        # The tensors `step()` got last (the engines read them), by position; None until then where they are not
+        # the module's: diffusers' scripts build the EMA from a copy of the model and let the copy go, so the
+        # engines copy these tensors (as values) and keep no reference to them.
+        self.held: list[Tensor] | None = None if module is None else list(named.values())
+        self.plain: list[tuple[int, tuple]] = []  # (position, `_data_key`) of those that are not nn.Parameters
+        self.shapes = [tuple(tensor.shape) for tensor in named.values()]
+        self.flags = tuple(tensor.requires_grad for tensor in named.values())
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
         self.options: dict[str, Any] = dict(decay=decay, foreach=True if foreach else None)
-        self.parts = self._split(self.flags, None)
+        self.parts = self._split(self.flags, None if module is not None else named)
 
     def _split(self, flags: tuple[bool, ...], values: Mapping[str, Tensor] | None) -> list[_Part]:
         """The averaged parameters (those requiring grad, or all if none does) and the copied ones, each
         with its engine, starting from `values` (None: the model's)."""
         averaged = [name for name, flag in zip(self.names, flags) if flag] or list(self.names)
         copied = [name for name in self.names if name not in set(averaged)]
-        held = dict(zip(self.names, self.held))
+        held = None if self.held is None else dict(zip(self.names, self.held))
         options = dict(self.options, device=self.device, ema_dtype=self.dtype)
         parts = [_Part(averaged, held, self.module, values, options)]
         if copied:  # frozen parameters are copied at every step, so an unfrozen one restarts from its last copy
@@ -350,11 +380,16 @@ class _Engines:
 
     def read(self, parameters: Iterable[Tensor] | nn.Module, argument: str) -> tuple[list[Tensor], bool]:
         """`parameters` as a list, checked against the EMA (as many tensors, of the same shapes), and
-        whether they are the very tensors the engines read (checked when they came)."""
+        whether they are the very tensors the engines read (checked when they came), with their data where it was."""
         if isinstance(parameters, nn.Module):
             parameters = parameters.parameters()
         tensors = _tensor_list(parameters, argument, checked=False)
-        if len(tensors) == len(self.held) and all(map(operator.is_, tensors, self.held)):
+        if (
+            self.held is not None
+            and len(tensors) == len(self.held)
+            and all(map(operator.is_, tensors, self.held))
+            and all(_data_key(tensors[index]) == key for index, key in self.plain)
+        ):
             return tensors, True
         tensors = _tensor_list(tensors, argument)
         _check_shapes(tensors, self.shapes, argument, "the parameters this EMA averages (another model's?)")
@@ -370,6 +405,11 @@ class _Engines:
         for part in self.parts:
             part.hold(dict(zip(self.names, tensors)))
         self.held = list(tensors)
+        # The engines read a plain tensor through a parameter that shares its storage: a `tensor.data = ...`
+        # since then is seen by comparing where its data is.
+        self.plain = [
+            (index, _data_key(tensor)) for index, tensor in enumerate(tensors) if not isinstance(tensor, nn.Parameter)
+        ]
 
     def update(self, tensors: list[Tensor], decay: float) -> None:
         """Average the parameters that require grad with `decay` (all with 0 while none does); copy the rest."""
@@ -377,16 +417,35 @@ class _Engines:
         if flags != self.flags:
             self._rebuild(flags)
         averaged, *copied = self.parts
-        # While nothing requires grad everything is copied, as in diffusers: a decay of 0 copies exactly.
-        averaged.engine.update(decay=decay if any(flags) else 0.0)
+        # A copy is `reset()` (`copy_`), not an update with decay 0: `lerp_` with weight 1 computes
+        # `model - (model - ema) * 0`, which is nan where either is infinite, and the EMA would stay nan.
+        # While nothing requires grad everything is copied, as in diffusers.
+        if decay == 0.0 or not any(flags):
+            averaged.engine.reset()
+        else:
+            averaged.engine.update(decay=decay)
         for part in copied:
-            part.engine.update(decay=0.0)
+            part.engine.reset()
 
     def copy_to(self, tensors: list[Tensor] | None) -> None:
         """The EMA into `tensors`, by position (None: the tensors the engines read)."""
         named = None if tensors is None else dict(zip(self.names, tensors))
         for part in self.parts:
             part.copy_to(named)
+
+    # A copy or a pickle holds the EMA's values and rebuilds the engines from them, as a `to()` does: not the
+    # model's tensors that the engines read (the next `step()` gives them), nor an offloaded engine's thread.
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__, values=self.ema_tensors())
+        del state["parts"]
+        state["held"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        values = state.pop("values")
+        self.__dict__.update(state)
+        self.parts = self._split(self.flags, values)
 
 
 class _Part:
@@ -399,7 +458,7 @@ class _Part:
     def __init__(
         self,
         names: list[str],
-        model_tensors: Mapping[str, Tensor],
+        model_tensors: Mapping[str, Tensor] | None,  # the tensors to read (None: none until `hold`)
         module: nn.Module | None,
         values: Mapping[str, Tensor] | None,  # the EMA's values to start from (None: the model's)
         options: dict[str, Any],
@@ -407,15 +466,24 @@ class _Part:
         self.names = names
         self.container: _Tensors | None = None
         if module is not None:
+            if values is not None and options["ema_dtype"] is None:
+                options = dict(options, ema_dtype=_kept_dtype(module, names, values))
             self.engine = ModelEMA(module, tensor_names=names, **options)
             if values is not None:
                 self.engine.copy_from(_Tensors({name: values[name] for name in names}))
             return
-        # Built from the EMA's values, so that the one copy made is the EMA's, straight to where it goes; then
-        # pointed at the model's parameters (the engine follows them at its next use).
-        self.container = _Tensors({name: (model_tensors if values is None else values)[name] for name in names})
+        if values is None:
+            assert model_tensors is not None  # the values are the model's
+            self.container = _Tensors({name: model_tensors[name] for name in names})
+            self.engine = ModelEMA(self.container, tensor_names=names, **options)
+            return
+        # Built on stand-ins where the EMA goes, so that the one copy made is the EMA's, and no reference to the
+        # values is kept; filled from them, then pointed at the model's tensors (followed at the engine's next use).
+        stand_ins = [_stand_in(values[name], options["device"], options["ema_dtype"]) for name in names]
+        self.container = _Tensors(dict(zip(names, stand_ins)))
         self.engine = ModelEMA(self.container, tensor_names=names, **options)
-        if values is not None:
+        self.load(values)
+        if model_tensors is not None:
             self.hold(model_tensors)
 
     def hold(self, model_tensors: Mapping[str, Tensor]) -> None:
@@ -462,6 +530,30 @@ class _Tensors(nn.Module):
             owner.register_parameter(key, tensor)
 
 
+def _data_key(tensor: Tensor) -> tuple:
+    """Where and how a tensor's data lies: it changes when `tensor.data = ...` gives it other data."""
+    return tensor.data_ptr(), tensor.dtype, tensor.device, tensor.shape, tensor.stride()
+
+
+def _stand_in(value: Tensor, device: torch.device | None, ema_dtype: torch.dtype | None) -> Tensor:
+    """A tensor of `value`'s shape on one element of memory, where the EMA keeps it (None: where `value` is),
+    for an engine to be built on: what it copies is the EMA, then filled from `value`."""
+    dtype = ema_dtype if ema_dtype is not None and value.is_floating_point() else value.dtype
+    if value.numel() <= 1:  # expanded, it would count as dense with strides 0, and the EMA would copy those
+        return torch.zeros(value.shape, dtype=dtype, device=device or value.device)
+    return torch.zeros((), dtype=dtype, device=device or value.device).expand(value.shape)
+
+
+def _kept_dtype(module: nn.Module, names: list[str], values: Mapping[str, Tensor]) -> torch.dtype | None:
+    """The `ema_dtype` under which an engine built on `module` keeps the EMA's `values` unrounded: None where
+    each is in its parameter's dtype, else the widest of their floating dtypes (the model was cast since)."""
+    parameters = dict(module.named_parameters())
+    if all(values[name].dtype == parameters[name].dtype for name in names):
+        return None
+    floating = [values[name].dtype for name in names if values[name].is_floating_point()]
+    return functools.reduce(torch.promote_types, floating) if floating else None
+
+
 def _tensor_list(parameters: object, argument: str, checked: bool = True) -> list[Tensor]:
     """An iterable of tensors as a list (`checked`: distinct tensors), or an error naming `argument`."""
     if isinstance(parameters, Tensor) or not isinstance(parameters, Iterable):
@@ -475,6 +567,13 @@ def _tensor_list(parameters: object, argument: str, checked: bool = True) -> lis
     if len({id(tensor) for tensor in tensors}) != len(tensors):
         raise ValueError(f"Invalid {argument}: a tensor appears twice")
     return tensors
+
+
+def _loadable(saved: Tensor, ema_tensor: Tensor) -> bool:
+    """Whether `saved` can be copied into `ema_tensor`: data to copy, floating into a floating one (never truncated)."""
+    if saved.device.type == "meta" or saved.layout != torch.strided:
+        return False
+    return saved.is_floating_point() if ema_tensor.is_floating_point() else saved.dtype == ema_tensor.dtype
 
 
 def _check_shapes(tensors: list[Tensor], shapes: list[tuple[int, ...]], argument: str, expected: str) -> None:
@@ -501,8 +600,9 @@ def _checked_settings(settings: dict[str, Any], where: str) -> dict[str, Any]:
             raise ValueError(f"Invalid {where.format(key)}: {value!r}; expected a float in [0, 1]")
     for key in ("optimization_step", "update_after_step"):
         value = settings[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
             raise ValueError(f"Invalid {where.format(key)}: {value!r}; expected an int >= 0")
+        settings[key] = int(value)  # e.g. a numpy integer, which a config.json or a weights-only load refuses
     if not isinstance(settings["use_ema_warmup"], bool):
         raise ValueError(f"Invalid {where.format('use_ema_warmup')}: {settings['use_ema_warmup']!r}; expected a bool")
     for key in ("inv_gamma", "power"):
