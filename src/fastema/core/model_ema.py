@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .checkpoint import load_into, save_on_rank_0
 from .checks import (
     DeviceLike,
+    check_compile,
     check_decay,
     check_device,
     check_ema_dtype,
@@ -24,6 +25,8 @@ from .checks import (
     check_foreach,
     check_update_every,
 )
+from .compiled import resolve_compile
+from .counting import Count, Counts
 from .hooks import Attachments, RemovableHandle
 from .parallel import gather_full, reshard, shard_like, unwrap_model
 from .schedules import DecayWarmup, check_warmup
@@ -60,6 +63,10 @@ class ModelEMA:
     `update()` since the start or `reset()`), `last_decay`, `decay`, `model` (the unwrapped model).
     """
 
+    num_updates = Count()  # EMA updates done
+    num_steps = Count()  # calls of `update()` (optimizer steps) since the EMA (re)started
+    last_decay = Count()  # the decay of the latest update
+
     def __init__(
         self,
         model: nn.Module,
@@ -74,6 +81,7 @@ class ModelEMA:
         update_every: int = 1,  # update on every N-th call of `update()` only, with decay**N
         warmup: DecayWarmup | None = None,  # decay as a function of the step count, e.g. ExponentialWarmup()
         tensor_names: Sequence[str] | None = None,  # average exactly these (state-dict names); None = by the flags
+        compile: bool | None = None,  # one compiled kernel per group (True), eager steps (False), choose (None)
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -86,6 +94,7 @@ class ModelEMA:
         self.ema_dtype = check_ema_dtype(ema_dtype)
         self.update_every = check_update_every(update_every)
         self.warmup = check_warmup(warmup)
+        self.compile = check_compile(compile)
         watch_module_changes()
         self.model = unwrap_model(model)
         reshard(self.model)  # FSDP2: read the shards, not a forward's unsharded copies
@@ -100,12 +109,11 @@ class ModelEMA:
             Placement(self.device, self.ema_dtype),
             foreach=self.foreach,
             flatten=self.flatten_model,
+            compile=resolve_compile(self.compile, tracked.values()),
         )
         self.sharded = self._tracker.sharded
         self.tensor_names = self._tracker.names
-        self.num_updates = 0  # EMA updates done
-        self.num_steps = 0  # calls of `update()` (optimizer steps) since the EMA (re)started
-        self.last_decay = self.decay
+        self._counts = Counts(self.decay)
         self._swap = SwapGuard()
         self._attachments = Attachments()
 
@@ -126,35 +134,20 @@ class ModelEMA:
         """
         return self._attachments.attach(self, optimizer, self.update, tracked_parameters(self.model, self.tensor_names))
 
-    def update(self, decay: float | None = None) -> None:
+    def update(self, decay: float | Tensor | None = None) -> None:
         """Move the EMA toward the model; call after each optimizer step.
 
         `decay` overrides the configured decay (and `warmup`) for this step (for schedules).
         With `update_every=N` only every N-th call updates, with `decay ** N`: the N-1 skipped
         steps are averaged as if the model had held its current weights through them. That is
         exact for a model that did not change in between and close when N is much smaller
-        than the averaging horizon 1 / (1 - decay); it costs 1/N of the work.
+        than the averaging horizon 1 / (1 - decay); it costs 1/N of the work. Safe inside
+        `torch.compile` and CUDA graphs (counts and decay then live in tensors, docs/pytorch.md).
         """
         self._swap.check_outside("update()")
-        tracker = self._tracker
-        tracker.latch.check()
+        self._tracker.latch.check()
         self._attachments.check_manual_update()
-        if decay is not None:
-            decay = check_decay(decay, "decay")
-        step = self.num_steps + 1
-        if step % self.update_every:
-            self.num_steps = step
-            return
-        if decay is None:
-            decay = self.decay if self.warmup is None else self.warmup(step, self.decay)
-        tracker.ensure_current()  # may raise (a changed structure): then this call did not count
-        self.num_steps = step
-        weight = 1.0 - decay**self.update_every
-        if 0.0 < weight < tracker.underflow.weight:
-            tracker.underflow.warn(decay, weight, self.update_every)
-        tracker.step(weight)
-        self.num_updates += 1
-        self.last_decay = decay
+        self._counts.update(self._tracker, decay, self.decay, self.update_every, self.warmup)
 
     def synchronize(self) -> None:
         """Wait until an offloaded update running in the background has finished (no-op otherwise)."""

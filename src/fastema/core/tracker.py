@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .latch import FailureLatch
 from .parallel import is_sharded, local_part, reshard, unwrap_model
 from .plan import Plan, plan_update
-from .steps import is_dense
+from .steps import Weight, capturing, is_dense
 from .tracking import (
     Binding,
     IdentityWatch,
@@ -50,11 +50,12 @@ class Tracker:
         *,
         foreach: bool | None,
         flatten: bool,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.names = list(tracked)
         self.placement = placement
-        self.foreach, self.flatten = foreach, flatten
+        self.foreach, self.flatten, self.compile = foreach, flatten, compile
         # FSDP2 (`fully_shard`): DTensor parameters; the EMA keeps this rank's shard of each, no module copy.
         self.sharded = any(is_sharded(tensor) for tensor in tracked.values())
         if self.sharded and flatten:
@@ -84,6 +85,7 @@ class Tracker:
             binding.is_parameter,
             foreach=self.foreach,
             flatten=self.flatten,
+            compile=self.compile,
             all_model_tensors=all_model_tensors,
             volatile=[binding.slot_of(name) for name in binding.names if name in self.volatile],
         )
@@ -108,7 +110,18 @@ class Tracker:
         self.seen_changes = changes()
 
     def ensure_current(self) -> None:
-        """Follow the model if it changed. One counter, one dict lookup and a few storage use counts."""
+        """Follow the model if it changed. One counter, one dict lookup and a few storage use counts.
+
+        Inside `torch.compile` or a CUDA-graph capture: see below (after `p.data = ...` with the same layout
+        the graph reads the new data; with another layout, dtype or device its guards see it).
+        """
+        if capturing():
+            # Dynamo cannot trace storage addresses, and the change counter moves whenever any module is
+            # built anywhere (compiling builds some): a guard on it would recompile the caller's graph each
+            # time. Inside a graph each tracked tensor's object and layout are checked instead (as guards).
+            if not self.binding.held_as_recorded():
+                torch.compiler.disable(self.follow)()  # eager: a graph break, only when the model did change
+            return
         if self.sentinel is not None and self.sentinel.moved():
             self.follow()
             return
@@ -119,6 +132,12 @@ class Tracker:
             self.seen_changes = changes()
         if self.plan.stale():
             self.follow()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the EMA's tensors are (the first one's device): where captured counts live."""
+        tensors = self.binding.ema_tensors
+        return tensors[0].device if tensors else torch.device("cpu")
 
     def _only_volatile_changes(self) -> bool:
         """Whether every module change since the last check re-registered a tensor read through its slot."""
@@ -257,7 +276,7 @@ class Tracker:
 
     # ---- running the plan ----------------------------------------------------------------------------
 
-    def step(self, weight: float) -> None:
+    def step(self, weight: Weight) -> None:
         """One update of every pair with `weight` (1 - decay), without autograd; a failure part-way latches."""
         # What `torch.no_grad()` does, without its Python context-manager cost (a few microseconds).
         grad_was_enabled = torch.is_grad_enabled()

@@ -572,7 +572,7 @@ class EMASchedule(EMACallback):
         if self._resumed:  # the EMA from an earlier fit has warmed up already
             return self.final_decay
         if self._warmup is not None:
-            return self._warmup(step - self._start_step + 1, self.final_decay)
+            return float(self._warmup(step - self._start_step + 1, self.final_decay))
         return scheduled_decay(self._annealer, self.final_decay, step, self._start_step, self._finish_step)
 
 

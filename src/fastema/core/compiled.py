@@ -1,0 +1,166 @@
+"""The compiled step: one TorchInductor function updates a whole group of pairs, reading each once.
+
+Why: on CPU a multi-tensor kernel still dispatches once per tensor and runs small tensors on one
+thread, so a model of many small tensors costs 2-3x one `lerp_` over the same bytes; and a float32
+EMA of a bfloat16 model needs the model's values in float32 first, which eagerly is a second pass
+(a conversion into a staging buffer, then `lerp_`). Inductor emits one function for all the pairs
+of a group, each a vectorised loop that reads the model's value, converts it in registers and
+updates the EMA: 10 bytes per element for bf16 -> fp32 where the fp32 floor moves 12.
+
+The compiled function is made from an FX graph built here, with the pairs' layouts baked in, and
+called directly (no dynamo guards at each call: they cost about a microsecond per tensor). What a
+guard would catch is checked here: `stale()` compares the tensors' data pointers (any `p.data = ...`
+gives a new one; the tracker then re-plans, and a graph already compiled for the same layouts is
+reused), and inductor's own asserts check sizes and strides at each call. The eager steps of the
+same pairs stay: they are the reference the tests compare with, what runs inside a CUDA-graph
+capture before the first compile, and the fallback when compiling fails (warned once per process).
+Inside the caller's `torch.compile` the traced single-pass body below joins the caller's graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from .steps import Step, Weight, is_averaged
+
+logger = logging.getLogger(__name__)
+
+_NARROW = (torch.bfloat16, torch.float16)
+_warned: list[bool] = [False]
+# Compiled functions by the layouts of their inputs: re-planning after `p.data = ...` with the same
+# layouts, or a second EMA of the same model, costs no second compile.
+_compiled: dict[tuple, object] = {}
+
+
+def lerp_pairs(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], weight: Tensor) -> None:
+    """The single pass, eagerly (the body traced into a caller's graph): `ema.lerp_(model, weight)`, converting.
+
+    16-bit EMAs are computed in float32, as ATen's `lerp_` computes them, then rounded once.
+    """
+    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+        if ema_tensor.dtype in _NARROW:
+            ema_tensor.copy_(torch.lerp(ema_tensor.float(), model_tensor.float(), weight.float()))
+        else:
+            ema_tensor.lerp_(model_tensor.to(ema_tensor.dtype), weight.to(ema_tensor.dtype))
+
+
+def _graph(ema_tensors: Sequence[Tensor]) -> fx.GraphModule:
+    """`lerp_pairs` for these EMA dtypes as an FX graph: inputs (*EMA tensors, *model tensors, weight)."""
+    graph = fx.Graph()
+    ema_nodes = [graph.placeholder(f"ema_{index}") for index in range(len(ema_tensors))]
+    model_nodes = [graph.placeholder(f"model_{index}") for index in range(len(ema_tensors))]
+    weight = graph.placeholder("weight")
+    for ema_tensor, ema_node, model_node in zip(ema_tensors, ema_nodes, model_nodes):
+        if ema_tensor.dtype in _NARROW:
+            wide = [graph.call_method("float", (node,)) for node in (ema_node, model_node, weight)]
+            graph.call_method("copy_", (ema_node, graph.call_function(torch.lerp, tuple(wide))))
+        else:
+            model_value = graph.call_method("to", (model_node, ema_tensor.dtype))
+            graph.call_method("lerp_", (ema_node, model_value, graph.call_method("to", (weight, ema_tensor.dtype))))
+    graph.output(())
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _layout(tensor: Tensor) -> tuple:
+    return (tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device)
+
+
+def compile_pairs(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], weight: Tensor):
+    """The compiled `lerp_pairs` for these tensors' layouts (compiled now, or found from an earlier compile)."""
+    key = tuple(_layout(tensor) for tensor in (*ema_tensors, *model_tensors, weight))
+    if key not in _compiled:
+        from torch._inductor import compile as inductor_compile  # imported only when a step compiles
+
+        _compiled[key] = inductor_compile(_graph(ema_tensors), [*ema_tensors, *model_tensors, weight])
+    return _compiled[key]
+
+
+def resolve_compile(value: bool | None, model_tensors: Iterable[Tensor]) -> bool:
+    """What `compile=None` means: the eager steps (see docs/benchmarks.md for why compiling is opt-in)."""
+    return bool(value)
+
+
+def compilable(ema_tensor: Tensor, model_tensor: Tensor) -> bool:
+    """Whether a pair can join a compiled step: averaged, real memory, same device on both sides."""
+    return (
+        is_averaged(ema_tensor)
+        and is_averaged(model_tensor)
+        and not ema_tensor.is_complex()
+        and ema_tensor.device == model_tensor.device
+        and ema_tensor.device.type in ("cpu", "cuda")
+        and ema_tensor.numel() > 0
+    )
+
+
+class CompiledStep(Step):
+    """The averaged pairs of one group updated by one compiled function; `eager` holds their eager steps.
+
+    Compiles at its first step (`compile_seconds` says how long it took, a cache hit included).
+    """
+
+    def __init__(self, ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], eager: list[Step]) -> None:
+        self.ema_tensors = list(ema_tensors)
+        self.model_tensors = list(model_tensors)
+        self.eager = eager
+        self.arguments = [*self.ema_tensors, *self.model_tensors]
+        self.addresses = self._addresses()
+        self.weight = torch.zeros((), dtype=torch.float64, device=self.ema_tensors[0].device)
+        self.function = None
+        self.failed = False
+        self.compile_seconds: float | None = None
+
+    def _addresses(self) -> list[int]:
+        return list(map(Tensor.data_ptr, self.arguments))
+
+    def stale(self) -> bool:
+        """A tensor got new data (`p.data = ...`): the compiled function's layouts may no longer hold."""
+        return self._addresses() != self.addresses
+
+    def _compile(self) -> None:
+        began = time.perf_counter()
+        try:
+            self.function = compile_pairs(self.ema_tensors, self.model_tensors, self.weight)
+        except Exception as error:  # no compiler, an unsupported dtype or device, an inductor bug: stay eager
+            self.failed = True
+            if not _warned[0]:
+                _warned[0] = True
+                warnings.warn(
+                    f"fastema: compiling the EMA step failed ({type(error).__name__}: {error}); using the eager "
+                    "step instead (same results, slower). Pass compile=False to skip compiling.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            logger.debug("compiling the EMA step failed", exc_info=True)
+        self.compile_seconds = time.perf_counter() - began
+
+    def step(self, weight: Weight) -> None:
+        if torch.compiler.is_compiling():  # inside the caller's graph: traced, one pass
+            lerp_pairs(self.ema_tensors, self.model_tensors, torch.as_tensor(weight, dtype=torch.float64))
+            return
+        if self.function is None and not self.failed:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                self._step_eagerly(weight)  # compiling runs work that a CUDA-graph capture cannot hold
+                return
+            self._compile()
+        if self.failed:
+            self._step_eagerly(weight)
+            return
+        if isinstance(weight, Tensor):
+            self.weight.copy_(weight)
+        else:
+            self.weight.fill_(weight)
+        self.function(*self.arguments, self.weight)  # type: ignore[misc]  # set by _compile
+
+    def _step_eagerly(self, weight: Weight) -> None:
+        for step in self.eager:
+            step.step(weight)
+
+    def __repr__(self) -> str:
+        return f"CompiledStep({len(self.ema_tensors)} tensors, failed={self.failed})"
