@@ -123,7 +123,7 @@ def test_compiled_step_follows_replaced_data_and_a_new_layout():
 def test_packed_and_compiled_bfloat16_model_with_float32_ema():
     torch.manual_seed(0)
     model = ToyNet().bfloat16()
-    ema = ModelEMA(model, 0.95, ema_dtype=torch.float32, flatten_model=True, compile=True)
+    ema = ModelEMA(model, 0.95, ema_dtype=torch.float32, flatten_model=True)  # compiled by default (compile=None)
     (packed,) = ema._tracker.plan.packed
     assert isinstance(packed.inner[0], _compiled.CompiledStep)
     tracked = expected_tracked(model)
@@ -168,10 +168,34 @@ def test_a_failed_compile_warns_once_and_steps_eagerly(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_compile_option_is_checked_and_plans_compiled_steps_only_when_asked():
+def test_by_default_only_packed_buffers_converted_on_the_way_are_compiled_and_quietly(monkeypatch):
+    assert not ModelEMA(ToyNet())._tracker.plan.compiled
+    assert not ModelEMA(ToyNet(), flatten_model=True)._tracker.plan.compiled  # one lerp_ already
+    assert not ModelEMA(ToyNet().bfloat16(), ema_dtype=torch.float32)._tracker.plan.compiled  # tensors: eager
+    model = ToyNet().bfloat16()
+    eager = ModelEMA(model, 0.9, ema_dtype=torch.float32, flatten_model=True, compile=False)
+    assert not eager._tracker.plan.compiled
+    ema = ModelEMA(model, 0.9, ema_dtype=torch.float32, flatten_model=True)
+    (step,) = ema._tracker.plan.compiled
+    assert isinstance(step.eager[0], _steps.StagedStep)
+
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(_compiled, "compile_pairs", no_compiler)
+    monkeypatch.setattr(_compiled, "_warned", [False])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nobody asked for compiling: falling back is no news
+        ema.update()
+    eager.update()
+    assert step.failed
+    for a, b in zip(ema._tracker.binding.ema_tensors, eager._tracker.binding.ema_tensors):
+        assert torch.equal(a, b)
+
+
+def test_compile_option_is_checked_and_compile_true_plans_a_compiled_step_per_group():
     with pytest.raises(TypeError, match="compile"):
         ModelEMA(ToyNet(), compile="yes")
-    assert not ModelEMA(ToyNet())._tracker.plan.compiled  # the default: eager (docs/benchmarks.md says why)
     plan = ModelEMA(ToyNet(), compile=True)._tracker.plan
     (step,) = plan.compiled  # the floats; BatchNorm's count is copied eagerly
     assert isinstance(step.eager[0], _steps.KernelStep) and step.eager[0].kernel is _steps.lerp_fused

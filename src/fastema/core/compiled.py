@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
@@ -82,9 +82,17 @@ def compile_pairs(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor]
     return _compiled[key]
 
 
-def resolve_compile(value: bool | None, model_tensors: Iterable[Tensor]) -> bool:
-    """What `compile=None` means: the eager steps (see docs/benchmarks.md for why compiling is opt-in)."""
-    return bool(value)
+def compile_by_default(device: torch.device, ema_dtype: torch.dtype, model_dtype: torch.dtype, packed: bool) -> bool:
+    """What `compile=None` compiles: packed buffers converted on the way (a wider EMA dtype), on CPU.
+
+    There one small graph (a pair of flat buffers) compiles in about a second, once per layout and
+    machine (inductor caches it on disk), and its single pass runs at 0.7-0.9x the fp32 floor where
+    the eager conversion through a staging buffer takes 1.3-1.8x. Elsewhere the eager step is the
+    default: for unpacked tensors a compile takes 30-60 s on 2 cores for a few hundred tensors and
+    gains little (docs/benchmarks.md); with the same dtype on both sides a packed step is one `lerp_`
+    already; on CUDA the staging buffer stays in L2 and nothing was measured yet (`make gpu-check`).
+    """
+    return packed and device.type == "cpu" and ema_dtype != model_dtype
 
 
 def compilable(ema_tensor: Tensor, model_tensor: Tensor) -> bool:
@@ -105,7 +113,13 @@ class CompiledStep(Step):
     Compiles at its first step (`compile_seconds` says how long it took, a cache hit included).
     """
 
-    def __init__(self, ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], eager: list[Step]) -> None:
+    def __init__(
+        self,
+        ema_tensors: Sequence[Tensor],
+        model_tensors: Sequence[Tensor],
+        eager: list[Step],
+        warn: bool = True,  # warn if compiling fails (asked for); else fall back quietly (chosen by default)
+    ) -> None:
         self.ema_tensors = list(ema_tensors)
         self.model_tensors = list(model_tensors)
         self.eager = eager
@@ -113,6 +127,7 @@ class CompiledStep(Step):
         self.addresses = self._addresses()
         self.weight = torch.zeros((), dtype=torch.float64, device=self.ema_tensors[0].device)
         self.function = None
+        self.warn = warn
         self.failed = False
         self.compile_seconds: float | None = None
 
@@ -129,7 +144,7 @@ class CompiledStep(Step):
             self.function = compile_pairs(self.ema_tensors, self.model_tensors, self.weight)
         except Exception as error:  # no compiler, an unsupported dtype or device, an inductor bug: stay eager
             self.failed = True
-            if not _warned[0]:
+            if self.warn and not _warned[0]:
                 _warned[0] = True
                 warnings.warn(
                     f"fastema: compiling the EMA step failed ({type(error).__name__}: {error}); using the eager "

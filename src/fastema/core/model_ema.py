@@ -25,7 +25,6 @@ from .checks import (
     check_foreach,
     check_update_every,
 )
-from .compiled import resolve_compile
 from .counting import Count, Counts
 from .hooks import Attachments, RemovableHandle
 from .parallel import gather_full, reshard, shard_like, unwrap_model
@@ -109,7 +108,7 @@ class ModelEMA:
             Placement(self.device, self.ema_dtype),
             foreach=self.foreach,
             flatten=self.flatten_model,
-            compile=resolve_compile(self.compile, tracked.values()),
+            compile=self.compile,
         )
         self.sharded = self._tracker.sharded
         self.tensor_names = self._tracker.names

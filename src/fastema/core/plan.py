@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .compiled import CompiledStep, compilable
+from .compiled import CompiledStep, compilable, compile_by_default
 from .offload import OffloadedStep
 from .steps import (
     KernelStep,
@@ -108,13 +108,14 @@ def plan_update(
     *,
     foreach: bool | None,
     flatten: bool,
-    compile: bool = False,
+    compile: bool | None = False,
     all_model_tensors: Iterable[Tensor] = (),
     volatile: Sequence[tuple[Slot, nn.Module, int]] = (),
 ) -> Plan:
     """The plan for these pairs; `flatten` packs them first (`all_model_tensors`: every tensor of the model).
 
-    `compile`: each group's averaged pairs get one compiled step (`CompiledStep`) over their eager step.
+    `compile`: each group's averaged pairs get one compiled step (`CompiledStep`) over their eager step
+    (None: where `compile_by_default` says it pays).
 
     `volatile`: (slot, owner, index) of tensors the model keeps replacing, read through their slots.
     """
@@ -131,7 +132,7 @@ def plan_update(
     if flatten:
         packs, rest = _pack(ema_tensors, model_tensors, is_parameter, all_model_tensors, rest)
         for ema_flat, model_flat, kind in packs:
-            inner = kernel_steps([ema_flat], [model_flat], [kind], foreach, compile)
+            inner = kernel_steps([ema_flat], [model_flat], [kind], foreach, compile, packed=True)
             steps.append(PackedStep(ema_flat, model_flat, inner))
     steps += kernel_steps(
         [ema_tensors[index] for index in rest],
@@ -148,7 +149,8 @@ def kernel_steps(
     model_tensors: Sequence[Tensor],
     is_parameter: Sequence[bool],
     foreach: bool | None,
-    compile: bool = False,
+    compile: bool | None = False,
+    packed: bool = False,
 ) -> list[Step]:
     """Group pairs by device and dtype and give each group its step.
 
@@ -156,7 +158,8 @@ def kernel_steps(
     `StagedStep`. Another device: `OffloadedStep` (a snapshot of the model on the EMA's device,
     then the same choice there). `foreach=None` picks the fused kernels wherever they run,
     `True` insists on them (raising where they cannot run), `False` uses per-tensor loops.
-    `compile` wraps the step of each group of averaged pairs in a `CompiledStep`.
+    `compile` wraps the step of each group of averaged pairs in a `CompiledStep` (None: where it pays for a
+    group of packed buffers, if `packed`, or of tensors).
     """
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for index, (ema_tensor, model_tensor) in enumerate(zip(ema_tensors, model_tensors, strict=True)):
@@ -171,7 +174,7 @@ def kernel_steps(
                     ema_list,
                     model_list,
                     [is_parameter[index] for index in indices],
-                    lambda ema, mirror: kernel_steps(ema, mirror, [True] * len(ema), foreach, compile),
+                    lambda ema, mirror: kernel_steps(ema, mirror, [True] * len(ema), foreach, compile, packed),
                 )
             )
             continue
@@ -194,8 +197,9 @@ def kernel_steps(
             step = KernelStep(lerp_fused if use_fused else lerp_loop, ema_list, model_list)
         else:
             step = KernelStep(copy_fused if use_fused else copy_loop, ema_list, model_list)
-        if compile and all(compilable(ema, model) for ema, model in zip(ema_list, model_list)):
-            step = CompiledStep(ema_list, model_list, [step])
+        wanted = compile_by_default(ema_device, ema_dtype, model_dtype, packed) if compile is None else compile
+        if wanted and all(compilable(ema, model) for ema, model in zip(ema_list, model_list)):
+            step = CompiledStep(ema_list, model_list, [step], warn=compile is True)
         steps.append(step)
     return steps
 

@@ -50,7 +50,7 @@ class Tracker:
         *,
         foreach: bool | None,
         flatten: bool,
-        compile: bool = False,
+        compile: bool | None = None,
     ) -> None:
         self.model = model
         self.names = list(tracked)
