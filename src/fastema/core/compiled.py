@@ -14,7 +14,7 @@ gives a new one; the tracker then re-plans, and a graph already compiled for the
 reused), and inductor's own asserts check sizes and strides at each call. The eager steps of the
 same pairs stay: they are the reference the tests compare with, what runs inside a CUDA-graph
 capture before the first compile, and the fallback when compiling fails (warned once per process).
-Inside the caller's `torch.compile` the traced single-pass body below joins the caller's graph.
+Inside the caller's `torch.compile` the single-pass body (`steps.lerp_pairs`) is traced into the caller's graph.
 """
 
 from __future__ import annotations
@@ -28,27 +28,14 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from .steps import Step, Weight, is_averaged
+from .steps import NARROW, Step, Weight, is_averaged, lerp_pairs
 
 logger = logging.getLogger(__name__)
 
-_NARROW = (torch.bfloat16, torch.float16)
 _warned: list[bool] = [False]
 # Compiled functions by the layouts of their inputs: re-planning after `p.data = ...` with the same
 # layouts, or a second EMA of the same model, costs no second compile.
 _compiled: dict[tuple, object] = {}
-
-
-def lerp_pairs(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], weight: Tensor) -> None:
-    """The single pass, eagerly (the body traced into a caller's graph): `ema.lerp_(model, weight)`, converting.
-
-    16-bit EMAs are computed in float32, as ATen's `lerp_` computes them, then rounded once.
-    """
-    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
-        if ema_tensor.dtype in _NARROW:
-            ema_tensor.copy_(torch.lerp(ema_tensor.float(), model_tensor.float(), weight.float()))
-        else:
-            ema_tensor.lerp_(model_tensor.to(ema_tensor.dtype), weight.to(ema_tensor.dtype))
 
 
 def _graph(ema_tensors: Sequence[Tensor]) -> fx.GraphModule:
@@ -58,7 +45,7 @@ def _graph(ema_tensors: Sequence[Tensor]) -> fx.GraphModule:
     model_nodes = [graph.placeholder(f"model_{index}") for index in range(len(ema_tensors))]
     weight = graph.placeholder("weight")
     for ema_tensor, ema_node, model_node in zip(ema_tensors, ema_nodes, model_nodes):
-        if ema_tensor.dtype in _NARROW:
+        if ema_tensor.dtype in NARROW:
             wide = [graph.call_method("float", (node,)) for node in (ema_node, model_node, weight)]
             graph.call_method("copy_", (ema_node, graph.call_function(torch.lerp, tuple(wide))))
         else:

@@ -46,9 +46,27 @@ def weight_for(weight: Weight, tensor: Tensor) -> Weight:
     return weight
 
 
+NARROW = (torch.bfloat16, torch.float16)
+
+
+def lerp_pairs(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], weight: Tensor) -> None:
+    """The single pass, eagerly (the body traced into a caller's graph): `ema.lerp_(model, weight)`, converting.
+
+    16-bit EMAs are computed in float32, as ATen's `lerp_` computes them, then rounded once.
+    """
+    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+        if ema_tensor.dtype in NARROW:
+            ema_tensor.copy_(torch.lerp(ema_tensor.float(), model_tensor.float(), weight.float()))
+        else:
+            ema_tensor.lerp_(model_tensor.to(ema_tensor.dtype), weight.to(ema_tensor.dtype))
+
+
 def lerp_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: Weight) -> None:
     """One multi-tensor launch per chunk of tensors (same device and dtype on both sides)."""
-    if isinstance(weight, Tensor):  # the Scalar overload would read a tensor on the host (a sync)
+    if isinstance(weight, Tensor) and torch.compiler.is_compiling() and ema_tensors[0].dtype in NARROW:
+        # A tensor weight would be rounded to 16 bits; eagerly `lerp_` takes a float weight in float32.
+        lerp_pairs(ema_tensors, model_tensors, weight)  # inductor fuses the float32 round trip
+    elif isinstance(weight, Tensor):  # the Scalar overload would read a tensor on the host (a sync)
         weights = [weight.to(device=ema_tensors[0].device, dtype=ema_tensors[0].dtype)] * len(ema_tensors)
         torch._foreach_lerp_(ema_tensors, model_tensors, weights)
     else:
@@ -57,6 +75,9 @@ def lerp_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: W
 
 def lerp_loop(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: Weight) -> None:
     """One `lerp_` per tensor: the reference implementation of `lerp_fused`."""
+    if isinstance(weight, Tensor) and torch.compiler.is_compiling() and ema_tensors and ema_tensors[0].dtype in NARROW:
+        lerp_pairs(ema_tensors, model_tensors, weight)  # as in `lerp_fused`
+        return
     if ema_tensors:
         weight = weight_for(weight, ema_tensors[0])
     for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
