@@ -147,7 +147,7 @@ class CompiledStep(Step):
             lerp_pairs(self.ema_tensors, self.model_tensors, torch.as_tensor(weight, dtype=torch.float64))
             return
         if self.function is None and not self.failed:
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
                 self._step_eagerly(weight)  # compiling runs work that a CUDA-graph capture cannot hold
                 return
             self._compile()

@@ -36,7 +36,8 @@ def capturing() -> bool:
     """Whether this call is being traced by `torch.compile` or captured into a CUDA graph."""
     if torch.compiler.is_compiling():
         return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    # Nothing can be captured before CUDA is initialised (a flag: cheaper than asking for devices).
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def weight_for(weight: Weight, tensor: Tensor) -> Weight:
