@@ -76,7 +76,7 @@ def test_compiled_step_follows_replaced_data_and_a_new_layout():
     torch.manual_seed(0)
     model = MixedNet()
     compiled = ModelEMA(model, 0.9, ema_dtype=torch.float32, compile=True)
-    eager = ModelEMA(model, 0.9, ema_dtype=torch.float32)
+    eager = ModelEMA(model, 0.9, ema_dtype=torch.float32, compile=False)
     tracked = expected_tracked(model)
     reference = ReferenceEMA(tracked)
     generator = torch.Generator().manual_seed(1)
@@ -133,10 +133,11 @@ def test_a_failed_compile_warns_once_and_steps_eagerly(monkeypatch):
 
     monkeypatch.setattr(_compiled, "compile_pairs", no_compiler)
     monkeypatch.setattr(_compiled, "_warned", [False])
+    monkeypatch.setattr(_compiled, "_failed_devices", set())
     torch.manual_seed(0)
     model = ToyNet().bfloat16()
     ema = ModelEMA(model, 0.9, ema_dtype=torch.float32, compile=True)
-    eager = ModelEMA(model, 0.9, ema_dtype=torch.float32)
+    eager = ModelEMA(model, 0.9, ema_dtype=torch.float32, compile=False)
     with pytest.warns(UserWarning, match="compiling the EMA step failed.*no C.. compiler") as caught:
         ema.update()
     assert len(caught) == 1
@@ -151,16 +152,18 @@ def test_a_failed_compile_warns_once_and_steps_eagerly(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_by_default_only_packed_buffers_converted_on_the_way_are_compiled_and_quietly(monkeypatch):
-    assert not ModelEMA(ToyNet())._tracker.plan.compiled
+def test_by_default_only_groups_that_convert_are_compiled_on_cpu_and_quietly(monkeypatch):
+    assert not ModelEMA(ToyNet())._tracker.plan.compiled  # one dtype: eager
     assert not ModelEMA(ToyNet(), flatten_model=True)._tracker.plan.compiled  # one lerp_ already
-    assert not ModelEMA(ToyNet().bfloat16(), ema_dtype=torch.float32)._tracker.plan.compiled  # tensors: eager
+    (unpacked,) = ModelEMA(ToyNet().bfloat16(), ema_dtype=torch.float32)._tracker.plan.compiled
+    assert isinstance(unpacked.eager[0], _steps.StagedStep)
     model = ToyNet().bfloat16()
     eager = ModelEMA(model, 0.9, ema_dtype=torch.float32, flatten_model=True, compile=False)
     assert not eager._tracker.plan.compiled
     ema = ModelEMA(model, 0.9, ema_dtype=torch.float32, flatten_model=True)
     (step,) = ema._tracker.plan.compiled
     assert isinstance(step.eager[0], _steps.StagedStep)
+    monkeypatch.setattr(_compiled, "_failed_devices", set())
 
     def no_compiler(*args):
         raise RuntimeError("no C++ compiler")
@@ -174,6 +177,9 @@ def test_by_default_only_packed_buffers_converted_on_the_way_are_compiled_and_qu
     assert step.failed
     for a, b in zip(ema._tracker.binding.ema_tensors, eager._tracker.binding.ema_tensors):
         assert torch.equal(a, b)
+    # Compiling failed on CPU: the default stops trying there (each try would cost its time again).
+    assert not ModelEMA(ToyNet().bfloat16(), ema_dtype=torch.float32)._tracker.plan.compiled
+    assert ModelEMA(ToyNet().bfloat16(), ema_dtype=torch.float32, compile=True)._tracker.plan.compiled
 
 
 def test_compile_option_is_checked_and_compile_true_plans_a_compiled_step_per_group():

@@ -27,7 +27,7 @@ def test_all_lists_the_public_api():
 
 
 # Keyword arguments that fastema adds after the seed's, in this order.
-ADDED_ARGUMENTS = [("flatten_model", False), ("ema_dtype", None), ("update_every", 1)]
+ADDED_ARGUMENTS = [("flatten_model", False), ("ema_dtype", None), ("update_every", 1), ("compile", None)]
 
 
 def test_callback_signatures_match_the_contract():
@@ -78,6 +78,7 @@ SHARED_VALUES = dict(
     flatten_model=True,
     ema_dtype=torch.float64,
     update_every=3,
+    compile=False,
 )
 
 

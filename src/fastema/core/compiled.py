@@ -33,6 +33,7 @@ from .steps import NARROW, Step, Weight, is_averaged, lerp_pairs
 logger = logging.getLogger(__name__)
 
 _warned: list[bool] = [False]
+_failed_devices: set[str] = set()  # device types where a compile failed: compile=None stays eager there
 # Compiled functions by the layouts of their inputs: re-planning after `p.data = ...` with the same
 # layouts, or a second EMA of the same model, costs no second compile.
 _compiled: dict[tuple, object] = {}
@@ -63,23 +64,31 @@ def compile_pairs(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor]
     """The compiled `lerp_pairs` for these tensors' layouts (compiled now, or found from an earlier compile)."""
     key = tuple(_layout(tensor) for tensor in (*ema_tensors, *model_tensors, weight))
     if key not in _compiled:
-        from torch._inductor import compile as inductor_compile  # imported only when a step compiles
+        # Imported only when a step compiles.
+        from torch._inductor import compile as inductor_compile
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-        _compiled[key] = inductor_compile(_graph(ema_tensors), [*ema_tensors, *model_tensors, weight])
+        # Fake example inputs with a shape environment: what inductor's on-disk graph cache needs to key a
+        # graph compiled without dynamo (given real tensors it bypasses the cache, and each process compiles).
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        inputs = [mode.from_tensor(tensor, static_shapes=True) for tensor in (*ema_tensors, *model_tensors, weight)]
+        _compiled[key] = inductor_compile(_graph(ema_tensors), inputs)
     return _compiled[key]
 
 
-def compile_by_default(device: torch.device, ema_dtype: torch.dtype, model_dtype: torch.dtype, packed: bool) -> bool:
-    """What `compile=None` compiles: packed buffers converted on the way (a wider EMA dtype), on CPU.
+def compile_by_default(device: torch.device, ema_dtype: torch.dtype, model_dtype: torch.dtype) -> bool:
+    """What `compile=None` compiles: on CPU, groups that convert on the way (a wider EMA dtype).
 
-    There one small graph (a pair of flat buffers) compiles in about a second, once per layout and
-    machine (inductor caches it on disk), and its single pass runs at 0.7-0.9x the fp32 floor where
-    the eager conversion through a staging buffer takes 1.3-1.8x. Elsewhere the eager step is the
-    default: for unpacked tensors a compile takes 30-60 s on 2 cores for a few hundred tensors and
-    gains little (docs/benchmarks.md); with the same dtype on both sides a packed step is one `lerp_`
-    already; on CUDA the staging buffer stays in L2 and nothing was measured yet (`make gpu-check`).
+    Measured on a 2-core CPU (docs/benchmarks.md): a float32 EMA of a bfloat16 model took
+    0.88-1.11x the fp32 floor compiled against 1.23-4.2x eagerly on the large models (2.5x
+    against 6-11x on the small-tensor ones), and 0.69-0.86x packed (`flatten_model=True`) against
+    0.97-2.9x; a compile takes 10-40 s for a few hundred tensors, 0.1 s for packed buffers, once per
+    layout and machine (inductor caches it on disk). With one dtype on both sides the eager step is
+    kept: compiled it gained little against that compile time. On CUDA nothing was measured yet
+    (`make gpu-check` does). After a compile failed on a device type, `None` stops trying there.
     """
-    return packed and device.type == "cpu" and ema_dtype != model_dtype
+    return device.type == "cpu" and ema_dtype != model_dtype and device.type not in _failed_devices
 
 
 def compilable(ema_tensor: Tensor, model_tensor: Tensor) -> bool:
@@ -131,6 +140,7 @@ class CompiledStep(Step):
             self.function = compile_pairs(self.ema_tensors, self.model_tensors, self.weight)
         except Exception as error:  # no compiler, an unsupported dtype or device, an inductor bug: stay eager
             self.failed = True
+            _failed_devices.add(self.ema_tensors[0].device.type)
             if self.warn and not _warned[0]:
                 _warned[0] = True
                 warnings.warn(

@@ -132,7 +132,7 @@ def plan_update(
     if flatten:
         packs, rest = _pack(ema_tensors, model_tensors, is_parameter, all_model_tensors, rest)
         for ema_flat, model_flat, kind in packs:
-            inner = kernel_steps([ema_flat], [model_flat], [kind], foreach, compile, packed=True)
+            inner = kernel_steps([ema_flat], [model_flat], [kind], foreach, compile)
             steps.append(PackedStep(ema_flat, model_flat, inner))
     steps += kernel_steps(
         [ema_tensors[index] for index in rest],
@@ -150,7 +150,6 @@ def kernel_steps(
     is_parameter: Sequence[bool],
     foreach: bool | None,
     compile: bool | None = False,
-    packed: bool = False,
 ) -> list[Step]:
     """Group pairs by device and dtype and give each group its step.
 
@@ -158,8 +157,8 @@ def kernel_steps(
     `StagedStep`. Another device: `OffloadedStep` (a snapshot of the model on the EMA's device,
     then the same choice there). `foreach=None` picks the fused kernels wherever they run,
     `True` insists on them (raising where they cannot run), `False` uses per-tensor loops.
-    `compile` wraps the step of each group of averaged pairs in a `CompiledStep` (None: where it pays for a
-    group of packed buffers, if `packed`, or of tensors).
+    `compile` wraps the step of each group of averaged pairs in a `CompiledStep` (None: where
+    `compile_by_default` says it pays).
     """
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for index, (ema_tensor, model_tensor) in enumerate(zip(ema_tensors, model_tensors, strict=True)):
@@ -174,7 +173,8 @@ def kernel_steps(
                     ema_list,
                     model_list,
                     [is_parameter[index] for index in indices],
-                    lambda ema, mirror: kernel_steps(ema, mirror, [True] * len(ema), foreach, compile, packed),
+                    # Compiled there only when asked for: its first step would compile in the background thread.
+                    lambda ema, mirror: kernel_steps(ema, mirror, [True] * len(ema), foreach, compile or False),
                 )
             )
             continue
@@ -197,7 +197,7 @@ def kernel_steps(
             step = KernelStep(lerp_fused if use_fused else lerp_loop, ema_list, model_list)
         else:
             step = KernelStep(copy_fused if use_fused else copy_loop, ema_list, model_list)
-        wanted = compile_by_default(ema_device, ema_dtype, model_dtype, packed) if compile is None else compile
+        wanted = compile_by_default(ema_device, ema_dtype, model_dtype) if compile is None else compile
         if wanted and all(compilable(ema, model) for ema, model in zip(ema_list, model_list)):
             step = CompiledStep(ema_list, model_list, [step], warn=compile is True)
         steps.append(step)

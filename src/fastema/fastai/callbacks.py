@@ -21,6 +21,7 @@ except ModuleNotFoundError as error:
 
 from ..core.checks import (
     DeviceLike,
+    check_compile,
     check_decay,
     check_device,
     check_ema_dtype,
@@ -133,6 +134,7 @@ SHARED_OPTIONS = (
     "flatten_model",
     "ema_dtype",
     "update_every",
+    "compile",
 )
 
 
@@ -361,6 +363,7 @@ class EMACallback(AveragingCallback):
         flatten_model: bool = False,  # pack model and EMA into flat buffers: one lerp_ per step (see ModelEMA)
         ema_dtype: torch.dtype | None = None,  # dtype of the EMA's floating tensors, e.g. torch.float32 for bf16 models
         update_every: int = 1,  # update every N-th optimizer step only, with decay**N (see ModelEMA.update)
+        compile: bool | None = None,  # compiled step (True), eager (False), choose (None; see ModelEMA)
     ):
         self.decay = check_decay(decay, "decay")
         self._init_common(start, skip_ema, **_shared_options(locals()))
@@ -373,6 +376,7 @@ class EMACallback(AveragingCallback):
         check_flatten_model(options["flatten_model"], check_foreach(options["foreach"]))
         check_ema_dtype(options["ema_dtype"])
         check_update_every(options["update_every"])
+        check_compile(options["compile"])
         store_attr("", **options)  # these only: not `start` and `skip_ema` from this frame
         self._init_events(start, skip_ema)
 
@@ -418,6 +422,7 @@ class EMACallback(AveragingCallback):
             ema_dtype=self.ema_dtype,
             update_every=self.update_every,
             tensor_names=tensor_names,
+            compile=self.compile,
         )
 
     def ema_checkpoint(self) -> dict | None:
@@ -537,6 +542,7 @@ class EMASchedule(EMACallback):
         flatten_model: bool = False,  # pack model and EMA into flat buffers: one lerp_ per step (see ModelEMA)
         ema_dtype: torch.dtype | None = None,  # dtype of the EMA's floating tensors, e.g. torch.float32 for bf16 models
         update_every: int = 1,  # update every N-th optimizer step only, with decay**N (see ModelEMA.update)
+        compile: bool | None = None,  # compiled step (True), eager (False), choose (None; see ModelEMA)
     ):
         self.start_decay = check_decay(start_decay, "start_decay")
         self.final_decay = check_decay(final_decay, "final_decay")
