@@ -80,13 +80,13 @@ def compile_pairs(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor]
 def compile_by_default(device: torch.device, ema_dtype: torch.dtype, model_dtype: torch.dtype) -> bool:
     """What `compile=None` compiles: on CPU, groups that convert on the way (a wider EMA dtype).
 
-    Measured on a 2-core CPU (docs/benchmarks.md): a float32 EMA of a bfloat16 model took
-    0.88-1.11x the fp32 floor compiled against 1.23-4.2x eagerly on the large models (2.5x
-    against 6-11x on the small-tensor ones), and 0.69-0.86x packed (`flatten_model=True`) against
-    0.97-2.9x; a compile takes 10-40 s for a few hundred tensors, 0.1 s for packed buffers, once per
-    layout and machine (inductor caches it on disk). With one dtype on both sides the eager step is
-    kept: compiled it gained little against that compile time. On CUDA nothing was measured yet
-    (`make gpu-check` does). After a compile failed on a device type, `None` stops trying there.
+    Measured on a quiet 2-core CPU (docs/benchmarks.md), a float32 EMA of a bfloat16 model:
+    0.84-1.02x the fp32 floor compiled against 1.12-3.9x eagerly on large models (2.3-3.7x against
+    2.7-9.3x on small-tensor ones), 0.57-1.07x packed; a compile takes 3-42 s for a few hundred
+    tensors, 0.1 s for packed buffers, once per layout and machine (inductor caches it on disk).
+    With one dtype on both sides the eager step is kept: compiled it was no faster. On CUDA
+    nothing was measured yet (`make gpu-check` does). After a compile failed on a device type,
+    `None` stops trying there.
     """
     return device.type == "cpu" and ema_dtype != model_dtype and device.type not in _failed_devices
 
