@@ -72,7 +72,8 @@ def compile_pairs(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor]
         # Fake example inputs with a shape environment: what inductor's on-disk graph cache needs to key a
         # graph compiled without dynamo (given real tensors it bypasses the cache, and each process compiles).
         mode = FakeTensorMode(shape_env=ShapeEnv())
-        inputs = [mode.from_tensor(tensor, static_shapes=True) for tensor in (*ema_tensors, *model_tensors, weight)]
+        examples = (*ema_tensors, *model_tensors, weight)
+        inputs: list = [mode.from_tensor(tensor, static_shapes=True) for tensor in examples]
         _compiled[key] = inductor_compile(_graph(ema_tensors), inputs)
     return _compiled[key]
 
