@@ -21,6 +21,16 @@ SLOW_SIGNS = (
 )
 
 
+@pytest.fixture(autouse=True)
+def eager_by_default(request, monkeypatch):
+    """compile=None compiles a float32 EMA of a bf16/fp16 model on CPU, seconds per new layout; tests that are not
+    about compiling keep the eager step, the reference. test_compiled.py checks what the default compiles."""
+    if request.module.__name__ != "test_compiled":
+        from fastema.core import plan
+
+        monkeypatch.setattr(plan, "compile_by_default", lambda *args: False)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -123,6 +123,22 @@ class ConvNet(nn.Module):
         return self.head(self.norm(self.conv(x)).relu().mean((2, 3)))
 
 
+class MixedNet(nn.Module):
+    """What a compiled step must handle: float32, bfloat16 and float16 parameters, a channels-last conv
+    weight, a parameter with gaps in its memory, BatchNorm statistics and their integer count."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        self.norm = nn.BatchNorm2d(4)
+        self.bf16 = nn.Linear(4, 4).bfloat16()
+        self.fp16 = nn.Linear(4, 4).half()
+        self.gappy = nn.Parameter(torch.randn(4, 10)[:, ::2])
+
+    def forward(self, x):
+        return self.norm(self.conv(x)).mean((2, 3))
+
+
 def all_tensors(module):
     return dict(itertools.chain(module.named_parameters(), module.named_buffers()))
 

@@ -30,7 +30,13 @@ def test_all_lists_the_public_api():
 
 
 # Keyword arguments that fastema adds after the seed's, in this order.
-ADDED_ARGUMENTS = [("flatten_model", False), ("ema_dtype", None), ("update_every", 1), ("switch_every", None)]
+ADDED_ARGUMENTS = [
+    ("flatten_model", False),
+    ("ema_dtype", None),
+    ("update_every", 1),
+    ("switch_every", None),
+    ("compile", None),
+]
 
 
 def test_callback_signatures_match_the_contract():
@@ -85,6 +91,7 @@ SHARED_VALUES = dict(
     ema_dtype=torch.float64,
     update_every=3,
     switch_every=fastema.SwitchEMA(every=2, unit="step"),
+    compile=False,
 )
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from .bench import DTYPES, MODELS  # models are built lazily: this imports neither timm nor transformers
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (the GPU check's dry run parses its bench commands with it)."""
     parser = argparse.ArgumentParser(prog="fastema", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train a small CNN on scikit-learn digits; raw vs EMA accuracy and a plot")
@@ -38,7 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument(
         "--peers", action="store_true", help="also time the installed peer libraries (pip install fastema[bench])"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo, run_posthoc_demo
 

@@ -7,6 +7,9 @@ For each model, in the same run and on the same tensors, the median time of one 
 - `foreach_lerp`: `torch._foreach_lerp_` over lists grouped once (timm `ModelEmaV3`);
 - `fastema`: `ModelEMA.update()` with its defaults;
 - `fastema flat`: `ModelEMA(flatten_model=True).update()` (model and EMA packed into flat buffers);
+- `fastema compiled`: `ModelEMA(compile=True).update()`, one TorchInductor function per group of
+  tensors (the model's storage untouched); `flat compiled`: the same over the packed buffers. Their
+  compile time (the first update's, a cache hit included) is reported apart (`compile_seconds`);
 - `floor`: one `lerp_` over a contiguous buffer with as many elements, in the EMA's dtype;
 - `posthoc K=2`: `PostHocEMA(sigma_rels=(0.05, 0.10)).update()`, two power-function EMAs in one
   pass over the model, against `2x fastema`, two `ModelEMA` updates (what tracking two EMAs
@@ -54,7 +57,19 @@ from torch import Tensor, nn
 from .core.model_ema import ModelEMA
 from .posthoc.averager import PostHocEMA
 
-METHODS = ["for-loop", "mul+add", "foreach_lerp", "fastema", "fastema flat", "floor", "posthoc K=2", "2x fastema"]
+METHODS = [
+    "for-loop",
+    "mul+add",
+    "foreach_lerp",
+    "fastema",
+    "fastema flat",
+    "fastema compiled",
+    "flat compiled",
+    "floor",
+    "posthoc K=2",
+    "2x fastema",
+]
+COMPILED = ["fastema compiled", "flat compiled"]
 PEERS = [
     "timm ModelEmaV3",
     "AveragedModel multi_avg_fn",
@@ -66,7 +81,7 @@ PEERS = [
     "fastema.diffusers EMAModel",
 ]
 OFFLOAD_METHOD = "fastema (training thread)"
-MEMORY_SHOWN = ["fastema", "fastema flat", "posthoc K=2"]
+MEMORY_SHOWN = ["fastema", "fastema flat", "fastema compiled", "posthoc K=2"]
 DECAY = 0.9998
 
 
@@ -144,6 +159,7 @@ class ModelResult:
     ms: dict[str, float | None]  # None: the method cannot run in this configuration
     extra_memory_bytes: dict[str, int]
     train_step_ms: float | None
+    compile_seconds: dict[str, float] = field(default_factory=dict)  # each compiled method's first update
     ratios: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -154,6 +170,8 @@ class ModelResult:
             "speedup vs foreach_lerp": ("foreach_lerp", "fastema"),
             "fastema / floor": ("fastema", "floor"),
             "fastema flat / floor": ("fastema flat", "floor"),
+            "fastema compiled / floor": ("fastema compiled", "floor"),
+            "flat compiled / floor": ("flat compiled", "floor"),
             "flat speedup vs mul+add": ("mul+add", "fastema flat"),
             "posthoc K=2 vs 2x fastema": ("2x fastema", "posthoc K=2"),
             "posthoc K=2 / floor": ("posthoc K=2", "floor"),
@@ -413,6 +431,15 @@ def bench_model(
     ours = ModelEMA(model, DECAY, ema_dtype=ema_dtype, device=ema_device)
     flat_model = copy.deepcopy(model)  # packing changes the model's storage, so it gets its own copy
     flat = ModelEMA(flat_model, DECAY, flatten_model=True, ema_dtype=ema_dtype, device=ema_device)
+    compiled = ModelEMA(model, DECAY, ema_dtype=ema_dtype, device=ema_device, compile=True)
+    flat_compiled = ModelEMA(
+        flat_model, DECAY, flatten_model=True, ema_dtype=ema_dtype, device=ema_device, compile=True
+    )
+    compile_seconds = {}
+    for method, ema in (("fastema compiled", compiled), ("flat compiled", flat_compiled)):
+        ema.update()  # compiles (or finds the compiled function in inductor's cache)
+        ema.synchronize()
+        compile_seconds[method] = ema._tracker.plan.compile_seconds()
     second = ModelEMA(model, 0.999, ema_dtype=ema_dtype, device=ema_device)
     loop_ema = copy.deepcopy(ours.module)
     mul_add_ema = copy.deepcopy(ours.module)
@@ -440,6 +467,8 @@ def bench_model(
         "foreach_lerp": lambda: foreach_lerp_step(lerp_floats, lerp_model_floats, lerp_ints, lerp_model_ints, DECAY),
         "fastema": ours.update,
         "fastema flat": flat.update,
+        "fastema compiled": compiled.update,
+        "flat compiled": flat_compiled.update,
         "floor": floor_lerp,
         "2x fastema": lambda: two_updates(ours, second),
     }
@@ -462,7 +491,8 @@ def bench_model(
             floor_ema.lerp_(pinned if pinned.dtype == floor_ema.dtype else floor_model, 1 - DECAY)
 
         steps["floor"] = floor_step
-        steps = {method: _to_completion(step, device, (ours, flat)) for method, step in steps.items()}
+        emas = (ours, flat, compiled, flat_compiled)
+        steps = {method: _to_completion(step, device, emas) for method, step in steps.items()}
     # An offloaded step ends in a background thread, which CUDA events cannot see: time it on the host.
     step_timer = Timer(torch.device("cpu"), timer.budget_s, timer.rounds, timer.min_repeats) if offloaded else timer
     with torch.no_grad():
@@ -472,7 +502,7 @@ def bench_model(
             ms[OFFLOAD_METHOD] = _training_thread_ms(ours, step_timer)
         memory = {method: extra_memory_bytes(steps[method], device) for method in steps}
     train_ms = None if train_batch is None else train_step_ms(model, kind, train_batch, timer, dtype)
-    return ModelResult(name, len(model_tensors), elements, ms, memory, train_ms)
+    return ModelResult(name, len(model_tensors), elements, ms, memory, train_ms, compile_seconds)
 
 
 def _to_completion(step: Callable[[], None], device: torch.device, emas: tuple[ModelEMA, ...]) -> Callable[[], None]:
@@ -548,8 +578,9 @@ def markdown_report(machine: dict[str, str], results: list[ModelResult]) -> str:
         lines.append(f"| {result.model} | {result.tensors} | {result.elements / 1e6:.1f} | {times} |")
     lines += ["", "Ratios (same run):", ""]
     ratio_names = list(dict.fromkeys(name for result in results for name in result.ratios))
-    lines.append("| model | " + " | ".join(ratio_names) + " | extra memory (fastema, flat, posthoc K=2) |")
-    lines.append("|---|" + "---:|" * (len(ratio_names) + 1))
+    memory_header = "extra memory (" + ", ".join(MEMORY_SHOWN) + ")"
+    lines.append("| model | " + " | ".join(ratio_names) + f" | compile s ({', '.join(COMPILED)}) | {memory_header} |")
+    lines.append("|---|" + "---:|" * (len(ratio_names) + 2))
     for result in results:
         cells = []
         for ratio in ratio_names:
@@ -559,7 +590,8 @@ def markdown_report(machine: dict[str, str], results: list[ModelResult]) -> str:
             else:
                 cells.append(f"{100 * value:.2f}%" if ratio.startswith("EMA share") else f"{value:.2f}x")
         memory = ", ".join(f"{result.extra_memory_bytes.get(method, 'n/a')} B" for method in MEMORY_SHOWN)
-        lines.append(f"| {result.model} | " + " | ".join(cells) + f" | {memory} |")
+        compile_times = ", ".join(f"{result.compile_seconds.get(method, 0.0):.1f}" for method in COMPILED)
+        lines.append(f"| {result.model} | " + " | ".join(cells) + f" | {compile_times} | {memory} |")
     return "\n".join(lines)
 
 

@@ -27,6 +27,13 @@ def check_foreach(value: object) -> bool | None:
     return value
 
 
+def check_compile(value: object) -> bool | None:
+    """Validate the tri-state `compile` switch (None = compile where it pays, see `compiled.compile_by_default`)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"Invalid compile: {value!r}; expected None, True or False")
+    return value
+
+
 def check_flag(value: object, name: str) -> bool:
     """Validate a boolean keyword argument."""
     if not isinstance(value, bool):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .checkpoint import load_into, save_on_rank_0
 from .checks import (
     DeviceLike,
-    check_decay,
+    check_compile,
     check_device,
     check_ema_dtype,
     check_flag,
@@ -24,12 +24,13 @@ from .checks import (
     check_foreach,
     check_update_every,
 )
+from .counting import Count, Counts
 from .hooks import Attachments, RemovableHandle
 from .parallel import reshard, unwrap_model
 from .schedules import DecayWarmup, check_warmup, decay_from
 from .state import CONFIG_KEYS, full_state, prepare_load
 from .swap import SwapGuard
-from .tracker import Tracker, migrate_v01, named_tensors
+from .tracker import Tracker, matching, migrate_v01, named_tensors, same_shapes
 from .tracking import Placement, tracked_parameters, tracked_tensors, watch_module_changes
 
 if TYPE_CHECKING:
@@ -61,6 +62,10 @@ class ModelEMA:
     `update()` since the start or `reset()`), `last_decay`, `decay`, `length` (a `SampleLength` or None), `model`.
     """
 
+    num_updates = Count()  # EMA updates done
+    num_steps = Count()  # calls of `update()` (optimizer steps) since the EMA (re)started
+    last_decay = Count()  # the decay of the latest update
+
     def __init__(
         self,
         model: nn.Module,
@@ -77,6 +82,7 @@ class ModelEMA:
         tensor_names: Sequence[str] | None = None,  # average exactly these (state-dict names); None = by the flags
         half_life: float | None = None,  # the EMA's length in samples (or tokens), instead of `decay`
         batch_size: float | None = None,  # samples (or tokens) per optimizer step, with half_life: all ranks together
+        compile: bool | None = None,  # one compiled kernel per group (True), eager steps (False), choose (None)
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -89,6 +95,7 @@ class ModelEMA:
         self.ema_dtype = check_ema_dtype(ema_dtype)
         self.update_every = check_update_every(update_every)
         self.warmup = check_warmup(warmup)
+        self.compile = check_compile(compile)
         watch_module_changes()
         self.model = unwrap_model(model)
         reshard(self.model)  # FSDP2: read the shards, not a forward's unsharded copies
@@ -103,12 +110,11 @@ class ModelEMA:
             Placement(self.device, self.ema_dtype),
             foreach=self.foreach,
             flatten=self.flatten_model,
+            compile=self.compile,
         )
         self.sharded = self._tracker.sharded
         self.tensor_names = self._tracker.names
-        self.num_updates = 0  # EMA updates done
-        self.num_steps = 0  # calls of `update()` (optimizer steps) since the EMA (re)started
-        self.last_decay = self.decay
+        self._counts = Counts(self.decay)
         self._swap = SwapGuard()
         self._attachments = Attachments()
 
@@ -129,35 +135,20 @@ class ModelEMA:
         """
         return self._attachments.attach(self, optimizer, self.update, tracked_parameters(self.model, self.tensor_names))
 
-    def update(self, decay: float | None = None) -> None:
+    def update(self, decay: float | Tensor | None = None) -> None:
         """Move the EMA toward the model; call after each optimizer step.
 
         `decay` overrides the configured decay (and `warmup`) for this step (for schedules).
         With `update_every=N` only every N-th call updates, with `decay ** N`: the N-1 skipped
         steps are averaged as if the model had held its current weights through them. That is
         exact for a model that did not change in between and close when N is much smaller
-        than the averaging horizon 1 / (1 - decay); it costs 1/N of the work.
+        than the averaging horizon 1 / (1 - decay); it costs 1/N of the work. Safe inside
+        `torch.compile` and CUDA graphs (counts and decay then live in tensors, docs/pytorch.md).
         """
         self._swap.check_outside("update()")
-        tracker = self._tracker
-        tracker.latch.check()
+        self._tracker.latch.check()
         self._attachments.check_manual_update()
-        if decay is not None:
-            decay = check_decay(decay, "decay")
-        step = self.num_steps + 1
-        if step % self.update_every:
-            self.num_steps = step
-            return
-        if decay is None:
-            decay = self.decay if self.warmup is None else self.warmup(step, self.decay)
-        tracker.ensure_current()  # may raise (a changed structure): then this call did not count
-        self.num_steps = step
-        weight = 1.0 - decay**self.update_every
-        if 0.0 < weight < tracker.underflow.weight:
-            tracker.underflow.warn(decay, weight, self.update_every)
-        tracker.step(weight)
-        self.num_updates += 1
-        self.last_decay = decay
+        self._counts.update(self._tracker, decay, self.decay, self.update_every, self.warmup)
 
     def synchronize(self) -> None:
         """Wait until an offloaded update running in the background has finished (no-op otherwise)."""
@@ -212,7 +203,7 @@ class ModelEMA:
             self._swap.check_outside("copy_to() of the tracked model (it would be undone on exit)")
         self._readable()
         self.before_model_write()
-        targets = self._tracker.binding.model_locals if model is None else self._tracker.matching(model, "copy_to")
+        targets = self._tracker.binding.model_locals if model is None else matching(self._tracker, model, "copy_to")
         for target, ema_tensor in zip(targets, self._swap.ema_values(self._tracker.binding.ema_tensors)):
             target.copy_(ema_tensor)
 
@@ -235,9 +226,9 @@ class ModelEMA:
         if isinstance(module, ModelEMA):
             module._swap.check_outside("copy_from()")
             module._readable()
-            self._tracker.overwrite(self._tracker.same_shapes(module._tracker.ema_by_name()))
+            self._tracker.overwrite(same_shapes(self._tracker, module._tracker.ema_by_name()))
         else:
-            self._tracker.overwrite(dict(zip(self.tensor_names, self._tracker.matching(module, "copy_from"))))
+            self._tracker.overwrite(dict(zip(self.tensor_names, matching(self._tracker, module, "copy_from"))))
 
     @contextmanager
     def use_ema_weights(self) -> Iterator[nn.Module]:

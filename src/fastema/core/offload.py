@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from .steps import Step, is_dense
+from .steps import Step, Weight, is_dense
 
 _offloaded_steps: weakref.WeakSet[OffloadedStep] = weakref.WeakSet()
 # Re-entrant: a garbage collection inside a locked section can run a finalizer that takes it again.
@@ -120,7 +120,7 @@ class OffloadedStep(Step):
             _watch_optimizer_steps(self)
         self._finalizer = weakref.finalize(self, _release, self._executor, self._stream is not None)
 
-    def step(self, weight: float) -> None:
+    def step(self, weight: Weight) -> None:
         self.wait()  # the previous update must be done with the mirror before it is overwritten
         stream, copied = self._stream, self._copied
         if stream is None or copied is None:
@@ -141,7 +141,7 @@ class OffloadedStep(Step):
         else:
             self._update_from_mirror(weight)
 
-    def _update_from_mirror(self, weight: float) -> None:
+    def _update_from_mirror(self, weight: Weight) -> None:
         if self._copied is not None:
             self._copied.synchronize()  # blocks the background thread only, until the mirror has landed
         with torch.no_grad():  # grad mode is per thread

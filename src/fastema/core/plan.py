@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .compiled import CompiledStep, compilable, compile_by_default
 from .offload import OffloadedStep
 from .steps import (
     KernelStep,
@@ -30,6 +31,7 @@ from .steps import (
     SlotStep,
     StagedStep,
     Step,
+    Weight,
     copy_fused,
     copy_loop,
     fused_step_supported,
@@ -51,7 +53,7 @@ class Plan:
         self._watching = [step for step in steps if type(step).stale is not Step.stale]
         self._waiting = [step for step in steps if type(step).wait is not Step.wait]
 
-    def step(self, weight: float) -> None:
+    def step(self, weight: Weight) -> None:
         for step in self.steps:
             step.step(weight)
 
@@ -83,6 +85,21 @@ class Plan:
     def packed(self) -> list[PackedStep]:
         return [step for step in self.steps if isinstance(step, PackedStep)]
 
+    @property
+    def compiled(self) -> list[CompiledStep]:
+        """The compiled steps, also those inside packed and offloaded steps."""
+        found, pending = [], list(self.steps)
+        while pending:
+            step = pending.pop(0)
+            if isinstance(step, CompiledStep):
+                found.append(step)
+            pending += getattr(step, "inner", [])
+        return found
+
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling this plan's steps so far (cache hits included)."""
+        return sum(step.compile_seconds or 0.0 for step in self.compiled)
+
 
 def plan_update(
     ema_tensors: Sequence[Tensor],
@@ -91,10 +108,14 @@ def plan_update(
     *,
     foreach: bool | None,
     flatten: bool,
+    compile: bool | None = False,
     all_model_tensors: Iterable[Tensor] = (),
     volatile: Sequence[tuple[Slot, nn.Module, int]] = (),
 ) -> Plan:
     """The plan for these pairs; `flatten` packs them first (`all_model_tensors`: every tensor of the model).
+
+    `compile`: each group's averaged pairs get one compiled step (`CompiledStep`) over their eager step
+    (None: where `compile_by_default` says it pays).
 
     `volatile`: (slot, owner, index) of tensors the model keeps replacing, read through their slots.
     """
@@ -111,12 +132,14 @@ def plan_update(
     if flatten:
         packs, rest = _pack(ema_tensors, model_tensors, is_parameter, all_model_tensors, rest)
         for ema_flat, model_flat, kind in packs:
-            steps.append(PackedStep(ema_flat, model_flat, kernel_steps([ema_flat], [model_flat], [kind], foreach)))
+            inner = kernel_steps([ema_flat], [model_flat], [kind], foreach, compile)
+            steps.append(PackedStep(ema_flat, model_flat, inner))
     steps += kernel_steps(
         [ema_tensors[index] for index in rest],
         [model_tensors[index] for index in rest],
         [is_parameter[index] for index in rest],
         foreach,
+        compile,
     )
     return Plan(steps)
 
@@ -126,6 +149,7 @@ def kernel_steps(
     model_tensors: Sequence[Tensor],
     is_parameter: Sequence[bool],
     foreach: bool | None,
+    compile: bool | None = False,
 ) -> list[Step]:
     """Group pairs by device and dtype and give each group its step.
 
@@ -133,6 +157,8 @@ def kernel_steps(
     `StagedStep`. Another device: `OffloadedStep` (a snapshot of the model on the EMA's device,
     then the same choice there). `foreach=None` picks the fused kernels wherever they run,
     `True` insists on them (raising where they cannot run), `False` uses per-tensor loops.
+    `compile` wraps the step of each group of averaged pairs in a `CompiledStep` (None: where
+    `compile_by_default` says it pays).
     """
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for index, (ema_tensor, model_tensor) in enumerate(zip(ema_tensors, model_tensors, strict=True)):
@@ -147,7 +173,8 @@ def kernel_steps(
                     ema_list,
                     model_list,
                     [is_parameter[index] for index in indices],
-                    lambda ema, mirror: kernel_steps(ema, mirror, [True] * len(ema), foreach),
+                    # Compiled there only when asked for: its first step would compile in the background thread.
+                    lambda ema, mirror: kernel_steps(ema, mirror, [True] * len(ema), foreach, compile or False),
                 )
             )
             continue
@@ -161,14 +188,19 @@ def kernel_steps(
                 f"tensors on {ema_device}; use foreach=None (automatic) or False (for-loop)"
             )
         use_fused = fused_ok if foreach is None else foreach
+        step: Step
         if ema_dtype != model_dtype and averaged and is_averaged(model_list[0]):
-            steps.append(StagedStep(ema_list, model_list, use_fused))
+            step = StagedStep(ema_list, model_list, use_fused)
         elif ema_dtype != model_dtype:
-            steps.append(KernelStep(copy_loop, ema_list, model_list))  # copy_ converts; a count is never averaged
+            step = KernelStep(copy_loop, ema_list, model_list)  # copy_ converts; a count is never averaged
         elif averaged:
-            steps.append(KernelStep(lerp_fused if use_fused else lerp_loop, ema_list, model_list))
+            step = KernelStep(lerp_fused if use_fused else lerp_loop, ema_list, model_list)
         else:
-            steps.append(KernelStep(copy_fused if use_fused else copy_loop, ema_list, model_list))
+            step = KernelStep(copy_fused if use_fused else copy_loop, ema_list, model_list)
+        wanted = compile_by_default(ema_device, ema_dtype, model_dtype) if compile is None else compile
+        if wanted and all(compilable(ema, model) for ema, model in zip(ema_list, model_list)):
+            step = CompiledStep(ema_list, model_list, [step], warn=compile is True)
+        steps.append(step)
     return steps
 
 

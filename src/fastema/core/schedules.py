@@ -9,6 +9,9 @@ from collections.abc import Callable
 from numbers import Real
 from typing import cast
 
+import torch
+from torch import Tensor
+
 from .checks import check_decay
 
 logger = logging.getLogger("fastema")
@@ -43,10 +46,11 @@ class DecayWarmup:
     """A decay that ramps up with the step count: `warmup(step, decay)` for the `step`-th step (1-based).
 
     Usable as `ModelEMA(..., warmup=...)` and as `EMASchedule(schedule=...)`, where `decay`
-    is `final_decay` and the steps are counted from `start`.
+    is `final_decay` and the steps are counted from `start`. Inside `torch.compile` or a CUDA
+    graph `step` is an int64 tensor, and the decay must come back as a tensor (no host sync).
     """
 
-    def __call__(self, step: int, decay: float) -> float:
+    def __call__(self, step: int | Tensor, decay: float) -> float | Tensor:
         raise NotImplementedError
 
 
@@ -65,7 +69,9 @@ class ExponentialWarmup(DecayWarmup):
         _check_positive(tau, "tau")
         self.tau: float = float(tau)
 
-    def __call__(self, step: int, decay: float) -> float:
+    def __call__(self, step: int | Tensor, decay: float) -> float | Tensor:
+        if isinstance(step, Tensor):
+            return decay * (1.0 - torch.exp(-step.double() / self.tau))
         return decay * (1.0 - math.exp(-step / self.tau))
 
     def __repr__(self) -> str:
@@ -86,8 +92,11 @@ class InverseGammaWarmup(DecayWarmup):
         self.inv_gamma, self.power = float(inv_gamma), float(power)
         self.min_decay = check_decay(min_decay, "min_decay")
 
-    def __call__(self, step: int, decay: float) -> float:
+    def __call__(self, step: int | Tensor, decay: float) -> float | Tensor:
         t = step - 1
+        if isinstance(t, Tensor):
+            ramp = (1.0 - (1.0 + t.double() / self.inv_gamma) ** -self.power).clamp(max=decay).clamp(min=self.min_decay)
+            return torch.where(t <= 0, 0.0, ramp)
         if t <= 0:
             return 0.0
         return max(self.min_decay, min(decay, 1.0 - (1.0 + t / self.inv_gamma) ** -self.power))

@@ -27,26 +27,70 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-Kernel = Callable[[list[Tensor], list[Tensor], float], None]
+# The lerp weight (1 - decay): a Python float eagerly, a 0-d float64 tensor inside `torch.compile` or a CUDA graph.
+Weight = float | Tensor
+Kernel = Callable[[list[Tensor], list[Tensor], Weight], None]
 
 
-def lerp_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
+def capturing() -> bool:
+    """Whether this call is being traced by `torch.compile` or captured into a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return True
+    # Nothing can be captured before CUDA is initialised (a flag: cheaper than asking for devices).
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def weight_for(weight: Weight, tensor: Tensor) -> Weight:
+    """`weight` as `lerp_` takes it for `tensor`: a float as it is, a tensor in the tensor's dtype and on its device."""
+    if isinstance(weight, Tensor):
+        return weight.to(device=tensor.device, dtype=tensor.dtype)
+    return weight
+
+
+NARROW = (torch.bfloat16, torch.float16)
+
+
+def lerp_pairs(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], weight: Tensor) -> None:
+    """The single pass, eagerly (the body traced into a caller's graph): `ema.lerp_(model, weight)`, converting.
+
+    16-bit EMAs are computed in float32, as ATen's `lerp_` computes them, then rounded once.
+    """
+    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+        if ema_tensor.dtype in NARROW:
+            ema_tensor.copy_(torch.lerp(ema_tensor.float(), model_tensor.float(), weight.float()))
+        else:
+            ema_tensor.lerp_(model_tensor.to(ema_tensor.dtype), weight.to(ema_tensor.dtype))
+
+
+def lerp_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: Weight) -> None:
     """One multi-tensor launch per chunk of tensors (same device and dtype on both sides)."""
-    torch._foreach_lerp_(ema_tensors, model_tensors, weight)
+    if isinstance(weight, Tensor) and torch.compiler.is_compiling() and ema_tensors[0].dtype in NARROW:
+        # A tensor weight would be rounded to 16 bits; eagerly `lerp_` takes a float weight in float32.
+        lerp_pairs(ema_tensors, model_tensors, weight)  # inductor fuses the float32 round trip
+    elif isinstance(weight, Tensor):  # the Scalar overload would read a tensor on the host (a sync)
+        weights = [weight.to(device=ema_tensors[0].device, dtype=ema_tensors[0].dtype)] * len(ema_tensors)
+        torch._foreach_lerp_(ema_tensors, model_tensors, weights)
+    else:
+        torch._foreach_lerp_(ema_tensors, model_tensors, weight)
 
 
-def lerp_loop(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
+def lerp_loop(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: Weight) -> None:
     """One `lerp_` per tensor: the reference implementation of `lerp_fused`."""
+    if isinstance(weight, Tensor) and torch.compiler.is_compiling() and ema_tensors and ema_tensors[0].dtype in NARROW:
+        lerp_pairs(ema_tensors, model_tensors, weight)  # as in `lerp_fused`
+        return
+    if ema_tensors:
+        weight = weight_for(weight, ema_tensors[0])
     for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
         ema_tensor.lerp_(model_tensor, weight)
 
 
-def copy_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
+def copy_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: Weight) -> None:
     """Copy (and convert): integer/bool buffers such as `num_batches_tracked` are never averaged."""
     torch._foreach_copy_(ema_tensors, model_tensors)
 
 
-def copy_loop(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: float) -> None:
+def copy_loop(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: Weight) -> None:
     """Per-tensor copy (also converts device and dtype)."""
     for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
         ema_tensor.copy_(model_tensor)
@@ -107,7 +151,7 @@ def storage_use_count(tensor: Tensor) -> int:
 class Step:
     """The step protocol; `step` is the one method every step must implement."""
 
-    def step(self, weight: float) -> None:
+    def step(self, weight: Weight) -> None:
         raise NotImplementedError
 
     def stale(self) -> bool:
@@ -131,7 +175,7 @@ class KernelStep(Step):
         self.ema_tensors = list(ema_tensors)
         self.model_tensors = list(model_tensors)
 
-    def step(self, weight: float) -> None:
+    def step(self, weight: Weight) -> None:
         self.kernel(self.ema_tensors, self.model_tensors, weight)
 
     def __repr__(self) -> str:
@@ -170,7 +214,7 @@ class SlotStep(Step):
     def stale(self) -> bool:
         return self._current() is None
 
-    def step(self, weight: float) -> None:
+    def step(self, weight: Weight) -> None:
         current = self._current()
         if current is None:
             raise RuntimeError("a tensor the model replaces in its forward changed shape, dtype or device")
@@ -178,7 +222,7 @@ class SlotStep(Step):
             if model_tensor.dtype != ema_tensor.dtype or model_tensor.device != ema_tensor.device:
                 model_tensor = model_tensor.to(ema_tensor.device, ema_tensor.dtype)  # a few small tensors
             if averaged:
-                ema_tensor.lerp_(model_tensor, weight)
+                ema_tensor.lerp_(model_tensor, weight_for(weight, ema_tensor))
             else:
                 ema_tensor.copy_(model_tensor)
 
@@ -237,12 +281,13 @@ class StagedStep(Step):
             staging_batch.append(self.staging.as_strided(shape, stride, used))
             used += ema_piece.numel()
 
-    def step(self, weight: float) -> None:
+    def step(self, weight: Weight) -> None:
         for ema_batch, model_batch, staging_batch in self.batches:
             self.copy(staging_batch, model_batch, weight)  # converts to the EMA's dtype
             self.lerp(ema_batch, staging_batch, weight)
         for ema_tensor, model_tensor in self.unstaged:
-            ema_tensor.lerp_(model_tensor.to(ema_tensor.dtype), weight)  # allocates one tensor, never the model
+            # Allocates one tensor, never the model.
+            ema_tensor.lerp_(model_tensor.to(ema_tensor.dtype), weight_for(weight, ema_tensor))
 
     def stale(self) -> bool:
         return any(model_tensor.data_ptr() != address for model_tensor, address in self.chunked)
@@ -318,7 +363,7 @@ class StackedStep(Step):
         """The K lerp weights (1 - decay) of the next step."""
         self.weights = list(weights)
 
-    def step(self, weight: float) -> None:
+    def step(self, weight: Weight) -> None:
         """One update of every EMA, with the K weights given to `set_weights` (`weight` is not used)."""
         for blocks, model_pieces, staging_views, staged in self.batches:
             self.copy(staging_views, model_pieces, 0.0)  # converts to the EMA's dtype; stays in cache
@@ -362,7 +407,7 @@ class PackedStep(Step):
         """Accept today's use counts (after a full check found every tensor where it belongs)."""
         self.baseline = self.use_counts()
 
-    def step(self, weight: float) -> None:
+    def step(self, weight: Weight) -> None:
         for step in self.inner:
             step.step(weight)
 

@@ -16,10 +16,11 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor, nn
 
+from .counting import Counts
 from .latch import FailureLatch
 from .parallel import is_sharded, layout_of, local_part, reshard, unwrap_model
 from .plan import Plan, plan_update
-from .steps import is_dense
+from .steps import Weight, capturing, is_dense
 from .swap import SwapGuard
 from .tracking import (
     Binding,
@@ -52,11 +53,12 @@ class Tracker:
         *,
         foreach: bool | None,
         flatten: bool,
+        compile: bool | None = None,
     ) -> None:
         self.model = model
         self.names = list(tracked)
         self.placement = placement
-        self.foreach, self.flatten = foreach, flatten
+        self.foreach, self.flatten, self.compile = foreach, flatten, compile
         # FSDP2 (`fully_shard`): DTensor parameters; the EMA keeps this rank's shard of each, no module copy.
         self.sharded = any(is_sharded(tensor) for tensor in tracked.values())
         if self.sharded and flatten:
@@ -86,6 +88,7 @@ class Tracker:
             binding.is_parameter,
             foreach=self.foreach,
             flatten=self.flatten,
+            compile=self.compile,
             all_model_tensors=all_model_tensors,
             volatile=[binding.slot_of(name) for name in binding.names if name in self.volatile],
         )
@@ -120,7 +123,18 @@ class Tracker:
         self.seen_changes = changes()
 
     def ensure_current(self) -> None:
-        """Follow the model if it changed. One counter, one dict lookup and a few storage use counts."""
+        """Follow the model if it changed. One counter, one dict lookup and a few storage use counts.
+
+        Inside `torch.compile` or a CUDA-graph capture: see below (after `p.data = ...` with the same layout
+        the graph reads the new data; with another layout, dtype or device its guards see it).
+        """
+        if capturing():
+            # Dynamo cannot trace storage addresses, and the change counter moves whenever any module is
+            # built anywhere (compiling builds some): a guard on it would recompile the caller's graph each
+            # time. Inside a graph each tracked tensor's object and layout are checked instead (as guards).
+            if not self.binding.held_as_recorded():
+                torch.compiler.disable(self.follow)()  # eager: a graph break, only when the model did change
+            return
         if self.sentinel is not None and self.sentinel.moved():
             self.follow()
             return
@@ -131,6 +145,12 @@ class Tracker:
             self.seen_changes = changes()
         if self.plan.stale():
             self.follow()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the EMA's tensors are (the first one's device): where captured counts live."""
+        tensors = self.binding.ema_tensors
+        return tensors[0].device if tensors else torch.device("cpu")
 
     def _only_volatile_changes(self) -> bool:
         """Whether every module change since the last check re-registered a tensor read through its slot."""
@@ -233,32 +253,6 @@ class Tracker:
         """The EMA's tensors (this rank's parts) by state-dict name, as they stand."""
         return dict(zip(self.names, self.binding.ema_tensors))
 
-    def matching(self, module: nn.Module, purpose: str) -> list[Tensor]:
-        """`module`'s tensors in tracking order, or a ValueError listing every name/shape mismatch."""
-        if self.sharded:
-            raise RuntimeError(f"{purpose} with another module is not supported for a sharded (FSDP2) EMA")
-        by_name = {name: tensor for name, (_, tensor) in tensor_slots(unwrap_model(module)).items()}
-        missing = [name for name in self.names if name not in by_name]
-        mismatched = [
-            f"{name}: {tuple(by_name[name].shape)} != {tuple(ema_tensor.shape)}"
-            for name, ema_tensor in self.ema_by_name().items()
-            if name in by_name and by_name[name].shape != ema_tensor.shape
-        ]
-        if missing or mismatched:
-            raise ValueError(f"Invalid module for {purpose}: missing tensors {missing}, shape mismatches {mismatched}")
-        return [by_name[name] for name in self.names]
-
-    def same_shapes(self, sources: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The entries of `sources` (another EMA's, by name) that this EMA tracks, or a ValueError on any shape."""
-        own = self.ema_by_name()
-        shared = {name: tensor for name, tensor in sources.items() if name in own}
-        if not shared:
-            raise ValueError("Invalid copy_from: the other EMA averages none of this EMA's tensors (no name in common)")
-        differing = [tuple(tensor.shape) for name, tensor in shared.items() if tensor.shape != own[name].shape]
-        if differing:
-            raise ValueError(f"Invalid copy_from: the other EMA's tensors have other shapes ({differing[:3]})")
-        return shared
-
     def tensors_after_swap(self) -> list[Tensor] | None:
         """Where the model keeps its tracked tensors as a swap ends, if they moved since the binding (None: not).
 
@@ -272,7 +266,7 @@ class Tracker:
 
     # ---- running the plan ----------------------------------------------------------------------------
 
-    def step(self, weight: float) -> None:
+    def step(self, weight: Weight) -> None:
         """One update of every pair with `weight` (1 - decay), without autograd; a failure part-way latches."""
         # What `torch.no_grad()` does, without its Python context-manager cost (a few microseconds).
         grad_was_enabled = torch.is_grad_enabled()
@@ -355,10 +349,41 @@ def migrate_v01(state: dict) -> dict:
             "latch": state["_latch"],
             "replacements": state.get("_replacements", {}),
             "volatile": state.get("_volatile", frozenset()),
+            "compile": False,
         }
     )
-    kept = {"length": None, **{key: value for key, value in state.items() if not key.startswith("_")}}
-    return {**kept, "_tracker": tracker, "_swap": SwapGuard(), "_attachments": state["_attachments"]}
+    counts = Counts(state["decay"])
+    counts.num_updates, counts.num_steps, counts.last_decay = (state.pop(key) for key in Counts.NAMES)
+    kept = {"length": None, "compile": False, **{key: value for key, value in state.items() if not key.startswith("_")}}
+    return {**kept, "_tracker": tracker, "_counts": counts, "_swap": SwapGuard(), "_attachments": state["_attachments"]}
+
+
+def matching(tracker: Tracker, module: nn.Module, purpose: str) -> list[Tensor]:
+    """`module`'s tensors in tracking order, or a ValueError listing every name/shape mismatch."""
+    if tracker.sharded:
+        raise RuntimeError(f"{purpose} with another module is not supported for a sharded (FSDP2) EMA")
+    by_name = {name: tensor for name, (_, tensor) in tensor_slots(unwrap_model(module)).items()}
+    missing = [name for name in tracker.names if name not in by_name]
+    mismatched = [
+        f"{name}: {tuple(by_name[name].shape)} != {tuple(ema_tensor.shape)}"
+        for name, ema_tensor in tracker.ema_by_name().items()
+        if name in by_name and by_name[name].shape != ema_tensor.shape
+    ]
+    if missing or mismatched:
+        raise ValueError(f"Invalid module for {purpose}: missing tensors {missing}, shape mismatches {mismatched}")
+    return [by_name[name] for name in tracker.names]
+
+
+def same_shapes(tracker: Tracker, sources: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of `sources` (another EMA's, by name) that this EMA tracks, or a ValueError on any shape."""
+    own = tracker.ema_by_name()
+    shared = {name: tensor for name, tensor in sources.items() if name in own}
+    if not shared:
+        raise ValueError("Invalid copy_from: the other EMA averages none of this EMA's tensors (no name in common)")
+    differing = [tuple(tensor.shape) for name, tensor in shared.items() if tensor.shape != own[name].shape]
+    if differing:
+        raise ValueError(f"Invalid copy_from: the other EMA's tensors have other shapes ({differing[:3]})")
+    return shared
 
 
 def named_tensors(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:

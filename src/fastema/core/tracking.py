@@ -262,6 +262,10 @@ def check_tracked_present(names: list[str], model_slots: dict[str, tuple[Slot, T
         )
 
 
+def _layout(tensor: Tensor) -> tuple:
+    return tensor.device, tensor.dtype, tuple(tensor.shape), tensor.stride()
+
+
 def _signature(tensor: Tensor) -> tuple:
     """What a step depends on: the storage address, device, dtype, shape and strides."""
     tensor = local_part(tensor)
@@ -320,6 +324,22 @@ class Binding:
         self.signatures = self._signatures()
         self.untracked_signatures = self._untracked_signatures()
         self.recorded_objects = self.objects()
+        # (dict holding it, key, tensor, layout) of each steady tracked tensor, for `held_as_recorded`.
+        self.held = []
+        if self.ema_module is not None:
+            for slot, tensor in zip(self.slots, self.model_tensors):
+                if slot.name not in self.volatile:
+                    owner = slot.owner(self.model)
+                    holder = owner._parameters if slot.is_parameter else owner._buffers
+                    self.held.append((holder, slot.key, tensor, _layout(tensor)))
+
+    def held_as_recorded(self) -> bool:
+        """Whether every tracked tensor is still the object its module holds, on its device, in its dtype and layout.
+
+        `current()` without storage addresses (which dynamo cannot trace): inside `torch.compile` this check
+        becomes dynamo's guards, evaluated at each call of the graph at no Python cost.
+        """
+        return all(holder.get(key) is tensor and _layout(tensor) == layout for holder, key, tensor, layout in self.held)
 
     def _untracked_signatures(self) -> list:
         modules = dict(self.model.named_modules(remove_duplicate=False))

@@ -31,7 +31,7 @@ class Underflow:
             f"EMA updates with decay={decay} (update_every={update_every}) mostly round to nothing in "
             f"{', '.join(sorted(map(str, stalled)))}: the EMA will barely move. {remedy}, or a smaller decay.",
             UserWarning,
-            stacklevel=3,  # Underflow.warn <- ModelEMA.update <- the caller
+            stacklevel=5,  # Underflow.warn <- Counts._update_eagerly <- Counts.update <- ModelEMA.update <- caller
         )
         self.thresholds = {dtype: threshold for dtype, threshold in self.thresholds.items() if weight >= threshold}
         self.weight = max(self.thresholds.values(), default=0.0)

@@ -125,8 +125,9 @@ class PartitionWatch:
     def before_first(self) -> None:
         self.before = [tensor[:_CHECKED_ELEMENTS].clone() for tensor in self.ema_tensors]
 
-    def after_first(self, weight: float) -> None:
+    def after_first(self, weight: float | Tensor) -> None:
         self.pending = False
+        weight = float(weight)  # a tensor weight (a tensor decay): this check reads back anyway
         before, self.before = self.before, None
         assert before is not None
         for name, param, read, ema_tensor, old in zip(self.names, self.params, self.read, self.ema_tensors, before):

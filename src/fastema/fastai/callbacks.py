@@ -22,6 +22,7 @@ except ModuleNotFoundError as error:
 
 from ..core.checks import (
     DeviceLike,
+    check_compile,
     check_decay,
     check_device,
     check_ema_dtype,
@@ -160,6 +161,7 @@ SHARED_OPTIONS = (
     "ema_dtype",
     "update_every",
     "switch_every",
+    "compile",
 )
 
 
@@ -401,6 +403,7 @@ class EMACallback(AveragingCallback):
         ema_dtype: torch.dtype | None = None,  # dtype of the EMA's floating tensors, e.g. torch.float32 for bf16 models
         update_every: int = 1,  # update every N-th optimizer step only, with decay**N (see ModelEMA.update)
         switch_every: int | SwitchEMA | None = None,  # Switch EMA: copy the EMA into the model every N epochs
+        compile: bool | None = None,  # compiled step (True), eager (False), choose (None; see ModelEMA)
         half_life: float | None = None,  # the EMA's length in samples instead of `decay`: 0.5 ** (batch / half_life)
         batch_size: float | None = None,  # samples (or tokens) per optimizer step; None: bs x accumulation x world
     ):
@@ -423,6 +426,7 @@ class EMACallback(AveragingCallback):
         check_ema_dtype(options["ema_dtype"])
         check_update_every(options["update_every"])
         options["switch_every"] = check_switch(options["switch_every"])
+        check_compile(options["compile"])
         store_attr("", **options)  # these only: not `start` and `skip_ema` from this frame
         self._init_events(start, skip_ema)
 
@@ -481,6 +485,7 @@ class EMACallback(AveragingCallback):
             ema_dtype=self.ema_dtype,
             update_every=self.update_every,
             tensor_names=tensor_names,
+            compile=self.compile,
         )
 
     def ema_checkpoint(self) -> dict | None:
@@ -604,6 +609,7 @@ class EMASchedule(EMACallback):
         ema_dtype: torch.dtype | None = None,  # dtype of the EMA's floating tensors, e.g. torch.float32 for bf16 models
         update_every: int = 1,  # update every N-th optimizer step only, with decay**N (see ModelEMA.update)
         switch_every: int | SwitchEMA | None = None,  # Switch EMA: copy the EMA into the model every N epochs
+        compile: bool | None = None,  # compiled step (True), eager (False), choose (None; see ModelEMA)
     ):
         self.start_decay = check_decay(start_decay, "start_decay")
         self.final_decay = check_decay(final_decay, "final_decay")
@@ -639,7 +645,7 @@ class EMASchedule(EMACallback):
         if self._resumed:  # the EMA from an earlier fit has warmed up already
             return self.final_decay
         if self._warmup is not None:
-            return self._warmup(step - self._start_step + 1, self.final_decay)
+            return float(self._warmup(step - self._start_step + 1, self.final_decay))
         return scheduled_decay(self._annealer, self.final_decay, step, self._start_step, self._finish_step)
 
 

@@ -1,0 +1,217 @@
+"""update() inside torch.compile (as users compile optimizer.step()): no graph break, the eager result, no recompile
+as the decay changes; counts and decay in tensors. Dynamo's own backends (no inductor) keep these tests fast."""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+from fastema import ExponentialWarmup, InverseGammaWarmup, ModelEMA
+from helpers import ConvNet, MixedNet, ToyNet, calls_during
+from reference import ReferenceEMA, expected_tracked
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def perturb(model, step):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * (step + 1))
+        model.train()(torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(p.dtype))
+
+
+def assert_same(ema, eager):
+    assert (ema.num_updates, ema.num_steps) == (eager.num_updates, eager.num_steps)
+    assert ema.last_decay == pytest.approx(eager.last_decay, rel=1e-12)
+    for name, a, b in zip(ema.tensor_names, ema._tracker.binding.ema_tensors, eager._tracker.binding.ema_tensors):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("decay_kind", ["float", "tensor", "default"])
+def test_compiled_update_has_no_graph_break_matches_eager_and_does_not_recompile(decay_kind):
+    torch.manual_seed(0)
+    model = ToyNet()
+    ema, eager = ModelEMA(model, 0.9), ModelEMA(model, 0.9)
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(tracked)
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)  # fullgraph: a graph break would raise
+    def train_step(decay):
+        if decay is None:
+            ema.update()
+        else:
+            ema.update(decay=decay)
+
+    for step in range(8):
+        perturb(model, step)
+        decay = 0.9 + 0.01 * step if decay_kind != "default" else None
+        train_step(torch.tensor(decay, dtype=torch.float64) if decay_kind == "tensor" else decay)
+        eager.update(decay)
+        reference.update(tracked, 0.9 if decay is None else decay)
+        if step == 1:
+            # The first call moves the counts into tensors (one recompile); dynamo makes a float dynamic then too.
+            warm = counter.frame_count
+    assert warm <= 2 and counter.frame_count == warm  # six more decays, no recompile
+    assert isinstance(ema._counts.tensors["num_updates"], torch.Tensor) and ema.num_updates == 8
+    assert_same(ema, eager)
+    for name, expected in reference.state.items():
+        actual = dict(ema.state_dict()["tensors"])[name]
+        if expected.is_floating_point():
+            torch.testing.assert_close(actual.double(), expected, rtol=2e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("warmup", [ExponentialWarmup(tau=3.0), InverseGammaWarmup(power=0.75, min_decay=0.1)])
+def test_compiled_warmup_matches_eager(warmup):
+    torch.manual_seed(0)
+    model = ToyNet()
+    ema, eager = ModelEMA(model, 0.99, warmup=warmup), ModelEMA(model, 0.99, warmup=warmup)
+    train_step = torch.compile(ema.update, backend="eager", fullgraph=True)
+    for step in range(6):
+        perturb(model, step)
+        train_step()
+        eager.update()
+    assert_same(ema, eager)
+
+
+def test_aot_functionalised_mixed_precision_update_matches_eager():
+    """aot_eager functionalises the in-place update as inductor would (the staged bf16 -> fp32 step here)."""
+    torch.manual_seed(0)
+    model = ToyNet().bfloat16()
+    ema = ModelEMA(model, 0.9, ema_dtype=torch.float32)
+    eager = ModelEMA(model, 0.9, ema_dtype=torch.float32)
+    train_step = torch.compile(ema.update, backend="aot_eager", fullgraph=True)
+    for step in range(4):
+        perturb(model, step)
+        train_step()
+        eager.update()
+    assert_same(ema, eager)
+
+
+@pytest.mark.parametrize("compile_step", [False, True])
+@pytest.mark.parametrize("ema_dtype", [torch.float32, None])
+def test_compiled_update_of_every_kind_of_tensor_matches_eager(compile_step, ema_dtype):
+    """fp32, bf16 and fp16 tensors, channels-last, a strided parameter; a compiled step traced into the caller."""
+    torch.manual_seed(0)
+    model = MixedNet()
+    ema = ModelEMA(model, 0.9, ema_dtype=ema_dtype, compile=compile_step)
+    eager = ModelEMA(model, 0.9, ema_dtype=ema_dtype)
+    counter = CompileCounter()
+    train_step = torch.compile(ema.update, backend=counter, fullgraph=True)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator).to(p.dtype))
+            model.train()(torch.randn(2, 3, 5, 5, generator=generator))
+        train_step()
+        eager.update()
+    assert counter.frame_count <= 2
+    assert not any(step.function for step in ema._tracker.plan.compiled)  # traced into the graph, not compiled apart
+    for name, a, b in zip(ema.tensor_names, ema._tracker.binding.ema_tensors, eager._tracker.binding.ema_tensors):
+        # The traced single pass (compile_step) and the eager staged step round alike: lerp in float32.
+        torch.testing.assert_close(a, b, rtol=torch.finfo(a.dtype).eps if a.is_floating_point() else 0, atol=0,
+                                   msg=name)  # fmt: skip
+
+
+def test_compiled_update_after_the_model_changes_follows_it():
+    torch.manual_seed(0)
+    model = ConvNet()
+    ema, eager = ModelEMA(model, 0.8), ModelEMA(model, 0.8)
+    counter = CompileCounter()
+    train_step = torch.compile(ema.update, backend=counter)  # re-planning is eager: a graph break when it happens
+    generator = torch.Generator().manual_seed(0)
+    for step in range(6):
+        if step == 3:
+            model.to(memory_format=torch.channels_last)  # new layouts: the next call re-plans
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator))
+        train_step()
+        eager.update()
+    assert ema.module.conv.weight.stride() == model.conv.weight.stride()
+    assert_same(ema, eager)
+    with torch.no_grad():
+        model.head.weight.data = model.head.weight.data.clone()  # same layout: the graph reads the new data
+        model.head.weight.add_(1.0)
+    train_step()
+    eager.update()
+    assert_same(ema, eager)
+
+
+def test_counts_in_tensors_read_write_and_save_like_numbers(tmp_path):
+    model = ToyNet()
+    ema = ModelEMA(model, 0.9)
+    ema.update()  # eager: Python numbers
+    ema.update(decay=torch.tensor(0.5, dtype=torch.float64))  # a tensor decay moves the counts into tensors
+    assert ema._counts.tensors is not None
+    assert (ema.num_updates, ema.num_steps, ema.last_decay) == (2, 2, 0.5)
+    assert type(ema.num_updates) is int and type(ema.last_decay) is float
+    state = ema.state_dict()
+    assert (state["num_updates"], state["last_decay"]) == (2, 0.5)
+    ema.update()
+    assert (ema.num_updates, ema.last_decay) == (3, 0.9)  # later eager calls keep counting in the tensors
+    ema.reset()
+    assert (ema.num_updates, ema.num_steps, ema.last_decay) == (0, 0, 0.9)
+    twin = ModelEMA(ToyNet(), 0.9)
+    twin.update(decay=torch.tensor(0.7, dtype=torch.float64))
+    path = ema.save(tmp_path / "ema.pt")
+    twin.load(path)
+    assert (twin.num_updates, twin.num_steps) == (0, 0) and twin._counts.tensors is not None
+    with pytest.raises(ValueError, match="decay"):
+        ema.update(decay=torch.tensor([0.5, 0.6]))
+
+
+def test_captured_update_neither_syncs_nor_allocates_model_sized_memory():
+    ema = ModelEMA(ToyNet(), 0.9)
+    decay = torch.tensor(0.8, dtype=torch.float64)
+    ema.update(decay=decay)
+    functions, ops = calls_during(lambda: ema.update(decay=decay))
+    assert not {"item", "tolist", "cpu", "__bool__"} & functions, functions
+    assert "_local_scalar_dense" not in ops, ops  # what every device-to-host read goes through
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        ema.update(decay=decay)
+    allocated = sum(e.self_cpu_memory_usage for e in profiler.key_averages() if e.self_cpu_memory_usage > 0)
+    assert allocated <= 256  # a few 0-d weights and counts: nothing that grows with the model
+
+
+def test_update_every_is_refused_where_updates_are_captured():
+    ema = ModelEMA(ToyNet(), 0.9, update_every=2)
+    with pytest.raises(ValueError, match="update_every"):
+        ema.update(decay=torch.tensor(0.9, dtype=torch.float64))
+    assert ema.num_steps == 0
+
+
+@pytest.mark.cuda
+def test_cuda_graph_captures_the_update():
+    """Capture one update in a CUDA graph; each replay is one more update, with the decay read from a tensor."""
+    torch.manual_seed(0)
+    model = ToyNet().cuda()
+    ema, eager = ModelEMA(model, 0.9), ModelEMA(model, 0.9)
+    decay = torch.tensor(0.9, dtype=torch.float64, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ema.update(decay=decay)  # warm-up outside the capture (counts move into tensors)
+    torch.cuda.current_stream().wait_stream(stream)
+    eager.update(0.9)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ema.update(decay=decay)  # recorded, not run
+    for step in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        decay.fill_(0.9 - 0.01 * step)
+        graph.replay()
+        eager.update(0.9 - 0.01 * step)
+    torch.cuda.synchronize()
+    assert ema.num_updates == eager.num_updates == 6
+    for a, b in zip(ema._tracker.binding.ema_tensors, eager._tracker.binding.ema_tensors):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
