@@ -13,7 +13,7 @@ SMOKE_VENV := build/smoke-venv
 # The GPU check: `make gpu-bundle` here gathers the wheels that a stock CUDA PyTorch image lacks (not torch);
 # `make gpu-check` there (a CUDA GPU, torch preinstalled, no network) installs them from that folder only, runs
 # the CUDA tests, the benches and the CUDA-graph checks, and writes gpu-check.md/.json into $(OUT). Without
-# CUDA it is a dry run (the test suite runs one). Pinned: the versions our tests pass with; fastprogress 1.0.3
+# CUDA it is a dry run (the test suite runs one); REQUIRE_CUDA=1 makes that an error instead. Pinned: the versions our tests pass with; fastprogress 1.0.3
 # because later ones import python-fasthtml and its web stack.
 GPU_BUNDLE ?= build/gpu-bundle
 OUT ?= build/gpu-check

@@ -88,3 +88,20 @@ def test_an_old_path_hands_out_only_names_its_successor_has():
     assert engine.ModelEMA is ModelEMA
     with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
         _ = engine.nothing_here
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["EMACallback", "EMASchedule"])
+def test_a_callback_pickled_before_compile_existed_fits_with_the_default(name):
+    """fastai's attribute lookup would otherwise hand `learn.model.compile` (a method) to the engine."""
+    import pickle
+
+    import fastema
+    from helpers import make_learner
+
+    callback = getattr(fastema, name)()
+    del callback.__dict__["compile"]  # what a callback exported before `compile=` holds
+    restored = pickle.loads(pickle.dumps(callback))
+    learn = make_learner(cbs=[restored], n_train=16, bs=8)
+    learn.fit(1)
+    assert restored.engine.compile is None and restored.engine.num_updates == 2

@@ -27,7 +27,7 @@ def test_dry_run_writes_both_reports_and_checks_every_step(tmp_path):
     steps = {step["name"]: step for step in report["steps"]}
     assert steps["install the bundle"]["wheels"] == ["example-1.0-py3-none-any.whl"]
     collected = steps["CUDA tests (collected only: dry run)"]
-    assert collected["status"] == "passed" and " tests collected" in collected["collected"][0]
+    assert collected["status"].startswith("collected, not run: ") and " tests collected" in collected["collected"][0]
     assert int(collected["collected"][0].split("/")[0]) >= 10  # the CUDA-marked tests are there to run
     benches = [step for name, step in steps.items() if name.startswith("bench: ")]
     assert len(benches) == 5 and all(step["status"] == "skipped (dry run): parsed" for step in benches)
@@ -36,6 +36,19 @@ def test_dry_run_writes_both_reports_and_checks_every_step(tmp_path):
     assert any("--channels-last" in step["command"] for step in benches)
     markdown = (out / "gpu-check.md").read_text()
     assert "**Dry run**" in markdown and "| bench: peers | skipped (dry run): parsed |" in markdown
+    assert "| passed |" not in markdown  # nothing ran, nothing passed
+
+
+def test_require_cuda_fails_without_a_device_instead_of_a_dry_run(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--require-cuda", "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2 and "REQUIRE_CUDA" in done.stdout
+    assert not (tmp_path / "gpu-check.json").exists()
 
 
 def test_bundle_check_counts_the_size(tmp_path, capsys):

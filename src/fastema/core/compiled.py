@@ -14,7 +14,7 @@ gives a new one; the tracker then re-plans, and a graph already compiled for the
 reused), and inductor's own asserts check sizes and strides at each call. The eager steps of the
 same pairs stay: they are the reference the tests compare with, what runs inside a CUDA-graph
 capture before the first compile, and the fallback when compiling fails (warned once per process).
-Inside the caller's `torch.compile` the single-pass body (`steps.lerp_pairs`) is traced into the caller's graph.
+Inside the caller's `torch.compile` the tracker traces `steps.traced_step` instead of any plan.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from .steps import NARROW, Step, Weight, is_averaged, lerp_pairs
+from .steps import NARROW, Step, Weight, is_averaged
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +154,6 @@ class CompiledStep(Step):
         self.compile_seconds = time.perf_counter() - began
 
     def step(self, weight: Weight) -> None:
-        if torch.compiler.is_compiling():  # inside the caller's graph: traced, one pass
-            lerp_pairs(self.ema_tensors, self.model_tensors, torch.as_tensor(weight, dtype=torch.float64))
-            return
         if self.function is None and not self.failed:
             if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
                 self._step_eagerly(weight)  # compiling runs work that a CUDA-graph capture cannot hold

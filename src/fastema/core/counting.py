@@ -112,8 +112,11 @@ class Counts:
                 f"Invalid update_every: {update_every} inside torch.compile, a CUDA graph or with a tensor decay; "
                 "these updates run every step (update_every=1): call update() only on the steps you want"
             )
-        if isinstance(decay, Tensor) and (decay.numel() != 1 or not decay.is_floating_point()):
-            raise ValueError(f"Invalid decay: {decay!r}; a tensor decay must hold one floating value")
+        traced = torch.compiler.is_compiling()
+        decay = _checked(decay, traced)  # before anything counts
+        known = default_decay if decay is None and warmup is None else decay
+        if not traced and isinstance(known, float) and 0.0 < 1.0 - known < tracker.underflow.weight:
+            tracker.underflow.warn(known, 1.0 - known, update_every)
         tracker.ensure_current()
         counts = self._in_tensors(tracker.device)
         counts["num_steps"].add_(1)
@@ -121,12 +124,29 @@ class Counts:
             decay = default_decay if warmup is None else warmup(counts["num_steps"], default_decay)
         last_decay = counts["last_decay"]
         # Written in place, never built from a Python number: a CUDA graph cannot capture a copy from the host.
+        # A float is added to a zero, not filled: `fill_` would make dynamo specialise on it (a recompile each).
         if isinstance(decay, Tensor):
-            last_decay.copy_(decay.reshape(()))
+            last_decay.copy_(decay.detach().reshape(()))
         else:
-            last_decay.fill_(decay)
+            last_decay.zero_().add_(decay)
         tracker.step(1.0 - last_decay)
         counts["num_updates"].add_(1)
+
+
+def _checked(decay: float | Tensor | None, traced: bool) -> float | Tensor | None:
+    """A number in [0, 1], or a tensor of one floating value.
+
+    A tensor's value is not read (that would wait for its device; capturable optimizers trust a tensor `lr`
+    alike), nor a float inside `torch.compile`, where it may be a symbol that a comparison would specialise.
+    """
+    if not isinstance(decay, Tensor):
+        return decay if decay is None or traced else check_decay(decay, "decay")
+    if decay.numel() != 1 or not decay.is_floating_point():
+        raise ValueError(
+            f"Invalid decay: a tensor of shape {tuple(decay.shape)} and dtype {decay.dtype}; "
+            "a tensor decay must hold one floating value in [0, 1]"
+        )
+    return decay
 
 
 class Count:

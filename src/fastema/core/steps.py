@@ -56,17 +56,32 @@ def lerp_pairs(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], w
     16-bit EMAs are computed in float32, as ATen's `lerp_` computes them, then rounded once.
     """
     for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+        model_tensor = model_tensor.to(ema_tensor.device)
         if ema_tensor.dtype in NARROW:
-            ema_tensor.copy_(torch.lerp(ema_tensor.float(), model_tensor.float(), weight.float()))
+            wide = torch.lerp(ema_tensor.float(), model_tensor.float(), weight.to(ema_tensor.device, torch.float32))
+            ema_tensor.copy_(wide)
         else:
-            ema_tensor.lerp_(model_tensor.to(ema_tensor.dtype), weight.to(ema_tensor.dtype))
+            ema_tensor.lerp_(model_tensor.to(ema_tensor.dtype), weight_for(weight, ema_tensor))
+
+
+def traced_step(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], weight: Tensor) -> None:
+    """An update traced into the caller's `torch.compile` graph, reading the tensor objects themselves.
+
+    Never the plan's packed buffers or chunk views, made in advance: after `p.data = ...` with the same
+    layout dynamo's guards still pass, and the graph must read the new data.
+    """
+    for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+        if is_averaged(ema_tensor):
+            lerp_pairs([ema_tensor], [model_tensor], weight)
+        else:
+            ema_tensor.copy_(model_tensor)
 
 
 def lerp_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: Weight) -> None:
     """One multi-tensor launch per chunk of tensors (same device and dtype on both sides)."""
-    if isinstance(weight, Tensor) and torch.compiler.is_compiling() and ema_tensors[0].dtype in NARROW:
-        # A tensor weight would be rounded to 16 bits; eagerly `lerp_` takes a float weight in float32.
-        lerp_pairs(ema_tensors, model_tensors, weight)  # inductor fuses the float32 round trip
+    if isinstance(weight, Tensor) and ema_tensors[0].dtype in NARROW:
+        # A tensor weight would be rounded to 16 bits; with a float weight `lerp_` computes in float32.
+        lerp_pairs(ema_tensors, model_tensors, weight)  # a float32 temporary per tensor (a tensor decay only)
     elif isinstance(weight, Tensor):  # the Scalar overload would read a tensor on the host (a sync)
         weights = [weight.to(device=ema_tensors[0].device, dtype=ema_tensors[0].dtype)] * len(ema_tensors)
         torch._foreach_lerp_(ema_tensors, model_tensors, weights)
@@ -76,7 +91,7 @@ def lerp_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: W
 
 def lerp_loop(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: Weight) -> None:
     """One `lerp_` per tensor: the reference implementation of `lerp_fused`."""
-    if isinstance(weight, Tensor) and torch.compiler.is_compiling() and ema_tensors and ema_tensors[0].dtype in NARROW:
+    if isinstance(weight, Tensor) and ema_tensors and ema_tensors[0].dtype in NARROW:
         lerp_pairs(ema_tensors, model_tensors, weight)  # as in `lerp_fused`
         return
     if ema_tensors:
@@ -221,8 +236,10 @@ class SlotStep(Step):
         for ema_tensor, model_tensor, averaged in zip(self.ema_tensors, current, self.averaged):
             if model_tensor.dtype != ema_tensor.dtype or model_tensor.device != ema_tensor.device:
                 model_tensor = model_tensor.to(ema_tensor.device, ema_tensor.dtype)  # a few small tensors
-            if averaged:
-                ema_tensor.lerp_(model_tensor, weight_for(weight, ema_tensor))
+            if averaged and isinstance(weight, Tensor):
+                lerp_pairs([ema_tensor], [model_tensor], weight)  # a 16-bit EMA: the weight kept in float32
+            elif averaged:
+                ema_tensor.lerp_(model_tensor, weight)
             else:
                 ema_tensor.copy_(model_tensor)
 
@@ -286,8 +303,10 @@ class StagedStep(Step):
             self.copy(staging_batch, model_batch, weight)  # converts to the EMA's dtype
             self.lerp(ema_batch, staging_batch, weight)
         for ema_tensor, model_tensor in self.unstaged:
-            # Allocates one tensor, never the model.
-            ema_tensor.lerp_(model_tensor.to(ema_tensor.dtype), weight_for(weight, ema_tensor))
+            if isinstance(weight, Tensor):
+                lerp_pairs([ema_tensor], [model_tensor], weight)
+            else:  # allocates one tensor, never the model
+                ema_tensor.lerp_(model_tensor.to(ema_tensor.dtype), weight)
 
     def stale(self) -> bool:
         return any(model_tensor.data_ptr() != address for model_tensor, address in self.chunked)

@@ -20,7 +20,7 @@ from .counting import Counts
 from .latch import FailureLatch
 from .parallel import is_sharded, layout_of, local_part, reshard, unwrap_model
 from .plan import Plan, plan_update
-from .steps import Weight, capturing, is_dense
+from .steps import Weight, capturing, is_dense, traced_step
 from .swap import SwapGuard
 from .tracking import (
     Binding,
@@ -129,6 +129,11 @@ class Tracker:
         the graph reads the new data; with another layout, dtype or device its guards see it).
         """
         if capturing():
+            if self.sharded:
+                raise RuntimeError(
+                    "ModelEMA.update() of a sharded EMA (FSDP2, DeepSpeed ZeRO-3) cannot run inside torch.compile or "
+                    "a CUDA graph (its shards are followed by address, which a graph cannot check): call it outside"
+                )
             # Dynamo cannot trace storage addresses, and the change counter moves whenever any module is
             # built anywhere (compiling builds some): a guard on it would recompile the caller's graph each
             # time. Inside a graph each tracked tensor's object and layout are checked instead (as guards).
@@ -273,6 +278,9 @@ class Tracker:
         torch._C._set_grad_enabled(False)
         first = self.sentinel if isinstance(self.sentinel, PartitionWatch) and self.sentinel.pending else None
         try:
+            if torch.compiler.is_compiling():  # traced into the caller's graph: the objects, not the plan's views
+                traced_step(self.binding.ema_tensors, self._traced_models(), weight)  # type: ignore[arg-type]
+                return
             if first is not None:  # ZeRO-3: the first update of a binding is read back (zero.PartitionWatch)
                 first.before_first()
             self.plan.step(weight)
@@ -282,6 +290,16 @@ class Tracker:
             self.fail(error)
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
+
+    def _traced_models(self) -> list[Tensor]:
+        """The model's tensors for a traced update; those it replaces in every forward read through their slots."""
+        if not self.volatile:
+            return self.binding.model_locals
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        return [
+            slot.get(self.model, modules) if slot.name in self.volatile else tensor  # type: ignore[misc]
+            for slot, tensor in zip(self.binding.slots, self.binding.model_locals)
+        ]
 
     def synchronize(self) -> None:
         """Wait until an offloaded update running in the background has finished; its failure latches."""

@@ -326,6 +326,10 @@ class Binding:
         self.recorded_objects = self.objects()
         # (dict holding it, key, tensor, layout) of each steady tracked tensor, for `held_as_recorded`.
         self.held = []
+        # (children dict, name, child) of every module: a submodule replaced by another holds other tensors.
+        self.links = [
+            (parent._modules, name, child) for parent in self.model.modules() for name, child in parent._modules.items()
+        ]
         if self.ema_module is not None:
             for slot, tensor in zip(self.slots, self.model_tensors):
                 if slot.name not in self.volatile:
@@ -339,7 +343,9 @@ class Binding:
         `current()` without storage addresses (which dynamo cannot trace): inside `torch.compile` this check
         becomes dynamo's guards, evaluated at each call of the graph at no Python cost.
         """
-        return all(holder.get(key) is tensor and _layout(tensor) == layout for holder, key, tensor, layout in self.held)
+        return all(children.get(name) is child for children, name, child in self.links) and all(
+            holder.get(key) is tensor and _layout(tensor) == layout for holder, key, tensor, layout in self.held
+        )
 
     def _untracked_signatures(self) -> list:
         modules = dict(self.model.named_modules(remove_duplicate=False))

@@ -432,6 +432,8 @@ class EMACallback(AveragingCallback):
 
     half_life: float | None = None  # EMASchedule's decay is scheduled, not a half-life
     batch_size: float | None = None
+    # A callback pickled before `compile=` existed: the default, not fastai's lookup of `learn.model.compile`.
+    compile: bool | None = None
 
     def _sample_length(self) -> dict:
         """`half_life` and this Learner's global batch, for the engine (empty without a half-life)."""
