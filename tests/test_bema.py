@@ -191,9 +191,11 @@ def test_bema_refuses_bad_settings_and_states_that_mean_something_else(tmp_path)
         (dict(ema_power=-1), ValueError),
         (dict(min_ema_multiplier=2.0), ValueError),
         (dict(bias_power="0.2"), TypeError),
+        (dict(compile="yes"), TypeError),
     ]:
         with pytest.raises(error):
             BEMA(model, **bad)
+    assert {part.compile for part in BEMA(model, compile=False)._parts().values()} == {False}
     bema = BEMA(model, update_after=2)
     for _ in range(3):
         bema.update()

@@ -87,6 +87,7 @@ class BEMA:
         flatten_model: bool = False,  # pack the model and the EMAs into flat buffers (see ModelEMA)
         ema_dtype: torch.dtype | None = None,  # dtype of their floating tensors; None = the model's
         tensor_names: Sequence[str] | None = None,  # average exactly these (state-dict names); None = by the flags
+        compile: bool | None = None,  # compiled steps (True), eager (False), where they pay (None; see ModelEMA)
     ) -> None:
         self.ema_power = _check_number(ema_power, "ema_power", 0.0)
         self.bias_power = _check_number(bias_power, "bias_power", 0.0)
@@ -112,6 +113,7 @@ class BEMA:
             device=device,
             flatten_model=flatten_model,
             ema_dtype=ema_dtype,
+            compile=compile,
         )
         self._bema = ModelEMA(model, tensor_names=tensor_names, **options)
         self.tensor_names = self._bema.tensor_names
