@@ -107,19 +107,6 @@ class BEMACallback(AveragingCallback):
         else:
             self.learn.model_ema = None if self._engine.sharded else self._engine.module
 
-    def ema_checkpoint(self) -> dict | None:
-        "What `learn.save` writes beside the model: theta_0, the EMA, the BEMA weights and the counts"
-        return self._checkpoint()
-
-    def check_ema_checkpoint(self, state: object, path) -> None:
-        "Raise a ValueError naming `path` unless `state` fits this Learner's model; changes nothing"
-        state = self._check_checkpoint_header(state, path)
-        try:
-            # A throwaway engine (not flattened: packing would move the model's storage) that only reads the model.
-            self._new_engine(flatten_model=False).load_state_dict(state["engine"])
-        except ValueError as error:
-            raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
-
     def restore_ema_checkpoint(self, state: dict) -> None:
         "Install a checked checkpoint: `learn.model_ema` is its BEMA model; `fit(..., start_epoch=k)` continues it"
         engine = self._new_engine()

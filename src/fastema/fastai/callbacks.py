@@ -331,6 +331,19 @@ class AveragingCallback(Callback, EMACheckpointing):
             swap.close()
         self._validation_depth = 0
 
+    def ema_checkpoint(self) -> dict | None:
+        "What `learn.save` writes beside the model: the engine's state and where this callback stood (None before any)"
+        return self._checkpoint()
+
+    def check_ema_checkpoint(self, state: object, path) -> None:
+        "Raise a ValueError naming `path` unless `state` fits this Learner's model; changes nothing"
+        state = self._check_checkpoint_header(state, path)
+        try:
+            # A throwaway engine (not flattened: packing would move the model's storage) that only reads the model.
+            self._new_engine(flatten_model=False).load_state_dict(state["engine"])
+        except ValueError as error:
+            raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
+
     def _checkpoint(self, **extra: object) -> dict | None:
         """The EMA file `learn.save` writes: engine state, whether the EMA started, and `extra` (None before any)."""
         if self.engine is None:

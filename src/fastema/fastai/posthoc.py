@@ -126,19 +126,6 @@ class PostHocEMACallback(AveragingCallback):
             engine.snapshot()  # the end of training is always a snapshot: the sweep's default step
         self.learn.posthoc_ema = engine
 
-    def ema_checkpoint(self) -> dict | None:
-        "What `learn.save` writes beside the model: the EMAs and where this callback stood (None before any)"
-        return self._checkpoint()
-
-    def check_ema_checkpoint(self, state: object, path) -> None:
-        "Raise a ValueError naming `path` unless `state` fits this Learner's model; changes nothing"
-        state = self._check_checkpoint_header(state, path)
-        try:
-            # A throwaway engine (not flattened: packing would move the model's storage) that only reads the model.
-            self._new_engine(flatten_model=False).load_state_dict(state["engine"])
-        except ValueError as error:
-            raise ValueError(f"Invalid EMA checkpoint {path}: {error}") from error
-
     def restore_ema_checkpoint(self, state: dict) -> None:
         "Install a checked checkpoint; `fit(..., start_epoch=k)` continues it"
         self.engine = self._new_engine()
