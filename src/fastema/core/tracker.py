@@ -279,7 +279,7 @@ class Tracker:
         first = self.sentinel if isinstance(self.sentinel, PartitionWatch) and self.sentinel.pending else None
         try:
             if torch.compiler.is_compiling():  # traced into the caller's graph: the objects, not the plan's views
-                traced_step(self.binding.ema_tensors, self._traced_models(), weight)  # type: ignore[arg-type]
+                traced_step(self.binding.ema_tensors, traced_models(self), weight)  # type: ignore[arg-type]
                 return
             if first is not None:  # ZeRO-3: the first update of a binding is read back (zero.PartitionWatch)
                 first.before_first()
@@ -290,16 +290,6 @@ class Tracker:
             self.fail(error)
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
-
-    def _traced_models(self) -> list[Tensor]:
-        """The model's tensors for a traced update; those it replaces in every forward read through their slots."""
-        if not self.volatile:
-            return self.binding.model_locals
-        modules = dict(self.model.named_modules(remove_duplicate=False))
-        return [
-            slot.get(self.model, modules) if slot.name in self.volatile else tensor  # type: ignore[misc]
-            for slot, tensor in zip(self.binding.slots, self.binding.model_locals)
-        ]
 
     def synchronize(self) -> None:
         """Wait until an offloaded update running in the background has finished; its failure latches."""
@@ -349,6 +339,17 @@ class Tracker:
         self.__dict__.update(state)
         self.plan = Plan([])
         self.bind()
+
+
+def traced_models(tracker: Tracker) -> list[Tensor]:
+    """The model's tensors for a traced update; those it replaces in every forward read through their slots."""
+    if not tracker.volatile:
+        return tracker.binding.model_locals
+    modules = dict(tracker.model.named_modules(remove_duplicate=False))
+    return [
+        slot.get(tracker.model, modules) if slot.name in tracker.volatile else tensor  # type: ignore[misc]
+        for slot, tensor in zip(tracker.binding.slots, tracker.binding.model_locals)
+    ]
 
 
 def migrate_v01(state: dict) -> dict:
