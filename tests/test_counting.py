@@ -315,3 +315,33 @@ def test_cuda_graph_captures_the_update():
     assert ema.num_updates == eager.num_updates == 6
     for a, b in zip(ema._tracker.binding.ema_tensors, eager._tracker.binding.ema_tensors):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_update_averages_a_buffer_the_model_replaces_in_every_forward():
+    """Such a tensor is read through its slot: the graph takes this forward's tensor, not the one it was traced with."""
+
+    class RunningAverage(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+            self.register_buffer("average", torch.zeros(8))
+
+        def forward(self, x):
+            y = self.linear(x)
+            self.average = 0.5 * self.average + 0.5 * y.detach().mean(0)  # a new tensor every call
+            return y
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(RunningAverage(), torch.nn.Linear(8, 2))
+    ema, eager = ModelEMA(model, 0.5), ModelEMA(model, 0.5)
+    for _ in range(3):  # eagerly first: the EMA learns that `average` is replaced each step
+        model(torch.randn(4, 8))
+        ema.update()
+        eager.update()
+    assert "0.average" in ema._tracker.volatile
+    train_step = torch.compile(ema.update, backend="eager", fullgraph=True)
+    for _ in range(4):
+        model(torch.randn(4, 8))
+        train_step()
+        eager.update()
+    assert_same(ema, eager)
