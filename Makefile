@@ -14,7 +14,8 @@ SMOKE_VENV := build/smoke-venv
 # `make gpu-check` there (a CUDA GPU, torch preinstalled, no network) installs them from that folder only, runs
 # the CUDA tests, the benches and the CUDA-graph checks, and writes gpu-check.md/.json into $(OUT). Without
 # CUDA it is a dry run (the test suite runs one); REQUIRE_CUDA=1 makes that an error instead. Pinned: the versions our tests pass with; fastprogress 1.0.3
-# because later ones import python-fasthtml and its web stack.
+# because later ones import python-fasthtml and its web stack. The lent GPU machines' image carries pytest, timm,
+# pandas, matplotlib and scipy (.library/device/KINDS.md): the bundle does not override them.
 GPU_BUNDLE ?= build/gpu-bundle
 OUT ?= build/gpu-check
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
