@@ -240,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--require-cuda",
         action="store_true",
-        default=os.environ.get("REQUIRE_CUDA") == "1",
-        help="fail at once without a CUDA device (else a dry run); also REQUIRE_CUDA=1",
+        help="fail at once without a CUDA device (else a dry run); also REQUIRE_CUDA=1, unless --dry-run",
     )
     parser.add_argument("--check-bundle", metavar="DIR", help="only list a bundle's wheels and check its size")
     parser.add_argument("--models", default="vit_small_patch16_224,convnext_tiny,mobilenetv3_small_100")
@@ -254,10 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # preinstalled; the bundle never holds it
 
     cuda = torch.cuda.is_available() and not args.dry_run
-    if args.require_cuda and not cuda:
-        print(
-            "gpu-check: --require-cuda (REQUIRE_CUDA=1), but torch sees no CUDA device (a driver or a CPU-only wheel?)"
-        )
+    if (args.require_cuda or (os.environ.get("REQUIRE_CUDA") == "1" and not args.dry_run)) and not cuda:
+        seen = "a" if torch.cuda.is_available() else "no"
+        print(f"gpu-check: CUDA required (--require-cuda, REQUIRE_CUDA=1) but not used: torch sees {seen} CUDA device")
         return 2
     out, bundle = Path(args.out), Path(args.bundle)
     site = out / "site"

@@ -191,17 +191,35 @@ def test_compiled_update_reads_new_data_given_in_place_of_a_packed_or_chunked_te
     assert (ema.module.head.weight.float() - model.head.weight.float()).abs().max() < 10.0 * 0.5**3 + 1.0
 
 
-def test_a_sharded_ema_is_not_updated_inside_a_graph():
-    """Its shards are followed by address, which no graph checks: refused inside one, nothing counted."""
+@pytest.mark.parametrize("kind", ["sharded", "offloaded"])
+def test_a_sharded_or_offloaded_ema_is_not_updated_inside_a_graph(kind, monkeypatch):
+    """Shards are followed by address, which no graph checks; an offloaded update runs in a thread: refused."""
+    from fastema.core.plan import Plan
+
     model = ToyNet()
     ema = ModelEMA(model, 0.9)
-    ema._tracker.sharded = True  # stands for an FSDP2 / ZeRO-3 EMA (the distributed tests run real ones)
+    if kind == "sharded":
+        ema._tracker.sharded = True  # stands for an FSDP2 / ZeRO-3 EMA (the distributed tests run real ones)
+    else:  # stands for a CUDA model's EMA on the host (device="cpu"; no GPU here)
+        monkeypatch.setattr(Plan, "offloaded", property(lambda self: True))
     for fullgraph in (True, False):
-        with pytest.raises(Exception, match="sharded EMA"):
+        with pytest.raises(Exception, match=r"sharded EMA .* or of an offloaded one"):
             torch.compile(ema.update, backend="eager", fullgraph=fullgraph)()
     assert ema.num_steps == 0 and ema._counts.tensors is None
     ema.update()  # outside a graph
     assert ema.num_updates == 1
+
+
+def test_a_plan_knows_when_a_step_is_offloaded():
+    from fastema.core.offload import OffloadedStep
+    from fastema.core.plan import PackedStep, Plan
+
+    assert not ModelEMA(ToyNet())._tracker.plan.offloaded
+    offloaded = OffloadedStep.__new__(OffloadedStep)  # its kind is what counts here
+    assert Plan([offloaded]).offloaded
+    packed = PackedStep.__new__(PackedStep)
+    packed.inner = [offloaded]
+    assert Plan([packed]).offloaded
 
 
 def test_decays_are_checked_before_counting_once_the_counts_are_tensors():
@@ -345,3 +363,68 @@ def test_compiled_update_averages_a_buffer_the_model_replaces_in_every_forward()
         train_step()
         eager.update()
     assert_same(ema, eager)
+
+
+def test_a_replaced_submodule_without_tensors_costs_one_re_check_not_one_per_call(monkeypatch):
+    from fastema.core.tracker import Tracker
+
+    torch.manual_seed(0)
+    model = ToyNet()
+    ema = ModelEMA(model, 0.5)
+    train_step = torch.compile(ema.update, backend="eager")
+    train_step()
+    model.body[2] = torch.nn.ReLU()  # holds no tensor: the binding stays current, the module links change
+    follows = []
+    real_follow = Tracker.follow
+    monkeypatch.setattr(Tracker, "follow", lambda self, force=False: follows.append(1) or real_follow(self, force))
+    for _ in range(4):
+        train_step()
+    assert len(follows) == 1 and ema.num_updates == 5
+    torch.compile(ema.update, backend="eager", fullgraph=True)()  # no graph break left
+
+
+@pytest.mark.parametrize("flatten_model", [False, True])
+def test_a_16_bit_ema_with_a_tensor_weight_allocates_batches_not_the_model(flatten_model, monkeypatch):
+    """Its float32 math goes through two buffers of one staging batch, whatever the model's size."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastema.core import steps as _steps
+
+    monkeypatch.setitem(_steps.STAGING_ELEMENTS, "cpu", 1024)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 4)).bfloat16()
+    ema, by_float = ModelEMA(model, flatten_model=flatten_model), ModelEMA(model, flatten_model=flatten_model)
+    decay = torch.tensor(0.9, dtype=torch.float64)
+    ema.update(decay=decay)
+    by_float.update(0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        ema.update(decay=decay)
+    allocated = sum(e.self_cpu_memory_usage for e in profiler.key_averages() if e.self_cpu_memory_usage > 0)
+    assert allocated <= 2 * 1024 * 4 + 256  # the model's 66K float32 values would be 260 KB
+    by_float.update(0.9)
+    for a, b in zip(ema._tracker.binding.ema_tensors, by_float._tracker.binding.ema_tensors):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_compiled_update_refuses_a_replaced_buffer_of_another_shape_before_counting():
+    class Growing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+            self.register_buffer("average", torch.zeros(8))
+
+        def forward(self, x, size=8):
+            self.average = torch.zeros(size) + x.mean()  # a new tensor every call
+            return self.linear(x)
+
+    model = Growing()
+    ema = ModelEMA(model, 0.5)
+    for _ in range(3):
+        model(torch.randn(4, 8))
+        ema.update()
+    model(torch.randn(4, 8), size=9)
+    with pytest.raises(RuntimeError, match="changed shape"):
+        torch.compile(ema.update, backend="eager")()
+    assert ema.num_steps == 3

@@ -82,6 +82,12 @@ class Plan:
             step.close()
 
     @property
+    def offloaded(self) -> bool:
+        """Whether a step runs on another device in a background thread (`OffloadedStep`), packed or not."""
+        inner = [step for packed in self.packed for step in packed.inner]
+        return any(isinstance(step, OffloadedStep) for step in (*self.steps, *inner))
+
+    @property
     def packed(self) -> list[PackedStep]:
         return [step for step in self.steps if isinstance(step, PackedStep)]
 

@@ -64,6 +64,36 @@ def lerp_pairs(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], w
             ema_tensor.lerp_(model_tensor.to(ema_tensor.dtype), weight_for(weight, ema_tensor))
 
 
+def lerp_wide(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], weight: Tensor) -> None:
+    """16-bit EMAs with a tensor weight: float32 math, as `lerp_` does with a float weight (a 16-bit weight tensor
+    would round it), through two float32 buffers of at most a staging batch, allocated per call: never model-sized.
+    """
+    if torch.compiler.is_compiling():  # inductor fuses the round trip: no buffers
+        lerp_pairs(ema_tensors, model_tensors, weight)
+        return
+    device = ema_tensors[0].device
+    pairs = [
+        (ema, model, is_dense(ema) and ema.stride() == model.stride() and model.device == device)
+        for ema, model in zip(ema_tensors, model_tensors)
+    ]
+    capacity = STAGING_ELEMENTS.get(device.type, DEFAULT_STAGING_ELEMENTS)
+    size = max(1, min(capacity, max((ema.numel() for ema, _, dense in pairs if dense), default=0)))
+    wide_ema, wide_model = (torch.empty(size, dtype=torch.float32, device=device) for _ in range(2))
+    wide_weight = weight.to(device, torch.float32)
+    for ema, model, dense in pairs:
+        if not dense:  # strided or on another device: this one tensor's temporaries
+            lerp_pairs([ema], [model], weight)
+            continue
+        ema_flat, model_flat = memory_order_view(ema), memory_order_view(model)
+        for begin in range(0, ema_flat.numel(), size):
+            end = min(begin + size, ema_flat.numel())
+            staged_ema, staged_model = wide_ema[: end - begin], wide_model[: end - begin]
+            staged_ema.copy_(ema_flat[begin:end])
+            staged_model.copy_(model_flat[begin:end])
+            staged_ema.lerp_(staged_model, wide_weight)
+            ema_flat[begin:end].copy_(staged_ema)
+
+
 def traced_step(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], weight: Tensor) -> None:
     """An update traced into the caller's `torch.compile` graph, reading the tensor objects themselves.
 
@@ -71,17 +101,18 @@ def traced_step(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], 
     layout dynamo's guards still pass, and the graph must read the new data.
     """
     for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
-        if is_averaged(ema_tensor):
+        if model_tensor.shape != ema_tensor.shape:  # a tensor replaced in every forward (read through its slot)
+            raise RuntimeError("a tensor the model replaces in its forward changed shape")
+        if is_averaged(ema_tensor) and is_averaged(model_tensor):
             lerp_pairs([ema_tensor], [model_tensor], weight)
-        else:
+        else:  # as the eager plan: a count is never averaged
             ema_tensor.copy_(model_tensor)
 
 
 def lerp_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: Weight) -> None:
     """One multi-tensor launch per chunk of tensors (same device and dtype on both sides)."""
     if isinstance(weight, Tensor) and ema_tensors[0].dtype in NARROW:
-        # A tensor weight would be rounded to 16 bits; with a float weight `lerp_` computes in float32.
-        lerp_pairs(ema_tensors, model_tensors, weight)  # a float32 temporary per tensor (a tensor decay only)
+        lerp_wide(ema_tensors, model_tensors, weight)  # a tensor weight in 16 bits would be rounded
     elif isinstance(weight, Tensor):  # the Scalar overload would read a tensor on the host (a sync)
         weights = [weight.to(device=ema_tensors[0].device, dtype=ema_tensors[0].dtype)] * len(ema_tensors)
         torch._foreach_lerp_(ema_tensors, model_tensors, weights)
@@ -92,7 +123,7 @@ def lerp_fused(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: W
 def lerp_loop(ema_tensors: list[Tensor], model_tensors: list[Tensor], weight: Weight) -> None:
     """One `lerp_` per tensor: the reference implementation of `lerp_fused`."""
     if isinstance(weight, Tensor) and ema_tensors and ema_tensors[0].dtype in NARROW:
-        lerp_pairs(ema_tensors, model_tensors, weight)  # as in `lerp_fused`
+        lerp_wide(ema_tensors, model_tensors, weight)  # as in `lerp_fused`
         return
     if ema_tensors:
         weight = weight_for(weight, ema_tensors[0])

@@ -129,15 +129,16 @@ class Tracker:
         the graph reads the new data; with another layout, dtype or device its guards see it).
         """
         if capturing():
-            if self.sharded:
+            if self.sharded or self.plan.offloaded:
                 raise RuntimeError(
-                    "ModelEMA.update() of a sharded EMA (FSDP2, DeepSpeed ZeRO-3) cannot run inside torch.compile or "
-                    "a CUDA graph (its shards are followed by address, which a graph cannot check): call it outside"
+                    "ModelEMA.update() of a sharded EMA (DTensor: FSDP2, tensor parallel; DeepSpeed ZeRO-3) or of an "
+                    "offloaded one (on another device than the model, updated in a background thread) cannot run "
+                    "inside torch.compile or a CUDA graph: call it outside (e.g. under torch.compiler.disable)"
                 )
             # Dynamo cannot trace storage addresses, and the change counter moves whenever any module is
             # built anywhere (compiling builds some): a guard on it would recompile the caller's graph each
             # time. Inside a graph each tracked tensor's object and layout are checked instead (as guards).
-            if not self.binding.held_as_recorded():
+            if not self.binding.held_as_recorded() or self.plan.slots_stale():
                 torch.compiler.disable(self.follow)()  # eager: a graph break, only when the model did change
             return
         if self.sentinel is not None and self.sentinel.moved():
@@ -170,6 +171,7 @@ class Tracker:
         reshard(self.model)
         if not force and self.binding.current() and not self.plan.slots_stale():
             self.plan.rebaseline()
+            self.binding.record_links()  # a submodule without tracked tensors may have been replaced
             self.seen_changes = changes()
             return
         before = self.binding.recorded_objects

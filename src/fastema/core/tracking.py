@@ -326,10 +326,7 @@ class Binding:
         self.recorded_objects = self.objects()
         # (dict holding it, key, tensor, layout) of each steady tracked tensor, for `held_as_recorded`.
         self.held = []
-        # (children dict, name, child) of every module: a submodule replaced by another holds other tensors.
-        self.links = [
-            (parent._modules, name, child) for parent in self.model.modules() for name, child in parent._modules.items()
-        ]
+        self.record_links()
         if self.ema_module is not None:
             for slot, tensor in zip(self.slots, self.model_tensors):
                 if slot.name not in self.volatile:
@@ -337,13 +334,22 @@ class Binding:
                     holder = owner._parameters if slot.is_parameter else owner._buffers
                     self.held.append((holder, slot.key, tensor, _layout(tensor)))
 
+    def record_links(self) -> None:
+        """(children dict, name, child) of every module: a submodule replaced by another may hold other tensors."""
+        # By id: dynamo guards a module's identity only through `id()` (module objects themselves by type).
+        self.links = [
+            (parent._modules, name, id(child))
+            for parent in self.model.modules()
+            for name, child in parent._modules.items()
+        ]
+
     def held_as_recorded(self) -> bool:
         """Whether every tracked tensor is still the object its module holds, on its device, in its dtype and layout.
 
         `current()` without storage addresses (which dynamo cannot trace): inside `torch.compile` this check
         becomes dynamo's guards, evaluated at each call of the graph at no Python cost.
         """
-        return all(children.get(name) is child for children, name, child in self.links) and all(
+        return all(id(children.get(name)) == child for children, name, child in self.links) and all(
             holder.get(key) is tensor and _layout(tensor) == layout for holder, key, tensor, layout in self.held
         )
 
