@@ -196,6 +196,11 @@ def test_bema_refuses_bad_settings_and_states_that_mean_something_else(tmp_path)
         with pytest.raises(error):
             BEMA(model, **bad)
     assert {part.compile for part in BEMA(model, compile=False)._parts().values()} == {False}
+    from fastema.fastai import BEMACallback as FastaiBEMACallback
+
+    assert FastaiBEMACallback(compile=False).settings["compile"] is False
+    with pytest.raises(TypeError, match="compile"):
+        FastaiBEMACallback(compile="yes")
     bema = BEMA(model, update_after=2)
     for _ in range(3):
         bema.update()

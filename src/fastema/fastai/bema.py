@@ -50,6 +50,7 @@ class BEMACallback(AveragingCallback):
         all_buffers: bool = False,  # also average non-persistent buffers
         flatten_model: bool = False,  # pack the model and the EMAs into flat buffers
         ema_dtype: torch.dtype | None = None,  # dtype of their floating tensors, e.g. torch.float32 for bf16 models
+        compile: bool | None = None,  # compiled steps (True), eager (False), where they pay (None; see ModelEMA)
     ):
         self.settings: dict[str, Any] = dict(
             ema_power=ema_power,
@@ -65,6 +66,7 @@ class BEMACallback(AveragingCallback):
             all_buffers=all_buffers,
             flatten_model=flatten_model,
             ema_dtype=ema_dtype,
+            compile=compile,
         )
         BEMA(nn.Linear(1, 1), **self.settings)  # everything BEMA checks, checked now rather than at fit
         self.validate_ema = check_flag(validate_ema, "validate_ema")
