@@ -336,9 +336,10 @@ class Binding:
 
     def record_links(self) -> None:
         """(children dict, name, child) of every module: a submodule replaced by another may hold other tensors."""
-        # By id: dynamo guards a module's identity only through `id()` (module objects themselves by type).
+        # By id: dynamo guards a module's identity only through `id()` (module objects themselves by type). The
+        # child is kept too: alive, its id cannot be reused by a module built where a freed one was.
         self.links = [
-            (parent._modules, name, id(child))
+            (parent._modules, name, id(child), child)
             for parent in self.model.modules()
             for name, child in parent._modules.items()
         ]
@@ -349,7 +350,7 @@ class Binding:
         `current()` without storage addresses (which dynamo cannot trace): inside `torch.compile` this check
         becomes dynamo's guards, evaluated at each call of the graph at no Python cost.
         """
-        return all(id(children.get(name)) == child for children, name, child in self.links) and all(
+        return all(id(children.get(name)) == known for children, name, known, _ in self.links) and all(
             holder.get(key) is tensor and _layout(tensor) == layout for holder, key, tensor, layout in self.held
         )
 
