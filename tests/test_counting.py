@@ -425,6 +425,49 @@ def test_a_compiled_update_refuses_a_replaced_buffer_of_another_shape_before_cou
         model(torch.randn(4, 8))
         ema.update()
     model(torch.randn(4, 8), size=9)
-    with pytest.raises(RuntimeError, match="changed shape"):
+    with pytest.raises(RuntimeError, match="changed shape from"):
         torch.compile(ema.update, backend="eager")()
     assert ema.num_steps == 3
+
+
+def test_a_compiled_update_follows_a_tensor_replaced_in_a_submodule_that_took_over_the_old_tensors():
+    """As `SyncBatchNorm.convert_sync_batchnorm` does: a new module holding the old tensors, then a new tensor."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    ema = ModelEMA(model, 0.5)
+    train_step = torch.compile(ema.update, backend="eager")
+    train_step()
+    new = torch.nn.Linear(2, 2)
+    new.weight, new.bias = model[1].weight, model[1].bias  # the same tensor objects in a new module
+    model[1] = new
+    train_step()
+    train_step()
+    model[1].weight = torch.nn.Parameter(torch.full((2, 2), 10.0))
+    for _ in range(6):
+        train_step()
+    assert (ema.module[1].weight - 10.0).abs().max() <= 11.0 * 0.5**6
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_an_integer_tensor_in_place_of_a_floating_buffer_is_copied_not_averaged(compiled):
+    """Eagerly (a buffer replaced in every forward, read through its slot) and inside a graph alike."""
+
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+            self.register_buffer("count", torch.zeros(()))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 4
+            self.count = torch.tensor(self.calls)  # an int64 tensor, new at every call
+            return self.linear(x)
+
+    model = Counter()
+    ema = ModelEMA(model, 0.5)
+    update = torch.compile(ema.update, backend="eager") if compiled else ema.update
+    for step in range(6):
+        model(torch.randn(1, 2))
+        (update if step >= 3 else ema.update)()
+    assert ema.module.count.item() == model.count.item() == 24

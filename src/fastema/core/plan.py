@@ -81,11 +81,19 @@ class Plan:
         for step in self.steps:
             step.close()
 
+    def all_steps(self) -> list[Step]:
+        """Every step, also those inside packed, offloaded and compiled steps."""
+        found, pending = [], list(self.steps)
+        while pending:
+            step = pending.pop(0)
+            found.append(step)
+            pending += getattr(step, "inner", []) + getattr(step, "eager", [])
+        return found
+
     @property
     def offloaded(self) -> bool:
-        """Whether a step runs on another device in a background thread (`OffloadedStep`), packed or not."""
-        inner = [step for packed in self.packed for step in packed.inner]
-        return any(isinstance(step, OffloadedStep) for step in (*self.steps, *inner))
+        """Whether a step runs on another device in a background thread (`OffloadedStep`), wherever it is."""
+        return any(isinstance(step, OffloadedStep) for step in self.all_steps())
 
     @property
     def packed(self) -> list[PackedStep]:
@@ -94,13 +102,7 @@ class Plan:
     @property
     def compiled(self) -> list[CompiledStep]:
         """The compiled steps, also those inside packed and offloaded steps."""
-        found, pending = [], list(self.steps)
-        while pending:
-            step = pending.pop(0)
-            if isinstance(step, CompiledStep):
-                found.append(step)
-            pending += getattr(step, "inner", [])
-        return found
+        return [step for step in self.all_steps() if isinstance(step, CompiledStep)]
 
     def compile_seconds(self) -> float:
         """Seconds spent compiling this plan's steps so far (cache hits included)."""

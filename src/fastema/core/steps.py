@@ -101,8 +101,6 @@ def traced_step(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], 
     layout dynamo's guards still pass, and the graph must read the new data.
     """
     for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
-        if model_tensor.shape != ema_tensor.shape:  # a tensor replaced in every forward (read through its slot)
-            raise RuntimeError("a tensor the model replaces in its forward changed shape")
         if is_averaged(ema_tensor) and is_averaged(model_tensor):
             lerp_pairs([ema_tensor], [model_tensor], weight)
         else:  # as the eager plan: a count is never averaged
@@ -265,6 +263,7 @@ class SlotStep(Step):
         if current is None:
             raise RuntimeError("a tensor the model replaces in its forward changed shape, dtype or device")
         for ema_tensor, model_tensor, averaged in zip(self.ema_tensors, current, self.averaged):
+            averaged = averaged and is_averaged(model_tensor)  # a count is never averaged, whatever the EMA's dtype
             if model_tensor.dtype != ema_tensor.dtype or model_tensor.device != ema_tensor.device:
                 model_tensor = model_tensor.to(ema_tensor.device, ema_tensor.dtype)  # a few small tensors
             if averaged and isinstance(weight, Tensor):

@@ -171,7 +171,7 @@ class Tracker:
         reshard(self.model)
         if not force and self.binding.current() and not self.plan.slots_stale():
             self.plan.rebaseline()
-            self.binding.record_links()  # a submodule without tracked tensors may have been replaced
+            self.binding.record()  # a replaced submodule may hold the same tensors: record their new holders
             self.seen_changes = changes()
             return
         before = self.binding.recorded_objects
