@@ -243,7 +243,11 @@ class SlotStep(Step):
             tensor = holder[key]
             assert tensor is not None  # the binding found it there a moment ago
             self.kinds.append((tensor.shape, tensor.dtype, tensor.device))
-        self.averaged = [is_averaged(tensor) for tensor in self.ema_tensors]
+        # A count is never averaged, whatever the EMA's dtype; a model tensor of another dtype is refused (`kinds`).
+        self.averaged = [
+            is_averaged(ema) and (kind[1].is_floating_point or kind[1].is_complex)
+            for ema, kind in zip(self.ema_tensors, self.kinds)
+        ]
 
     def _current(self) -> list[Tensor] | None:
         """The tensors the slots hold now, or None if one is gone or has another shape, dtype or device."""
@@ -263,7 +267,6 @@ class SlotStep(Step):
         if current is None:
             raise RuntimeError("a tensor the model replaces in its forward changed shape, dtype or device")
         for ema_tensor, model_tensor, averaged in zip(self.ema_tensors, current, self.averaged):
-            averaged = averaged and is_averaged(model_tensor)  # a count is never averaged, whatever the EMA's dtype
             if model_tensor.dtype != ema_tensor.dtype or model_tensor.device != ema_tensor.device:
                 model_tensor = model_tensor.to(ema_tensor.device, ema_tensor.dtype)  # a few small tensors
             if averaged and isinstance(weight, Tensor):
