@@ -94,20 +94,8 @@ class BEMACallback(AveragingCallback):
     def _begin(self) -> None:
         self._engine.reset()  # theta_0 and the step count start at `start`
 
-    def _validates_with_ema(self) -> bool:
-        return bool(self.validate_ema)
-
     def _update(self) -> None:
         self._engine.update()
-
-    def _ema_weights(self):
-        return self._engine.use_ema_weights()
-
-    def _finish_fit(self) -> None:
-        if self.replace_weights:
-            self._engine.copy_to()
-        else:
-            self.learn.model_ema = None if self._engine.sharded else self._engine.module
 
     def restore_ema_checkpoint(self, state: dict) -> None:
         "Install a checked checkpoint: `learn.model_ema` is its BEMA model; `fit(..., start_epoch=k)` continues it"
@@ -115,4 +103,4 @@ class BEMACallback(AveragingCallback):
         engine.load_state_dict(state["engine"])
         self.engine = engine
         self._loaded = {"started": state["started"]}
-        self.learn.model_ema = None if engine.sharded else engine.module
+        self._publish(engine)

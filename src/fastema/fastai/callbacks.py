@@ -223,10 +223,18 @@ class AveragingCallback(Callback, EMACheckpointing):
 
     def _ema_weights(self):
         """A context manager that puts the EMA into the model for validation."""
-        raise NotImplementedError
+        return self._engine.use_ema_weights()
 
     def _finish_fit(self) -> None:
-        """After a fit in which the EMA started."""
+        """After a fit in which the EMA started: the averaged weights into the model, or as `learn.model_ema`."""
+        if self.replace_weights:
+            self._engine.copy_to()
+        else:
+            self._publish(self._engine)
+
+    def _publish(self, engine) -> None:
+        # A sharded (FSDP2, ZeRO-3) EMA is shards only: no module to hand out (validate with it, or save it).
+        self.learn.model_ema = None if engine.sharded else engine.module
 
     # ---- fastai's events ---------------------------------------------------------------------------------
 
@@ -306,7 +314,7 @@ class AveragingCallback(Callback, EMACheckpointing):
 
     def _validates_with_ema(self) -> bool:
         """Whether validation in fit uses the EMA weights (read at each validation: the attribute may change)."""
-        raise NotImplementedError
+        return bool(self.validate_ema)
 
     def before_validate(self):
         # Only inside a running fit: after one that failed or was refused, validate() uses the model's weights.
@@ -555,18 +563,11 @@ class EMACallback(AveragingCallback):
         self._publish(engine)
         self._restore_current_decay(decay)
 
-    def _publish(self, engine: ModelEMA) -> None:
-        # A sharded (FSDP2) EMA is shards only: no module to hand out (validate with it, or save it).
-        self.learn.model_ema = None if engine.sharded else engine.module
-
     def _restore_current_decay(self, decay: float) -> None:
         pass  # EMACallback's `decay` is its configuration: the one given to this callback wins
 
     def _begin(self) -> None:
         self._engine.reset()
-
-    def _validates_with_ema(self) -> bool:
-        return bool(self.validate_ema)
 
     def _update(self) -> None:
         # The global step comes from epoch and iter, which stay right when resuming with start_epoch.
@@ -589,15 +590,6 @@ class EMACallback(AveragingCallback):
             import wandb
 
             wandb.log({"ema_decay": self.decay, "ema_half_life": half_life}, step=wandb_callback._wandb_step)
-
-    def _ema_weights(self):
-        return self._engine.use_ema_weights()
-
-    def _finish_fit(self) -> None:
-        if self.replace_weights:
-            self._engine.copy_to()
-        else:
-            self._publish(self._engine)
 
 
 class EMASchedule(EMACallback):
