@@ -25,6 +25,21 @@ class ToyNet(nn.Module):
         return self.head(self.body(x) + 0.1 * self.frozen(self.body(x)))
 
 
+class RunningAverage(nn.Module):
+    """A buffer replaced by a new tensor in every forward (`self.average = ...`), as running statistics often are."""
+
+    def __init__(self, keep: float = 0.5, take: float = 0.5):
+        super().__init__()
+        self.keep, self.take = keep, take
+        self.linear = nn.Linear(8, 8)
+        self.register_buffer("average", torch.zeros(8))
+
+    def forward(self, x):
+        y = self.linear(x)
+        self.average = self.keep * self.average + self.take * y.detach().mean(0)  # a new tensor every call
+        return y
+
+
 def toy_data(n: int = 64, n_in: int = 8, n_out: int = 3, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, n_in, generator=generator)

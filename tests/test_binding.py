@@ -10,7 +10,14 @@ from torch import nn
 
 from fastema import ModelEMA
 from fastema.core import tracking as _binding
-from helpers import ConvNet, ToyNet, all_tensors, assert_matches_reference, assert_update_runs_only_ema_kernels
+from helpers import (
+    ConvNet,
+    RunningAverage,
+    ToyNet,
+    all_tensors,
+    assert_matches_reference,
+    assert_update_runs_only_ema_kernels,
+)
 from reference import ReferenceEMA, expected_tracked
 
 LAYOUTS = [
@@ -518,19 +525,8 @@ def test_swap_tensors_alone_is_followed_by_a_packed_step():
 
 @pytest.mark.parametrize("options", LAYOUTS)
 def test_a_buffer_reassigned_in_every_forward_is_followed_without_a_new_plan_each_step(options, monkeypatch):
-    class RunningAverage(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(8, 8)
-            self.register_buffer("average", torch.zeros(8))
-
-        def forward(self, x):
-            y = self.linear(x)
-            self.average = 0.9 * self.average + 0.1 * y.detach().mean(0)  # a new tensor every call
-            return y
-
     torch.manual_seed(0)
-    model = nn.Sequential(RunningAverage(), nn.Linear(8, 2))
+    model = nn.Sequential(RunningAverage(0.9, 0.1), nn.Linear(8, 2))
     ema, reference = start(model, **options)
     checks = []
     real_current = _binding.Binding.current
@@ -574,17 +570,6 @@ def test_tensor_names_chooses_exactly_what_is_averaged():
 def test_a_buffer_reassigned_in_every_forward_is_averaged_on_time_when_other_modules_are_created(options):
     # A loss module built inside the loop registers a buffer: the counter moves, the binding is current,
     # and the slot step must still read the tensor of *this* forward, not the previous one.
-    class RunningAverage(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(8, 8)
-            self.register_buffer("average", torch.zeros(8))
-
-        def forward(self, x):
-            y = self.linear(x)
-            self.average = 0.5 * self.average + 0.5 * y.detach().mean(0)
-            return y
-
     torch.manual_seed(0)
     model = nn.Sequential(RunningAverage(), nn.Linear(8, 2))
     ema, reference = start(model, **options)

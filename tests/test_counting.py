@@ -6,7 +6,7 @@ import torch
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 from fastema import ExponentialWarmup, InverseGammaWarmup, ModelEMA
-from helpers import ConvNet, MixedNet, ToyNet, calls_during
+from helpers import ConvNet, MixedNet, RunningAverage, ToyNet, calls_during
 from reference import ReferenceEMA, expected_tracked
 
 
@@ -337,17 +337,6 @@ def test_cuda_graph_captures_the_update():
 
 def test_compiled_update_averages_a_buffer_the_model_replaces_in_every_forward():
     """Such a tensor is read through its slot: the graph takes this forward's tensor, not the one it was traced with."""
-
-    class RunningAverage(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = torch.nn.Linear(8, 8)
-            self.register_buffer("average", torch.zeros(8))
-
-        def forward(self, x):
-            y = self.linear(x)
-            self.average = 0.5 * self.average + 0.5 * y.detach().mean(0)  # a new tensor every call
-            return y
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(RunningAverage(), torch.nn.Linear(8, 2))
