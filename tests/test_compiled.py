@@ -12,6 +12,7 @@ import torch
 from fastema import ModelEMA
 from fastema.core import compiled as _compiled
 from fastema.core import steps as _steps
+from fastema.core.native import NativeStep
 from helpers import MixedNet, ToyNet, all_tensors, assert_state_matches
 from reference import ReferenceEMA, expected_tracked
 
@@ -107,7 +108,7 @@ def test_compiled_step_follows_replaced_data_and_a_new_layout():
 def test_packed_and_compiled_bfloat16_model_with_float32_ema():
     torch.manual_seed(0)
     model = ToyNet().bfloat16()
-    ema = ModelEMA(model, 0.95, ema_dtype=torch.float32, flatten_model=True)  # compiled by default (compile=None)
+    ema = ModelEMA(model, 0.95, ema_dtype=torch.float32, flatten_model=True, compile=True)
     (packed,) = ema._tracker.plan.packed
     assert isinstance(packed.inner[0], _compiled.CompiledStep)
     tracked = expected_tracked(model)
@@ -153,12 +154,17 @@ def test_a_failed_compile_warns_once_and_steps_eagerly(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_by_default_only_groups_that_convert_are_compiled_on_cpu_and_quietly(monkeypatch):
-    assert not ModelEMA(ToyNet())._tracker.plan.compiled  # one dtype: eager
-    assert not ModelEMA(ToyNet(), flatten_model=True)._tracker.plan.compiled  # one lerp_ already
-    (unpacked,) = ModelEMA(ToyNet().bfloat16(), ema_dtype=torch.float32)._tracker.plan.compiled
-    assert isinstance(unpacked.eager[0], _steps.StagedStep)
-    model = ToyNet().bfloat16()
+def test_by_default_cpu_groups_take_the_native_kernel_and_other_converting_groups_compile_quietly(monkeypatch):
+    # float32 EMAs of float32 or bfloat16 tensors on the CPU: the native kernel (test_native.py), never inductor.
+    for model, ema_dtype in [(ToyNet(), None), (ToyNet().bfloat16(), torch.float32)]:
+        for flatten_model in (False, True):
+            steps = ModelEMA(model, ema_dtype=ema_dtype, flatten_model=flatten_model)._tracker.plan.compiled
+            assert steps and all(isinstance(step, NativeStep) for step in steps)
+    assert not ModelEMA(ToyNet(), compile=False)._tracker.plan.compiled
+    # A float16 model's float32 EMA converts on the way: compiled by default.
+    (unpacked,) = ModelEMA(ToyNet().half(), ema_dtype=torch.float32)._tracker.plan.compiled
+    assert isinstance(unpacked, _compiled.CompiledStep) and isinstance(unpacked.eager[0], _steps.StagedStep)
+    model = ToyNet().half()
     eager = ModelEMA(model, 0.9, ema_dtype=torch.float32, flatten_model=True, compile=False)
     assert not eager._tracker.plan.compiled
     ema = ModelEMA(model, 0.9, ema_dtype=torch.float32, flatten_model=True)
@@ -179,8 +185,8 @@ def test_by_default_only_groups_that_convert_are_compiled_on_cpu_and_quietly(mon
     for a, b in zip(ema._tracker.binding.ema_tensors, eager._tracker.binding.ema_tensors):
         assert torch.equal(a, b)
     # Compiling failed on CPU: the default stops trying there (each try would cost its time again).
-    assert not ModelEMA(ToyNet().bfloat16(), ema_dtype=torch.float32)._tracker.plan.compiled
-    assert ModelEMA(ToyNet().bfloat16(), ema_dtype=torch.float32, compile=True)._tracker.plan.compiled
+    assert not ModelEMA(ToyNet().half(), ema_dtype=torch.float32)._tracker.plan.compiled
+    assert ModelEMA(ToyNet().half(), ema_dtype=torch.float32, compile=True)._tracker.plan.compiled
 
 
 def test_compile_option_is_checked_and_compile_true_plans_a_compiled_step_per_group():

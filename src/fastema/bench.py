@@ -5,7 +5,9 @@ For each model, in the same run and on the same tensors, the median time of one 
 - `for-loop`: `ema.mul_(d).add_(model, alpha=1-d)` per tensor, the textbook step;
 - `mul+add`: the seed's fused step, `_foreach_mul_` then `_foreach_add_`, tensors re-grouped every step;
 - `foreach_lerp`: `torch._foreach_lerp_` over lists grouped once (timm `ModelEmaV3`);
-- `fastema`: `ModelEMA.update()` with its defaults;
+- `fastema`: `ModelEMA.update()` with its defaults (on CPU the native kernel for float32 EMAs of
+  float32 or bfloat16 models, `core/native.py`); `fastema eager`: `ModelEMA(compile=False)`, PyTorch's
+  kernels only (`_foreach_lerp_`, or a staging buffer and two passes for a wider EMA dtype);
 - `fastema flat`: `ModelEMA(flatten_model=True).update()` (model and EMA packed into flat buffers);
 - `fastema compiled`: `ModelEMA(compile=True).update()`, one TorchInductor function per group of
   tensors (the model's storage untouched); `flat compiled`: the same over the packed buffers. Their
@@ -62,6 +64,7 @@ METHODS = [
     "mul+add",
     "foreach_lerp",
     "fastema",
+    "fastema eager",
     "fastema flat",
     "fastema compiled",
     "flat compiled",
@@ -69,7 +72,7 @@ METHODS = [
     "posthoc K=2",
     "2x fastema",
 ]
-COMPILED = ["fastema compiled", "flat compiled"]
+COMPILED = ["fastema", "fastema flat", "fastema compiled", "flat compiled"]
 PEERS = [
     "timm ModelEmaV3",
     "AveragedModel multi_avg_fn",
@@ -169,6 +172,7 @@ class ModelResult:
             "speedup vs mul+add": ("mul+add", "fastema"),
             "speedup vs foreach_lerp": ("foreach_lerp", "fastema"),
             "fastema / floor": ("fastema", "floor"),
+            "fastema eager / floor": ("fastema eager", "floor"),
             "fastema flat / floor": ("fastema flat", "floor"),
             "fastema compiled / floor": ("fastema compiled", "floor"),
             "flat compiled / floor": ("flat compiled", "floor"),
@@ -435,9 +439,10 @@ def bench_model(
     flat_compiled = ModelEMA(
         flat_model, DECAY, flatten_model=True, ema_dtype=ema_dtype, device=ema_device, compile=True
     )
+    eager = ModelEMA(model, DECAY, ema_dtype=ema_dtype, device=ema_device, compile=False)
     compile_seconds = {}
-    for method, ema in (("fastema compiled", compiled), ("flat compiled", flat_compiled)):
-        ema.update()  # compiles (or finds the compiled function in inductor's cache)
+    for method, ema in zip(COMPILED, (ours, flat, compiled, flat_compiled)):
+        ema.update()  # builds or compiles (or finds the result in the disk cache)
         ema.synchronize()
         compile_seconds[method] = ema._tracker.plan.compile_seconds()
     second = ModelEMA(model, 0.999, ema_dtype=ema_dtype, device=ema_device)
@@ -466,6 +471,7 @@ def bench_model(
         "mul+add": lambda: mul_add_step(mul_add_ema, model, DECAY),
         "foreach_lerp": lambda: foreach_lerp_step(lerp_floats, lerp_model_floats, lerp_ints, lerp_model_ints, DECAY),
         "fastema": ours.update,
+        "fastema eager": eager.update,
         "fastema flat": flat.update,
         "fastema compiled": compiled.update,
         "flat compiled": flat_compiled.update,
@@ -491,7 +497,7 @@ def bench_model(
             floor_ema.lerp_(pinned if pinned.dtype == floor_ema.dtype else floor_model, 1 - DECAY)
 
         steps["floor"] = floor_step
-        emas = (ours, flat, compiled, flat_compiled)
+        emas = (ours, eager, flat, compiled, flat_compiled)
         steps = {method: _to_completion(step, device, emas) for method, step in steps.items()}
     # An offloaded step ends in a background thread, which CUDA events cannot see: time it on the host.
     step_timer = Timer(torch.device("cpu"), timer.budget_s, timer.rounds, timer.min_repeats) if offloaded else timer

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .compiled import CompiledStep, compilable, compile_by_default
+from .native import NativeStep, native_available, native_pair
 from .offload import OffloadedStep
 from .steps import (
     KernelStep,
@@ -100,9 +101,9 @@ class Plan:
         return [step for step in self.steps if isinstance(step, PackedStep)]
 
     @property
-    def compiled(self) -> list[CompiledStep]:
-        """The compiled steps, also those inside packed and offloaded steps."""
-        return [step for step in self.all_steps() if isinstance(step, CompiledStep)]
+    def compiled(self) -> list[CompiledStep | NativeStep]:
+        """The compiled and native steps, also those inside packed and offloaded steps."""
+        return [step for step in self.all_steps() if isinstance(step, (CompiledStep, NativeStep))]
 
     def compile_seconds(self) -> float:
         """Seconds spent compiling this plan's steps so far (cache hits included)."""
@@ -123,7 +124,7 @@ def plan_update(
     """The plan for these pairs; `flatten` packs them first (`all_model_tensors`: every tensor of the model).
 
     `compile`: each group's averaged pairs get one compiled step (`CompiledStep`) over their eager step
-    (None: where `compile_by_default` says it pays).
+    (None: the native CPU kernel where it takes the group, else where `compile_by_default` says it pays).
 
     `volatile`: (slot, owner, index) of tensors the model keeps replacing, read through their slots.
     """
@@ -165,13 +166,18 @@ def kernel_steps(
     `StagedStep`. Another device: `OffloadedStep` (a snapshot of the model on the EMA's device,
     then the same choice there). `foreach=None` picks the fused kernels wherever they run,
     `True` insists on them (raising where they cannot run), `False` uses per-tensor loops.
-    `compile` wraps the step of each group of averaged pairs in a `CompiledStep` (None: where
-    `compile_by_default` says it pays).
+    `compile` wraps the step of each group of averaged pairs in a `CompiledStep`; None wraps CPU float32
+    EMAs of float32 or bfloat16 tensors in a `NativeStep` (unless `foreach` names PyTorch's kernels), and
+    the other groups where `compile_by_default` says a compiled step pays.
     """
+    steps: list[Step] = []
+    if compile is None and foreach is None:
+        steps, rest = native_steps(ema_tensors, model_tensors, is_parameter, foreach)
+        ema_tensors, model_tensors = [ema_tensors[i] for i in rest], [model_tensors[i] for i in rest]
+        is_parameter = [is_parameter[i] for i in rest]
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for index, (ema_tensor, model_tensor) in enumerate(zip(ema_tensors, model_tensors, strict=True)):
         buckets[(ema_tensor.device, ema_tensor.dtype, model_tensor.device, model_tensor.dtype)].append(index)
-    steps: list[Step] = []
     for (ema_device, ema_dtype, model_device, model_dtype), indices in buckets.items():
         ema_list = [ema_tensors[index] for index in indices]
         model_list = [model_tensors[index] for index in indices]
@@ -210,6 +216,24 @@ def kernel_steps(
             step = CompiledStep(ema_list, model_list, [step], warn=compile is True)
         steps.append(step)
     return steps
+
+
+def native_steps(
+    ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], is_parameter: Sequence[bool], foreach: bool | None
+) -> tuple[list[Step], list[int]]:
+    """A `NativeStep` per model dtype for the pairs the native kernel takes, and the indices of the others."""
+    taken: dict[torch.dtype, list[int]] = defaultdict(list)
+    if native_available():
+        for index, (ema_tensor, model_tensor) in enumerate(zip(ema_tensors, model_tensors, strict=True)):
+            if native_pair(ema_tensor, model_tensor):
+                taken[model_tensor.dtype].append(index)
+    steps: list[Step] = []
+    for indices in taken.values():
+        ema_list, model_list = [ema_tensors[i] for i in indices], [model_tensors[i] for i in indices]
+        eager = kernel_steps(ema_list, model_list, [is_parameter[i] for i in indices], foreach, compile=False)
+        steps.append(NativeStep(ema_list, model_list, eager))
+    used = {index for indices in taken.values() for index in indices}
+    return steps, [index for index in range(len(ema_tensors)) if index not in used]
 
 
 # ---- packing -------------------------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""The native CPU kernel (compile=None on CPU) against the float64 reference and the eager step.
+
+The kernel is built once per machine (about 15 s, cached by torch.utils.cpp_extension); every test
+here shares that build. Without a C++ compiler the kernel cannot exist and these tests skip.
+"""
+
+import logging
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from fastema import ModelEMA
+from fastema.core import native as _native
+from fastema.core.native import NativeStep
+from helpers import all_tensors, assert_state_matches
+from reference import ReferenceEMA, expected_tracked
+
+pytestmark = pytest.mark.skipif(
+    _native.build_flags() is None or shutil.which("c++") is None, reason="no native kernel on this platform"
+)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = _native.load()
+    assert module is not None, "the native kernel failed to build (see the log)"
+    return module
+
+
+class ManyTensors(nn.Module):
+    """Small and large tensors (the threads' split crosses tensors), a channels-last conv, a strided parameter."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.small = nn.ParameterList([nn.Parameter(torch.randn(size)) for size in (1, 7, 33, 250)])
+        self.large = nn.ParameterList([nn.Parameter(torch.randn(size)) for size in (40001, 3, 70003)])
+        self.conv = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+        self.norm = nn.BatchNorm2d(8)  # running stats, and a count the kernel never takes
+        self.to(dtype)
+        self.gappy = nn.Parameter(torch.randn(6, 10, dtype=dtype)[:, ::2])  # not dense: the eager step's
+
+    def forward(self, x):
+        return self.norm(self.conv(x)).mean()
+
+
+def train(model, emas, reference, tracked, decays, seed=1):
+    """Perturb the model as training does, then update every EMA and the reference with the same decay."""
+    generator = torch.Generator().manual_seed(seed)
+    for decay in decays:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator).to(p.dtype))
+            model.train()(torch.randn(2, 3, 6, 6, generator=generator).to(model.conv.weight.dtype))
+        for ema in emas:
+            ema.update(decay)
+        reference.update(tracked, decay)
+
+
+# Decays above and below 0.5: the kernel, as ATen's lerp_, computes a weight over 0.5 from the other end.
+DECAYS = [0.9, 0.3, 0.99, 0.45, 0.6, 0.0, 0.97]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_step_matches_the_eager_step_and_the_float64_reference(kernel, dtype):
+    torch.manual_seed(0)
+    model = ManyTensors(dtype)
+    native = ModelEMA(model, ema_dtype=torch.float32)
+    eager = ModelEMA(model, ema_dtype=torch.float32, compile=False)
+    (step,) = native._tracker.plan.compiled
+    assert isinstance(step, NativeStep) and len(step.ema_tensors) == 13  # all but the strided one and the count
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(tracked)
+    train(model, [native, eager], reference, tracked, DECAYS)
+    assert not step.failed and step.compile_seconds is not None
+    for name, tensor in all_tensors(native.module).items():
+        # ATen's lerp_ arithmetic: the same float32 values as the eager step.
+        torch.testing.assert_close(tensor, all_tensors(eager.module)[name], rtol=0, atol=0, msg=name)
+    assert_state_matches(all_tensors(native.module), reference.state, rtol=1e-5, atol=1e-6)
+    assert native.module.conv.weight.stride() == model.conv.weight.stride()  # channels-last kept
+    # The native step allocates nothing and runs no ATen op of its own (the strided pair's and the count's are eager).
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step.step(0.1)
+    assert sum(e.self_cpu_memory_usage for e in profiler.key_averages() if e.self_cpu_memory_usage > 0) == 0
+    assert not [e.key for e in profiler.key_averages() if e.key.startswith("aten::")]
+
+
+def test_native_step_follows_new_data_and_falls_back_for_a_new_layout(kernel):
+    torch.manual_seed(0)
+    model = ManyTensors()
+    ema = ModelEMA(model, 0.9)
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(tracked)
+    train(model, [ema], reference, tracked, [0.9, 0.8])
+    with torch.no_grad():
+        model.large[0].data = torch.randn(40001)  # new data, same layout: the kernel reads it
+        model.conv.weight.data = model.conv.weight.contiguous()  # another layout than the EMA's
+    train(model, [ema], reference, tracked, [0.9, 0.3, 0.95], seed=2)
+    assert_state_matches(all_tensors(ema.module), reference.state, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tensor_decay_takes_the_eager_step(kernel):
+    torch.manual_seed(0)
+    model = ManyTensors()
+    ema = ModelEMA(model)
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(tracked)
+    generator = torch.Generator().manual_seed(1)
+    for decay in (0.9, 0.7):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator))
+        ema.update(decay=torch.tensor(decay, dtype=torch.float64))
+        reference.update(tracked, decay)
+    assert_state_matches(all_tensors(ema.module), reference.state, rtol=1e-5, atol=1e-6)
+
+
+def test_the_kernel_writes_nothing_for_pairs_it_does_not_take(kernel):
+    ema = torch.zeros(4, 3)
+    refused = [
+        torch.ones(4, 3, dtype=torch.float16),  # a model dtype it has no loop for
+        torch.ones(12),  # another size
+        torch.ones(3, 4).t(),  # another layout
+        torch.ones(4, 6)[:, ::2],  # gaps
+    ]
+    for model in refused:
+        assert kernel.lerp_many([torch.zeros(5), ema], [torch.ones(5), model], 0.5) is False
+        assert not ema.any()
+    assert kernel.lerp_many([ema.double()], [torch.ones(4, 3, dtype=torch.float64)], 0.5) is False
+    assert (
+        kernel.lerp_many([ema, torch.zeros(2)], [torch.ones(4, 3), torch.ones(2, dtype=torch.bfloat16)], 0.5) is False
+    )
+    assert kernel.lerp_many([], [], 0.5) is False
+    with torch._subclasses.fake_tensor.FakeTensorMode():  # a subclass: its "memory" is not there to write
+        fake_ema, fake_model = torch.zeros(4, 3), torch.ones(4, 3)
+    assert kernel.lerp_many([fake_ema], [fake_model], 0.5) is False
+    assert not _native.native_pair(fake_ema, fake_model) and _native.native_pair(ema, torch.ones(4, 3))
+    assert not ema.any()
+    assert kernel.lerp_many([ema], [torch.ones(4, 3)], 0.25) is True
+    assert torch.equal(ema, torch.full((4, 3), 0.25))
+
+
+def test_the_kernel_bumps_the_versions_autograd_checks(kernel):
+    weight = torch.zeros(3, 3)
+    x = torch.randn(2, 3, requires_grad=True)
+    out = (x @ weight).sum()  # saves `weight` for the backward pass
+    before = weight._version
+    assert kernel.lerp_many([weight], [torch.ones(3, 3)], 0.5)
+    assert weight._version == before + 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
+def test_a_failed_build_logs_once_and_steps_eagerly(monkeypatch, caplog):
+    monkeypatch.setattr(_native, "_loaded", {})
+    monkeypatch.setattr(_native, "build_flags", lambda: ["-fno-such-flag-for-fastema"])
+    torch.manual_seed(0)
+    model = ManyTensors()
+    ema = ModelEMA(model, 0.9)
+    (step,) = ema._tracker.plan.compiled
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(tracked)
+    with caplog.at_level(logging.WARNING, logger="fastema.core.native"):
+        train(model, [ema], reference, tracked, [0.9, 0.5])
+    assert step.failed
+    assert [record.getMessage() for record in caplog.records if "native CPU kernel failed" in record.getMessage()]
+    assert_state_matches(all_tensors(ema.module), reference.state, rtol=1e-5, atol=1e-6)
+    # A failed build is not retried in this process: later EMAs plan the eager steps.
+    assert not ModelEMA(model)._tracker.plan.compiled
