@@ -273,7 +273,7 @@ def test_unavailable_device_raises():
         ModelEMA(ToyNet(), device="cuda")
 
 
-@pytest.mark.parametrize("options", [dict(), dict(foreach=False), dict(ema_dtype=torch.float64)])
+@pytest.mark.parametrize("options", [dict(), dict(compile=False), dict(foreach=False), dict(ema_dtype=torch.float64)])
 def test_update_never_synchronises_with_the_host_nor_allocates(options):
     ema = ModelEMA(ToyNet(), 0.9, **options)
     assert_update_runs_only_ema_kernels(ema)

@@ -14,6 +14,7 @@ from torch import nn
 from fastema import ModelEMA
 from fastema.core import native as _native
 from fastema.core.native import NativeStep
+from fastema.core.steps import KernelStep, copy_fused, lerp_fused
 from helpers import all_tensors, assert_state_matches
 from reference import ReferenceEMA, expected_tracked
 
@@ -68,8 +69,9 @@ def test_native_step_matches_the_eager_step_and_the_float64_reference(kernel, dt
     model = ManyTensors(dtype)
     native = ModelEMA(model, ema_dtype=torch.float32)
     eager = ModelEMA(model, ema_dtype=torch.float32, compile=False)
-    (step,) = native._tracker.plan.compiled
-    assert isinstance(step, NativeStep) and len(step.ema_tensors) == 13  # all but the strided one and the count
+    step, count = native._tracker.plan.native
+    assert not step.copy and len(step.ema_tensors) == 13  # all but the strided one and the count
+    assert count.copy and count.ema_tensors == [native.module.norm.num_batches_tracked]
     tracked = expected_tracked(model)
     reference = ReferenceEMA(tracked)
     train(model, [native, eager], reference, tracked, DECAYS)
@@ -137,7 +139,7 @@ def test_the_kernel_writes_nothing_for_pairs_it_does_not_take(kernel):
     with torch._subclasses.fake_tensor.FakeTensorMode():  # a subclass: its "memory" is not there to write
         fake_ema, fake_model = torch.zeros(4, 3), torch.ones(4, 3)
     assert kernel.lerp_many([fake_ema], [fake_model], 0.5) is False
-    assert not _native.native_pair(fake_ema, fake_model) and _native.native_pair(ema, torch.ones(4, 3))
+    assert _native.native_kind(fake_ema, fake_model) is None and _native.native_kind(ema, torch.ones(4, 3)) == "lerp"
     assert not ema.any()
     assert kernel.lerp_many([ema], [torch.ones(4, 3)], 0.25) is True
     assert torch.equal(ema, torch.full((4, 3), 0.25))
@@ -160,7 +162,7 @@ def test_a_failed_build_logs_once_and_steps_eagerly(monkeypatch, caplog):
     torch.manual_seed(0)
     model = ManyTensors()
     ema = ModelEMA(model, 0.9)
-    (step,) = ema._tracker.plan.compiled
+    step, _ = ema._tracker.plan.native
     tracked = expected_tracked(model)
     reference = ReferenceEMA(tracked)
     with caplog.at_level(logging.WARNING, logger="fastema.core.native"):
@@ -169,4 +171,34 @@ def test_a_failed_build_logs_once_and_steps_eagerly(monkeypatch, caplog):
     assert [record.getMessage() for record in caplog.records if "native CPU kernel failed" in record.getMessage()]
     assert_state_matches(all_tensors(ema.module), reference.state, rtol=1e-5, atol=1e-6)
     # A failed build is not retried in this process: later EMAs plan the eager steps.
-    assert not ModelEMA(model)._tracker.plan.compiled
+    assert not ModelEMA(model)._tracker.plan.native
+
+
+def test_a_native_step_steps_eagerly_when_the_kernel_refuses_a_pair(kernel):
+    ema, model = torch.zeros(4, 3), torch.ones(4, 3)
+    step = NativeStep([ema], [model], [KernelStep(lerp_fused, [ema], [model])])
+    step.step(0.25)
+    assert torch.equal(ema, torch.full((4, 3), 0.25))
+    model.data = torch.full((3, 4), 2.0).t()  # same shape, another layout: the kernel refuses it
+    step.step(0.5)
+    assert torch.equal(ema, torch.full((4, 3), 1.125))
+    counts, source = torch.zeros(3, dtype=torch.long), torch.arange(3)
+    copy = NativeStep([counts], [source], [KernelStep(copy_fused, [counts], [source])], copy=True)
+    copy.step(0.25)
+    assert torch.equal(counts, torch.arange(3))
+    source.data = torch.arange(10, 16)[::2]  # gaps: refused, copied eagerly
+    copy.step(0.25)
+    assert torch.equal(counts, torch.tensor([10, 12, 14]))
+
+
+def test_the_copy_kernel_copies_one_dtype_and_refuses_the_rest(kernel):
+    counts = torch.zeros(2, 3, dtype=torch.long)
+    assert kernel.copy_many([counts], [torch.ones(2, 3, dtype=torch.int32)]) is False  # a conversion: copy_'s
+    assert kernel.copy_many([counts], [torch.ones(3, 2, dtype=torch.long).t()]) is False
+    assert not counts.any()
+    flags, source_flags = torch.zeros(5, dtype=torch.bool), torch.tensor([True, False, True, True, False])
+    assert kernel.copy_many([counts, flags], [torch.arange(6).view(2, 3), source_flags]) is False  # two dtypes
+    assert kernel.copy_many([flags], [source_flags]) is True and torch.equal(flags, source_flags)
+    before = counts._version
+    assert kernel.copy_many([counts], [torch.arange(6).view(2, 3)]) is True
+    assert torch.equal(counts, torch.arange(6).view(2, 3)) and counts._version == before + 1

@@ -33,7 +33,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .steps import Step, Weight, is_dense
+from .steps import Step, Weight, is_averaged, is_dense
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +96,17 @@ def _build() -> ModuleType | None:
         return None
 
 
-def native_pair(ema_tensor: Tensor, model_tensor: Tensor) -> bool:
-    """Whether the kernel takes this pair: a float32 EMA of a float32 or bfloat16 tensor, on the CPU, dense alike."""
-    return (
+def native_kind(ema_tensor: Tensor, model_tensor: Tensor) -> str | None:
+    """What the kernel does for this pair: "lerp" (a float32 EMA of float32 or bfloat16), "copy" (an integer or
+    bool tensor of the same dtype), or None (not taken: not plain CPU memory of one size and dense layout).
+    """
+    plain = (
         type(ema_tensor) in PLAIN
         and type(model_tensor) in PLAIN
         and ema_tensor.device.type == "cpu"
         and model_tensor.device.type == "cpu"
-        and ema_tensor.dtype in EMA_DTYPES
-        and model_tensor.dtype in MODEL_DTYPES
-        and ema_tensor.numel() == model_tensor.numel() > 0
+        and ema_tensor.shape == model_tensor.shape
+        and ema_tensor.numel() > 0
         and is_dense(ema_tensor)
         and is_dense(model_tensor)
         and (
@@ -113,6 +114,13 @@ def native_pair(ema_tensor: Tensor, model_tensor: Tensor) -> bool:
             or (ema_tensor.is_contiguous() and model_tensor.is_contiguous())
         )
     )
+    if not plain:
+        return None
+    if ema_tensor.dtype in EMA_DTYPES and model_tensor.dtype in MODEL_DTYPES:
+        return "lerp"
+    if ema_tensor.dtype == model_tensor.dtype and not is_averaged(ema_tensor):
+        return "copy"
+    return None
 
 
 def native_available() -> bool:
@@ -123,10 +131,14 @@ def native_available() -> bool:
 class NativeStep(Step):
     """A group's pairs updated by the native kernel; `eager` holds their eager steps (reference and fallback).
 
-    Builds (or loads) the kernel at its first step; `compile_seconds` says how long that took.
+    `copy`: the pairs are copied (integer counts), else averaged. Builds (or loads) the kernel at its first
+    step; `compile_seconds` says how long that took.
     """
 
-    def __init__(self, ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], eager: list[Step]) -> None:
+    def __init__(
+        self, ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], eager: list[Step], copy: bool = False
+    ) -> None:
+        self.copy = copy
         self.ema_tensors = list(ema_tensors)
         self.model_tensors = list(model_tensors)
         self.eager = eager
@@ -140,13 +152,13 @@ class NativeStep(Step):
             self.module = load()
             self.failed = self.module is None
             self.compile_seconds = time.perf_counter() - began
-        # A tensor weight (an eager tensor decay) takes the eager step, as does a pair the kernel refuses now.
         module = self.module
-        if (
-            module is None
-            or isinstance(weight, Tensor)
-            or not module.lerp_many(self.ema_tensors, self.model_tensors, weight)
-        ):
+        if module is not None and self.copy:
+            done = module.copy_many(self.ema_tensors, self.model_tensors)
+        else:  # a tensor weight (an eager tensor decay) takes the eager step
+            done = module is not None and not isinstance(weight, Tensor)
+            done = done and module.lerp_many(self.ema_tensors, self.model_tensors, weight)
+        if not done:  # no kernel, or a pair it refuses now (another layout since planning)
             self._step_eagerly(weight)
 
     def _step_eagerly(self, weight: Weight) -> None:
@@ -157,4 +169,4 @@ class NativeStep(Step):
         return any(step.stale() for step in self.eager)
 
     def __repr__(self) -> str:
-        return f"NativeStep({len(self.ema_tensors)} tensors, failed={self.failed})"
+        return f"NativeStep({'copy' if self.copy else 'lerp'}, {len(self.ema_tensors)} tensors, failed={self.failed})"

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .compiled import CompiledStep, compilable, compile_by_default
-from .native import NativeStep, native_available, native_pair
+from .native import NativeStep, native_available, native_kind
 from .offload import OffloadedStep
 from .steps import (
     KernelStep,
@@ -101,13 +101,18 @@ class Plan:
         return [step for step in self.steps if isinstance(step, PackedStep)]
 
     @property
-    def compiled(self) -> list[CompiledStep | NativeStep]:
-        """The compiled and native steps, also those inside packed and offloaded steps."""
-        return [step for step in self.all_steps() if isinstance(step, (CompiledStep, NativeStep))]
+    def compiled(self) -> list[CompiledStep]:
+        """The compiled steps, also those inside packed and offloaded steps."""
+        return [step for step in self.all_steps() if isinstance(step, CompiledStep)]
+
+    @property
+    def native(self) -> list[NativeStep]:
+        """The native steps, also those inside packed steps."""
+        return [step for step in self.all_steps() if isinstance(step, NativeStep)]
 
     def compile_seconds(self) -> float:
-        """Seconds spent compiling this plan's steps so far (cache hits included)."""
-        return sum(step.compile_seconds or 0.0 for step in self.compiled)
+        """Seconds spent compiling (or building the native kernel for) this plan's steps so far, cache hits included."""
+        return sum(step.compile_seconds or 0.0 for step in [*self.compiled, *self.native])
 
 
 def plan_update(
@@ -221,17 +226,18 @@ def kernel_steps(
 def native_steps(
     ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor], is_parameter: Sequence[bool], foreach: bool | None
 ) -> tuple[list[Step], list[int]]:
-    """A `NativeStep` per model dtype for the pairs the native kernel takes, and the indices of the others."""
-    taken: dict[torch.dtype, list[int]] = defaultdict(list)
+    """A `NativeStep` per (kind, model dtype) for the pairs the native kernel takes, and the indices of the others."""
+    taken: dict[tuple[str, torch.dtype], list[int]] = defaultdict(list)
     if native_available():
         for index, (ema_tensor, model_tensor) in enumerate(zip(ema_tensors, model_tensors, strict=True)):
-            if native_pair(ema_tensor, model_tensor):
-                taken[model_tensor.dtype].append(index)
+            kind = native_kind(ema_tensor, model_tensor)
+            if kind is not None:
+                taken[(kind, model_tensor.dtype)].append(index)
     steps: list[Step] = []
-    for indices in taken.values():
+    for (kind, _), indices in taken.items():
         ema_list, model_list = [ema_tensors[i] for i in indices], [model_tensors[i] for i in indices]
         eager = kernel_steps(ema_list, model_list, [is_parameter[i] for i in indices], foreach, compile=False)
-        steps.append(NativeStep(ema_list, model_list, eager))
+        steps.append(NativeStep(ema_list, model_list, eager, copy=kind == "copy"))
     used = {index for indices in taken.values() for index in indices}
     return steps, [index for index in range(len(ema_tensors)) if index not in used]
 
