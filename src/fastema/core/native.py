@@ -153,11 +153,12 @@ class NativeStep(Step):
             self.failed = self.module is None
             self.compile_seconds = time.perf_counter() - began
         module = self.module
-        if module is not None and self.copy:
+        if module is None:
+            done = False
+        elif self.copy:
             done = module.copy_many(self.ema_tensors, self.model_tensors)
         else:  # a tensor weight (an eager tensor decay) takes the eager step
-            done = module is not None and not isinstance(weight, Tensor)
-            done = done and module.lerp_many(self.ema_tensors, self.model_tensors, weight)
+            done = not isinstance(weight, Tensor) and module.lerp_many(self.ema_tensors, self.model_tensors, weight)
         if not done:  # no kernel, or a pair it refuses now (another layout since planning)
             self._step_eagerly(weight)
 

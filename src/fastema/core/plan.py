@@ -112,7 +112,8 @@ class Plan:
 
     def compile_seconds(self) -> float:
         """Seconds spent compiling (or building the native kernel for) this plan's steps so far, cache hits included."""
-        return sum(step.compile_seconds or 0.0 for step in [*self.compiled, *self.native])
+        steps: list[CompiledStep | NativeStep] = [*self.compiled, *self.native]
+        return sum(step.compile_seconds or 0.0 for step in steps)
 
 
 def plan_update(
