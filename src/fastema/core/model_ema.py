@@ -82,7 +82,7 @@ class ModelEMA:
         tensor_names: Sequence[str] | None = None,  # average exactly these (state-dict names); None = by the flags
         half_life: float | None = None,  # the EMA's length in samples (or tokens), instead of `decay`
         batch_size: float | None = None,  # samples (or tokens) per optimizer step, with half_life: all ranks together
-        compile: bool | None = None,  # one compiled kernel per group (True), eager steps (False), choose (None)
+        compile: bool | None = None,  # inductor per group (True), eager (False), fastest measured (None: native on CPU)
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
