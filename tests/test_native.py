@@ -60,7 +60,7 @@ def train(model, emas, reference, tracked, decays, seed=1):
 
 
 # Decays above and below 0.5: the kernel, as ATen's lerp_, computes a weight over 0.5 from the other end.
-DECAYS = [0.9, 0.3, 0.99, 0.45, 0.6, 0.0, 0.97]
+DECAYS = [0.9, 0.0, 0.3, 0.99, 0.45, 0.6, 0.97]  # 0.0 resets the EMA to the model: not last
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -104,10 +104,27 @@ def test_native_step_follows_new_data_and_falls_back_for_a_new_layout(kernel):
     assert_state_matches(all_tensors(ema.module), reference.state, rtol=1e-5, atol=1e-6)
 
 
+class FloatsOnly:
+    """The kernel, refusing a tensor weight: reading one would be a `.item()` (a host sync where it lives on a GPU)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def lerp_many(self, ema_tensors, model_tensors, weight):
+        assert type(weight) is float, type(weight)
+        return self.module.lerp_many(ema_tensors, model_tensors, weight)
+
+    def copy_many(self, ema_tensors, model_tensors):
+        return self.module.copy_many(ema_tensors, model_tensors)
+
+
 def test_a_tensor_decay_takes_the_eager_step(kernel):
     torch.manual_seed(0)
     model = ManyTensors()
     ema = ModelEMA(model)
+    for step in ema._tracker.plan.native:
+        step.module = FloatsOnly(kernel)
+    ema.update(0.5)  # floats: the kernel
     tracked = expected_tracked(model)
     reference = ReferenceEMA(tracked)
     generator = torch.Generator().manual_seed(1)
