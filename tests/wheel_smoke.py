@@ -38,6 +38,7 @@ installed = Path(sysconfig.get_paths()["purelib"]).resolve()
 assert installed in Path(fastema.__file__).resolve().parents, f"not the installed wheel: {fastema.__file__}"
 assert fastema.__version__ == importlib.metadata.version("fastema"), "one version, read by hatch from __init__"
 assert (Path(fastema.__file__).parent / "py.typed").is_file(), "py.typed must ship in the wheel"
+assert (Path(fastema.__file__).parent / "core" / "native.cpp").is_file(), "the native kernel's source must ship"
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
@@ -68,4 +69,6 @@ except ImportError as error:
 else:
     raise AssertionError("fastema.EMACallback without fastai should raise an ImportError saying what to install")
 subprocess.run([sys.executable, "-I", "-m", "fastema", "--help"], check=True, capture_output=True)
-print(f"wheel smoke check passed: fastema {fastema.__version__}, torch {torch.__version__}")
+native = ema._tracker.plan.native
+step = "eager (no native kernel here)" if not native or native[0].failed else "the native kernel"
+print(f"wheel smoke check passed: fastema {fastema.__version__}, torch {torch.__version__}, update: {step}")
