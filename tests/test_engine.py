@@ -9,6 +9,7 @@ from torch import nn
 from fastema import ModelEMA
 from fastema.core import plan as _plan
 from fastema.core import steps as _steps
+from fastema.core.native import native_available
 from helpers import ToyNet, assert_update_runs_only_ema_kernels, update_forbidding_cuda_sync
 from reference import ReferenceEMA, expected_tracked, snapshot
 
@@ -110,9 +111,11 @@ def kernels(ema):
     return {step.kernel for step in ema._tracker.plan.all_steps() if isinstance(step, _steps.KernelStep)}
 
 
-def test_default_picks_fused_step_on_cpu():
+def test_default_picks_the_native_step_on_cpu_with_the_fused_step_behind_it():
     ema = ModelEMA(ToyNet())
-    assert _steps.lerp_fused in kernels(ema)
+    assert ema._tracker.plan.native if native_available() else ema._tracker.plan.steps
+    assert _steps.lerp_fused in kernels(ema)  # what runs where the kernel is missing or refuses a pair
+    assert _steps.lerp_fused in kernels(ModelEMA(ToyNet(), compile=False))
 
 
 def test_foreach_true_where_fused_cannot_run_raises(monkeypatch):

@@ -6,6 +6,7 @@ here shares that build. Without a C++ compiler the kernel cannot exist and these
 
 import logging
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -145,9 +146,13 @@ def test_the_kernel_writes_nothing_for_pairs_it_does_not_take(kernel):
         torch.ones(3, 4).t(),  # another layout
         torch.ones(4, 6)[:, ::2],  # gaps
     ]
+    first = torch.zeros(5)  # a pair it takes, before the one it refuses: nothing is written to either
     for model in refused:
-        assert kernel.lerp_many([torch.zeros(5), ema], [torch.ones(5), model], 0.5) is False
-        assert not ema.any()
+        assert kernel.lerp_many([first, ema], [torch.ones(5), model], 0.5) is False
+        assert not ema.any() and not first.any()
+    assert kernel.lerp_many([ema], [torch.ones(4, 3, device="meta")], 0.5) is False
+    assert kernel.lerp_many([ema], [torch.ones(4, 3)._neg_view()], 0.5) is False
+    assert _native.native_kind(ema, torch.ones(4, 3)._neg_view()) is None
     assert kernel.lerp_many([ema.double()], [torch.ones(4, 3, dtype=torch.float64)], 0.5) is False
     assert (
         kernel.lerp_many([ema, torch.zeros(2)], [torch.ones(4, 3), torch.ones(2, dtype=torch.bfloat16)], 0.5) is False
@@ -160,6 +165,10 @@ def test_the_kernel_writes_nothing_for_pairs_it_does_not_take(kernel):
     assert not ema.any()
     assert kernel.lerp_many([ema], [torch.ones(4, 3)], 0.25) is True
     assert torch.equal(ema, torch.full((4, 3), 0.25))
+    # Views that start inside their storage: the kernel reads and writes from their offsets.
+    storage_ema, storage_model = torch.zeros(10), torch.arange(10.0)
+    assert kernel.lerp_many([storage_ema[3:7]], [storage_model[2:6]], 0.5) is True
+    assert torch.equal(storage_ema, torch.tensor([0, 0, 0, 1, 1.5, 2, 2.5, 0, 0, 0]))
 
 
 def test_the_kernel_bumps_the_versions_autograd_checks(kernel):
@@ -219,3 +228,69 @@ def test_the_copy_kernel_copies_one_dtype_and_refuses_the_rest(kernel):
     before = counts._version
     assert kernel.copy_many([counts], [torch.arange(6).view(2, 3)]) is True
     assert torch.equal(counts, torch.arange(6).view(2, 3)) and counts._version == before + 1
+
+
+def test_after_a_pair_changes_layout_the_kernel_takes_the_group_again(kernel):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Conv2d(4, 4, 3) for _ in range(3)]).to(memory_format=torch.channels_last)
+    ema = ModelEMA(model, 0.9)
+    tracked = expected_tracked(model)
+    reference = ReferenceEMA(tracked)
+    generator = torch.Generator().manual_seed(1)
+
+    def steps(decays):
+        for decay in decays:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=generator))
+            ema.update(decay)
+            reference.update(tracked, decay)
+
+    steps([0.9])
+    with torch.no_grad():
+        model[0].weight.data = model[0].weight.contiguous()  # another layout than the EMA's: the kernel refuses it
+    steps([0.8, 0.3, 0.7])
+    (step,) = ema._tracker.plan.native
+    assert len(step.ema_tensors) == 6 and not step.refused  # planned again: the last updates were the kernel's
+    assert_state_matches(all_tensors(ema.module), reference.state, rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_and_inference_tensors_keep_pytorch_semantics(kernel):
+    class Quantized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.register_buffer("scale", torch.quantize_per_tensor(torch.rand(4), 0.1, 0, torch.qint8))
+
+    results = []
+    for options in (dict(compile=False), dict()):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)  # deprecated, still used
+            model = Quantized()
+            ema = ModelEMA(model, 0.9, **options)
+            model.scale.data = torch.quantize_per_tensor(torch.tensor([1.0, 2.0, 3.0, 4.0]), 0.5, 1, torch.qint8)
+        ema.update()
+        results.append((ema.module.scale.dequantize(), ema.module.scale.q_scale()))
+        # Planned for copy_, never for the kernel (which refuses it: it would copy the integers alone).
+        assert not any(tensor is ema.module.scale for step in ema._tracker.plan.native for tensor in step.ema_tensors)
+        assert kernel.copy_many([ema.module.scale], [model.scale]) is False
+    assert torch.equal(results[0][0], torch.tensor([1.0, 2.0, 3.0, 4.0])) and results[0][1] == 0.5
+    assert torch.equal(results[1][0], results[0][0]) and results[1][1] == results[0][1]
+    # An EMA made in inference mode: its tensors cannot be written outside it, whichever step runs.
+    for options in (dict(compile=False), dict()):
+        with torch.inference_mode():
+            ema = ModelEMA(nn.Linear(3, 3), 0.9, **options)
+            ema.update()  # inside inference mode: allowed
+        with pytest.raises(RuntimeError, match="inference tensor"):
+            ema.update()
+
+
+def test_only_the_defaults_plan_the_native_kernel(kernel):
+    assert ModelEMA(ManyTensors())._tracker.plan.native
+    for options in (dict(compile=False), dict(compile=True), dict(foreach=False), dict(foreach=True)):
+        assert not ModelEMA(ManyTensors(), **options)._tracker.plan.native, options
+
+
+def test_a_failed_build_names_its_cause():
+    error = RuntimeError("Error building extension 'x': [1/2] c++ -MMD -O3 -c native.cpp\n/bin/sh: 1: c++: not found")
+    assert _native.failure_cause(error) == "/bin/sh: 1: c++: not found"

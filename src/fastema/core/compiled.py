@@ -79,8 +79,9 @@ def compile_pairs(ema_tensors: Sequence[Tensor], model_tensors: Sequence[Tensor]
 
 
 def compile_by_default(device: torch.device, ema_dtype: torch.dtype, model_dtype: torch.dtype) -> bool:
-    """What `compile=None` compiles: on CPU, groups that convert on the way (a wider EMA dtype) and that the
-    native kernel (`native.py`, planned first) does not take: a float32 EMA of float16 tensors.
+    """What `compile=None` compiles: on CPU, groups that convert on the way (an EMA dtype other than the
+    model's) and that the native kernel (`native.py`, planned first) does not take, e.g. a float32 EMA
+    of float16 tensors.
 
     Measured on a quiet 2-core CPU (docs/benchmarks.md), a float32 EMA of a bfloat16 model:
     0.84-1.02x the fp32 floor compiled against 1.12-3.9x eagerly on large models (2.3-3.7x against

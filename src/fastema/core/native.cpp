@@ -3,6 +3,7 @@
 // a microsecond each, and small tensors run on one thread); here the pairs are one index space split across
 // the threads once, and a bfloat16 model value is widened in registers for a float32 EMA.
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <pybind11/pybind11.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -64,6 +65,7 @@ struct Pairs {
   std::vector<const void*> model;
   std::vector<int64_t> offsets;  // pair i holds elements offsets[i] to offsets[i + 1] of the whole index space
   std::vector<c10::TensorImpl*> written;
+  std::vector<c10::Storage> held;  // the storages, owned for the call: the GIL is released while they are used
   c10::ScalarType ema_type = c10::ScalarType::Undefined;
   c10::ScalarType model_type = c10::ScalarType::Undefined;
 
@@ -73,6 +75,7 @@ struct Pairs {
     ema.resize(count);
     model.resize(count);
     written.resize(count);
+    held.reserve(2 * count);
     offsets.assign(count + 1, 0);
     for (Py_ssize_t i = 0; i < count; ++i) {
       PyObject* ema_object = PyList_GET_ITEM(ema_list, i);
@@ -90,8 +93,12 @@ struct Pairs {
       if (e->dtype().toScalarType() != ema_type || m->dtype().toScalarType() != model_type ||
           !e->device().is_cpu() || !m->device().is_cpu() || e->numel() == 0 || e->sizes() != m->sizes() ||
           !same_layout || !e->has_storage() || !m->has_storage() || e->is_python_dispatch() ||
-          m->is_python_dispatch() || e->is_neg() || m->is_neg() || e->is_conj() || m->is_conj())
-        return false;  // subclasses (DTensor, fake tensors) and lazy negation have no plain memory to read
+          m->is_python_dispatch() || e->is_neg() || m->is_neg() || e->is_conj() || m->is_conj() ||
+          (e->is_inference() && !c10::InferenceMode::is_enabled()))
+        return false;  // subclasses (DTensor, fake tensors) and lazy negation have no plain memory to read; an
+                       // inference tensor is written only in inference mode (eager lerp_ raises: it says why)
+      held.push_back(e->storage());
+      held.push_back(m->storage());
       ema[i] = e->mutable_data();
       model[i] = m->data();
       offsets[i + 1] = offsets[i] + e->numel();
@@ -128,7 +135,9 @@ bool lerp_many(py::list ema_list, py::list model_list, double weight) {
 // when a pair is not what the kernel takes.
 bool copy_many(py::list ema_list, py::list model_list) {
   Pairs pairs;
-  if (!pairs.collect(ema_list.ptr(), model_list.ptr()) || pairs.ema_type != pairs.model_type) return false;
+  if (!pairs.collect(ema_list.ptr(), model_list.ptr()) || pairs.ema_type != pairs.model_type ||
+      !c10::isIntegralType(pairs.ema_type, /*includeBool=*/true))
+    return false;  // quantized tensors carry a scale and zero point beside their integers: copy_ copies those
   pairs.bump_versions();
   const int64_t item = static_cast<int64_t>(c10::elementSize(pairs.ema_type));
   for (size_t i = 0; i < pairs.ema.size(); ++i) {

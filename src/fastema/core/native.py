@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native.cpp")
 EMA_DTYPES = (torch.float32,)
 MODEL_DTYPES = (torch.float32, torch.bfloat16)
-PLAIN = (Tensor, torch.nn.Parameter, torch.nn.Buffer)  # subclasses (DTensor, fake tensors) keep PyTorch's kernels
+PLAIN = (Tensor, torch.nn.Parameter)  # subclasses (DTensor, fake tensors) keep PyTorch's kernels
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}  # "module": the built extension, or None once building failed
@@ -76,24 +76,49 @@ def load() -> ModuleType | None:
         return _loaded["module"]
 
 
+# A build lock older than this was left by a build that was killed (torch before 2.6 waits on it forever).
+STALE_LOCK_SECONDS = 600
+
+
 def _build() -> ModuleType | None:
     flags = build_flags()
     if flags is None:
         logger.info("fastema: no native CPU kernel for this platform; the eager step runs")
         return None
+    name = extension_name(flags)
     try:
-        from torch.utils.cpp_extension import load as load_extension  # imported only when a step builds
+        from torch.utils import cpp_extension  # imported only when a step builds
 
-        return load_extension(extension_name(flags), [str(SOURCE)], extra_cflags=flags, verbose=False)
-    except Exception as error:  # no compiler, missing headers: stay eager
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+        lock = folder / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink(missing_ok=True)
+        if not any(folder.glob(f"{name}*.so")):
+            logger.warning(
+                "fastema: building the native CPU kernel once for this machine (about 15-30 s; cached in %s). "
+                "compile=False skips it.",
+                folder,
+            )
+        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, verbose=False)
+    except Exception as error:  # no compiler, no ninja, missing headers: stay eager
         logger.warning(
             "fastema: building the native CPU kernel failed (%s: %s); using the eager step instead (same "
             "results, slower). Pass compile=False to skip it.",
             type(error).__name__,
-            str(error).splitlines()[0] if str(error) else "",
+            failure_cause(error),
         )
         logger.debug("building the native CPU kernel failed", exc_info=True)
         return None
+
+
+def failure_cause(error: BaseException) -> str:
+    """The lines of a build error that say why (the compiler's, not ninja's command line), shortened."""
+    noise = ("Error building extension", "[", "FAILED:", "ninja:")  # torch's and ninja's own lines
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(noise)]
+    lines = lines or [str(error).strip()]
+    telling = [line for line in lines if any(word in line.lower() for word in ("error", "not found", "no such"))]
+    cause = " | ".join((telling or lines)[-2:])
+    return cause if len(cause) <= 400 else cause[:397] + "..."
 
 
 def native_kind(ema_tensor: Tensor, model_tensor: Tensor) -> str | None:
@@ -107,6 +132,7 @@ def native_kind(ema_tensor: Tensor, model_tensor: Tensor) -> str | None:
         and model_tensor.device.type == "cpu"
         and ema_tensor.shape == model_tensor.shape
         and ema_tensor.numel() > 0
+        and not (ema_tensor.is_neg() or model_tensor.is_neg())  # a lazily negated view: no plain memory to read
         and is_dense(ema_tensor)
         and is_dense(model_tensor)
         and (
@@ -118,8 +144,8 @@ def native_kind(ema_tensor: Tensor, model_tensor: Tensor) -> str | None:
         return None
     if ema_tensor.dtype in EMA_DTYPES and model_tensor.dtype in MODEL_DTYPES:
         return "lerp"
-    if ema_tensor.dtype == model_tensor.dtype and not is_averaged(ema_tensor):
-        return "copy"
+    if ema_tensor.dtype == model_tensor.dtype and not (is_averaged(ema_tensor) or ema_tensor.is_quantized):
+        return "copy"  # integers and bools; a quantized tensor's scale and zero point need copy_
     return None
 
 
@@ -144,6 +170,7 @@ class NativeStep(Step):
         self.eager = eager
         self.module: ModuleType | None = None
         self.failed = False
+        self.refused = False
         self.compile_seconds: float | None = None
 
     def step(self, weight: Weight) -> None:
@@ -160,6 +187,7 @@ class NativeStep(Step):
         else:  # a tensor weight (an eager tensor decay) takes the eager step
             done = not isinstance(weight, Tensor) and module.lerp_many(self.ema_tensors, self.model_tensors, weight)
         if not done:  # no kernel, or a pair it refuses now (another layout since planning)
+            self.refused = module is not None
             self._step_eagerly(weight)
 
     def _step_eagerly(self, weight: Weight) -> None:
@@ -167,7 +195,8 @@ class NativeStep(Step):
             step.step(weight)
 
     def stale(self) -> bool:
-        return any(step.stale() for step in self.eager)
+        # A pair the kernel refused: planning again gives it to an eager step and the rest back to the kernel.
+        return self.refused or any(step.stale() for step in self.eager)
 
     def __repr__(self) -> str:
         return f"NativeStep({'copy' if self.copy else 'lerp'}, {len(self.ema_tensors)} tensors, failed={self.failed})"
