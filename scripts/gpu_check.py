@@ -79,8 +79,10 @@ class Check:
     def out_of_time(self) -> bool:
         return time.perf_counter() - self.began > self.budget_s
 
-    def run(self, name: str, command: list[str], timeout_s: float, **details: object) -> dict:
-        """Run `command` (from the repository root) unless the budget is spent; keep its output's tail."""
+    def run(self, name: str, command: list[str], timeout_s: float, success: str = "passed", **details: object) -> dict:
+        """Run `command` (from the repository root) unless the budget is spent; keep its output's tail.
+
+        `success`: the status an exit code of 0 gets ("passed", or what a dry run's step really did)."""
         shown = " ".join(command)
         if self.out_of_time():
             return self.record(name, "skipped: time budget spent", command=shown, **details)
@@ -94,7 +96,7 @@ class Check:
             tail = output if isinstance(output, str) else output.decode(errors="replace")
             return self.record(name, f"timed out after {timeout_s:.0f} s", time.perf_counter() - began, shown,
                                output_tail=tail[-3000:], **details)  # fmt: skip
-        status = "passed" if done.returncode == 0 else f"failed (exit {done.returncode})"
+        status = success if done.returncode == 0 else f"failed (exit {done.returncode})"
         step = self.record(name, status, time.perf_counter() - began, shown, **details)
         step["stdout"], step["stderr_tail"] = done.stdout, done.stderr[-3000:]
         return step
@@ -284,11 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         check.run("CUDA tests", [*pytest, "-rs"], 180)
     else:
-        step = check.run("CUDA tests (collected only: dry run)", [*pytest, "--collect-only"], 240)
+        step = check.run("CUDA tests (collected only: dry run)", [*pytest, "--collect-only"], 240, "collected, not run")
         collected = (step.get("stdout") or "").strip().splitlines()[-1:]
         step["collected"] = collected
-        if step["status"] == "passed":  # none of them ran
-            step["status"] = f"collected, not run: {collected[0] if collected else '?'}"
+        if step["status"] == "collected, not run":  # none of them ran
+            step["status"] += f": {collected[0] if collected else '?'}"
 
     if not cuda:
         check.record("CUDA graph capture, torch.compile and no-sync checks", "skipped (dry run)")
