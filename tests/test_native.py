@@ -5,7 +5,9 @@ here shares that build. Without a C++ compiler the kernel cannot exist and these
 """
 
 import logging
+import os
 import shutil
+import time
 import warnings
 
 import pytest
@@ -294,3 +296,25 @@ def test_only_the_defaults_plan_the_native_kernel(kernel):
 def test_a_failed_build_names_its_cause():
     error = RuntimeError("Error building extension 'x': [1/2] c++ -MMD -O3 -c native.cpp\n/bin/sh: 1: c++: not found")
     assert _native.failure_cause(error) == "/bin/sh: 1: c++: not found"
+
+
+def test_a_stale_lock_is_removed_and_a_first_build_is_announced(monkeypatch, tmp_path, caplog):
+    class Extensions:  # torch.utils.cpp_extension's build folder, here
+        @staticmethod
+        def _get_build_directory(name, verbose):
+            return str(tmp_path)
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    with caplog.at_level(logging.WARNING, logger="fastema.core.native"):
+        _native._prepare(Extensions, "fastema_native_x")  # a fresh lock: a build is running, it stays
+        assert lock.exists()
+        old = time.time() - _native.STALE_LOCK_SECONDS - 60
+        os.utime(lock, (old, old))
+        _native._prepare(Extensions, "fastema_native_x")
+    assert not lock.exists()
+    assert len([r for r in caplog.records if "building the native CPU kernel once" in r.getMessage()]) == 2
+    (tmp_path / "fastema_native_x.so").touch()  # built: nothing to announce
+    caplog.clear()
+    _native._prepare(Extensions, "fastema_native_x")
+    assert not caplog.records

@@ -89,16 +89,7 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils import cpp_extension  # imported only when a step builds
 
-        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
-        lock = folder / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-            lock.unlink(missing_ok=True)
-        if not any(folder.glob(f"{name}*.so")):
-            logger.warning(
-                "fastema: building the native CPU kernel once for this machine (about 15-30 s; cached in %s). "
-                "compile=False skips it.",
-                folder,
-            )
+        _prepare(cpp_extension, name)
         return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, verbose=False)
     except Exception as error:  # no compiler, no ninja, missing headers: stay eager
         logger.warning(
@@ -109,6 +100,23 @@ def _build() -> ModuleType | None:
         )
         logger.debug("building the native CPU kernel failed", exc_info=True)
         return None
+
+
+def _prepare(cpp_extension: ModuleType, name: str) -> None:
+    """Say that a build is coming (not when it is cached); remove a lock a killed build left behind."""
+    try:  # a private helper of torch's: without it, build without these niceties
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:
+        return
+    lock = folder / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        lock.unlink(missing_ok=True)
+    if not any(folder.glob(f"{name}*.so")):
+        logger.warning(
+            "fastema: building the native CPU kernel once for this machine (about 15-30 s; cached in %s). "
+            "compile=False skips it.",
+            folder,
+        )
 
 
 def failure_cause(error: BaseException) -> str:
