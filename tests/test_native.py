@@ -1,6 +1,6 @@
 """The native CPU kernel (compile=None on CPU) against the float64 reference and the eager step.
 
-The kernel is built once per machine (about 15 s, cached by torch.utils.cpp_extension); every test
+The kernel is built once per machine (15-30 s, cached by torch.utils.cpp_extension); every test
 here shares that build. Without a C++ compiler the kernel cannot exist and these tests skip.
 """
 

@@ -9,12 +9,12 @@ bytes per element against the fp32 floor's 12). Its arithmetic is ATen's `lerp_`
 weight, so it gives the eager step's values.
 
 `compile=None` (the default) uses it on CPU for float32 EMAs of float32 or bfloat16 tensors. It
-is built on first use with the C++ compiler PyTorch's extensions use (about 15 s, then cached on
+is built on first use with the C++ compiler PyTorch's extensions use (15-30 s, then cached on
 disk by `torch.utils.cpp_extension`, under `TORCH_EXTENSIONS_DIR`); where that fails (no
 compiler, another OS or CPU) the eager step runs instead, with one logged warning per process.
 Each call reads the tensor objects it is given, so `p.data = ...` is followed; a pair it does not
-take (another dtype, layout or size since planning) makes it write nothing and return False, and
-the eager step runs that update.
+take (another dtype, layout or size since planning) makes it write nothing and return False: the
+eager step runs that update, and the step reports itself stale, so the plan is made again.
 """
 
 from __future__ import annotations
