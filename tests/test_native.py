@@ -49,14 +49,15 @@ class ManyTensors(nn.Module):
         return self.norm(self.conv(x)).mean()
 
 
-def train(model, emas, reference, tracked, decays, seed=1):
+def train(model, emas, reference, tracked, decays, seed=1, input_shape=(2, 3, 6, 6)):
     """Perturb the model as training does, then update every EMA and the reference with the same decay."""
     generator = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
     for decay in decays:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=generator).to(p.dtype))
-            model.train()(torch.randn(2, 3, 6, 6, generator=generator).to(model.conv.weight.dtype))
+            model.train()(torch.randn(input_shape, generator=generator).to(dtype))
         for ema in emas:
             ema.update(decay)
         reference.update(tracked, decay)
@@ -238,20 +239,10 @@ def test_after_a_pair_changes_layout_the_kernel_takes_the_group_again(kernel):
     ema = ModelEMA(model, 0.9)
     tracked = expected_tracked(model)
     reference = ReferenceEMA(tracked)
-    generator = torch.Generator().manual_seed(1)
-
-    def steps(decays):
-        for decay in decays:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(torch.randn(p.shape, generator=generator))
-            ema.update(decay)
-            reference.update(tracked, decay)
-
-    steps([0.9])
+    train(model, [ema], reference, tracked, [0.9], input_shape=(2, 4, 8, 8))
     with torch.no_grad():
         model[0].weight.data = model[0].weight.contiguous()  # another layout than the EMA's: the kernel refuses it
-    steps([0.8, 0.3, 0.7])
+    train(model, [ema], reference, tracked, [0.8, 0.3, 0.7], seed=2, input_shape=(2, 4, 8, 8))
     (step,) = ema._tracker.plan.native
     assert len(step.ema_tensors) == 6 and not step.refused  # planned again: the last updates were the kernel's
     assert_state_matches(all_tensors(ema.module), reference.state, rtol=1e-5, atol=1e-6)
